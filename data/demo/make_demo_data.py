@@ -1,0 +1,60 @@
+"""Writes data/demo/train.jsonl: a small instruction set for the sftflow demo.
+
+The skill: read a short free-text note about a person and answer with one line of compact
+JSON, keys in a fixed order: {"name": ..., "age": ..., "city": ...}. SmolLM2-135M-Instruct
+answers such prompts in prose or with other keys, so exact match starts near 0 and the
+fine-tuned model's gain is easy to see. Deterministic: rerunning writes the same file.
+"""
+
+import json
+import random
+from pathlib import Path
+
+FIRST = ("Maria Ana Jonas Priya Kenji Lucia Omar Fatima Lars Ingrid Tomas Chen Aisha Pedro Nora Ivan Sofia Mateo Lea "
+         "Hugo Amara Rafael Elena Yusuf Mei Diego Hana Olga Samir Clara Felix Zara Emil Rosa Tariq Greta Luca Noor "
+         "Pablo Vera Kofi Alma Bruno Leila Oskar Ines Malik Freya Arjun Selma").split()
+LAST = ("Silva Novak Weber Sharma Tanaka Rossi Haddad Ali Berg Larsen Horvat Wang Okafor Costa Petrov Moreno Dubois "
+        "Kowalski Ibrahim Nakamura Jensen Fischer Lopez Mensah Varga Kim Schmidt Ortiz Lindqvist Gupta").split()
+CITIES = ("Lisbon Prague Berlin Mumbai Osaka Rome Beirut Cairo Oslo Bergen Zagreb Shanghai Lagos Porto Kyiv Madrid "
+          "Lyon Warsaw Nairobi Kyoto Aarhus Munich Seville Accra Budapest Seoul Hamburg Bogota Uppsala Pune Toronto "
+          "Dublin Vienna Quito Tunis Helsinki Lima Hanoi Perth Denver").split()
+JOBS = ("nurse baker teacher pilot architect chemist carpenter journalist librarian engineer farmer dentist "
+        "painter lawyer plumber photographer").split()
+TEMPLATES = [
+    "{name} is {age} years old and lives in {city}, working as a {job}.",
+    "Meet {name}, a {age}-year-old {job} from {city}.",
+    "{name} ({age}) moved to {city} last spring to work as a {job}.",
+    "Our new {job}, {name}, is {age} and commutes every day in {city}.",
+    "Born {age} years ago, {name} now runs a small studio in {city} as a {job}.",
+    "In {city}, {name}, aged {age}, has been a {job} for a decade.",
+    "The {job} {name} turned {age} this week and celebrated in {city}.",
+    "{name} says that at {age}, life as a {job} in {city} is never boring.",
+    "Customer record: {name}, {age}, {job}, based in {city}.",
+    "After years abroad, {name} ({age}, {job}) returned home to {city}.",
+    "{city} is home to {name}, a {job} who is {age}.",
+    "Age {age}. Occupation: {job}. Name: {name}. Lives in {city}.",
+]
+INSTRUCTIONS = [
+    "Extract the person's name, age and city as JSON.",
+    "Return a JSON object with the name, age and city of the person described.",
+    "Read the note and give name, age and city in JSON.",
+    "Pull out the name, age and city. Answer with JSON only.",
+]
+
+
+def main(n: int = 400, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    out = Path(__file__).with_name("train.jsonl")
+    with out.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            person = {"name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "age": rng.randint(19, 78),
+                      "city": rng.choice(CITIES)}
+            text = rng.choice(TEMPLATES).format(job=rng.choice(JOBS), **person)
+            record = {"instruction": rng.choice(INSTRUCTIONS), "input": text,
+                      "output": json.dumps(person, ensure_ascii=False)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"wrote {n} records to {out}")
+
+
+if __name__ == "__main__":
+    main()

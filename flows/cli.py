@@ -1,0 +1,142 @@
+"""The ``sftflow`` command line.
+
+    sftflow run CONFIG [--set key.sub=value ...]        the whole Prefect flow
+    sftflow validate CONFIG                              exit 0, or 2 naming each bad field
+    sftflow schema                                       the config's JSON schema
+    sftflow {format,train,merge,evaluate,handoff} CONFIG --run-id ID
+    sftflow registry {list,promote,rollback} NAME ...    champion management
+    sftflow serve-command NAME@ALIAS                     the vllm serve line for a registry version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tasks.config import ConfigError, PipelineConfig, load_config
+
+STAGES = ("format", "train", "merge", "evaluate", "handoff")
+
+
+def _quiet_defaults(cfg: PipelineConfig | None) -> None:
+    """Set before Prefect or MLflow are imported: state under the output dir, no telemetry."""
+    if cfg is not None:
+        os.environ.setdefault("PREFECT_HOME", str((cfg.output_dir / ".prefect").resolve()))
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _load(args) -> PipelineConfig:
+    cfg = load_config(args.config, getattr(args, "set", None))
+    _quiet_defaults(cfg)
+    return cfg
+
+
+def print_summary(s: dict) -> None:
+    names = list(s["scores"])
+    metrics = list(s["scores"][names[0]])
+    width = max(len(m) for m in metrics) + 2
+    print("\n" + "metric".ljust(width) + "".join(n.rjust(12) for n in names))
+    for m in metrics:
+        print(m.ljust(width) + "".join(f"{s['scores'][n][m]:12.4f}" for n in names))
+    print(f"\n{'PROMOTED' if s['promoted'] else 'NOT PROMOTED'}: {s['gate']}")
+    print(f"registry:  {s['registered_model']} version {s['version']} (aliases: {', '.join(s['aliases'])})")
+    print(f"run dir:   {s['run_dir']}")
+    print(f"bundle:    {s['bundle']}\nserve:     {s['serve_command']}")
+    ui = s["mlflow_uri"] if s["mlflow_uri"].startswith("http") else f"mlflow ui --backend-store-uri {s['mlflow_uri']}"
+    print(f"MLflow:    {ui}  (run {s['mlflow_run_id']})")
+
+
+def cmd_run(args) -> int:
+    _load(args)  # validate before Prefect starts its server
+    from flows.sft import sft_pipeline
+
+    summary = sft_pipeline(config_path=args.config, overrides=args.set or [], run_id=args.run_id)
+    print_summary(summary)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    cfg = _load(args)
+    import importlib
+
+    module = importlib.import_module(f"tasks.{args.command}")
+    task = getattr(module, f"{args.command}_task")
+    result = task.fn(cfg, args.run_id)  # the same body as in the flow, without a Prefect run
+    print(json.dumps(result.__dict__, indent=2, default=str))
+    return 0
+
+
+def cmd_registry(args) -> int:
+    _quiet_defaults(None)
+    from tasks import registry
+
+    uri = args.mlflow_uri
+    if args.action == "list":
+        for v in registry.list_versions(uri, args.name):
+            print(v)
+    elif args.action == "promote":
+        registry.promote(uri, args.name, args.version)
+        print(f"{args.name}@champion -> version {args.version}")
+    else:
+        print(f"{args.name}@champion -> version {registry.rollback(uri, args.name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sftflow", description="SFT as a scheduled, tracked Prefect pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="pipeline YAML (see configs/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
+    run.add_argument("--run-id", help="reuse/resume this run id (default: <run_name>-<utc time>-<rand>)")
+    run.add_argument("--summary-json", help="also write the summary to this file")
+    with_config(sub.add_parser("validate", help="check a config; exit 2 naming each bad field"))
+    sub.add_parser("schema", help="print the config JSON schema")
+    for stage in STAGES:
+        p = with_config(sub.add_parser(stage, help=f"run the {stage} stage alone on an existing run"))
+        p.add_argument("--run-id", required=True)
+    reg = sub.add_parser("registry", help="list versions, promote or roll back the champion")
+    reg.add_argument("action", choices=["list", "promote", "rollback"])
+    reg.add_argument("name")
+    reg.add_argument("version", nargs="?")
+    reg.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"))
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "validate":
+            cfg = load_config(args.config, args.set)
+            print(f"{args.config}: valid (run_name={cfg.run_name}, method={cfg.train.method}, "
+                  f"deepspeed={cfg.train.deepspeed}, config hash {cfg.section_hash()})")
+            return 0
+        if args.command == "schema":
+            print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+            return 0
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "registry":
+            if args.action == "promote" and not args.version:
+                parser.error("registry promote needs NAME VERSION")
+            return cmd_registry(args)
+        return cmd_stage(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

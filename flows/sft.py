@@ -1,0 +1,47 @@
+"""The pipeline, read top to bottom: format -> train -> merge -> evaluate -> handoff.
+
+Each stage is a retriable Prefect task (tasks/<stage>.py) that reads the previous stages'
+manifests from the run directory and writes its own; the results passed along are small.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import load_config
+from tasks.evaluate import evaluate_task
+from tasks.format import format_task
+from tasks.handoff import handoff_task
+from tasks.merge import merge_task
+from tasks.rundir import new_run_id, run_dir
+from tasks.stage import stage_logger
+from tasks.tracking import Tracker
+from tasks.train import train_task
+
+
+@flow(name="sft-pipeline")
+def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: str | None = None) -> dict:
+    cfg = load_config(config_path, overrides)
+    run_id = run_id or new_run_id(cfg.run_name)
+    tracker = Tracker(cfg, run_id)  # fails fast when MLflow cannot be reached
+    parent = tracker.parent_run_id()
+    stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
+    try:
+        data = format_task(cfg, run_id)
+        trained = train_task(cfg, run_id)
+        merged = merge_task(cfg, run_id)
+        scores = evaluate_task(cfg, run_id)
+        bundle = handoff_task(cfg, run_id)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return {
+        "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()),
+        "counts": data.counts, "train_loss": trained.train_loss, "steps": trained.global_step,
+        "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores,
+        "promoted": scores.promote, "gate": scores.reason,
+        "registered_model": bundle.registered_model, "version": bundle.version, "aliases": bundle.aliases,
+        "bundle": bundle.bundle, "serve_command": bundle.serve_command, "mlflow_uri": cfg.mlflow_uri,
+        "mlflow_run_id": parent,
+    }

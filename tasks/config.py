@@ -1,0 +1,255 @@
+"""The one schema of a pipeline config.
+
+Loaded from YAML, overridden with ``--set key.sub=value``, validated before any model is
+loaded. Errors name the field (``train.lora.r``) and suggest the closest key for typos.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field("smollm2-135m", description="HF model folder, or an alias: smollm2-135m, tiny-llama")
+
+
+class DataConfig(Section):
+    path: str | list[str] = Field(..., description="data file(s): JSON, JSONL")
+    eval_path: str | None = Field(None, description="separate eval file; otherwise eval_fraction is split off")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
+    template: str = Field("auto", description="auto (tokenizer chat template, else alpaca), alpaca, chatml, or a .jinja path")
+    max_seq_len: int = Field(512, gt=0)
+    packing: bool = True
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    train_on_inputs: bool = False
+    excess_length: Literal["drop", "truncate", "error"] = "drop"
+    seed: int = 42
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {"instruction", "input", "output", "system", "messages", "conversations", "prompt", "completion", "text"}
+        for key in v:
+            if key not in known:
+                raise ValueError(f"unknown canonical column {key!r}; expected one of {sorted(known)}")
+        return v
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names")
+
+
+class TrainConfig(Section):
+    method: Literal["qlora", "lora", "full"] = "lora"
+    deepspeed: str = Field("zero2", description=f"a preset ({', '.join(DEEPSPEED_PRESETS)}) or a JSON file path")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
+    learning_rate: float = Field(2e-4, ge=0)
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: run the epochs")
+    micro_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_processes: int = Field(1, gt=0, description="processes (GPUs) per node")
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    seed: int = 42
+    timeout_s: int = Field(6 * 3600, gt=0, description="the train subprocess is killed after this long")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (use epochs) or a positive number of steps")
+        return v
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed(cls, v: str) -> str:
+        if v in DEEPSPEED_PRESETS:
+            return v
+        path = Path(v)
+        if path.suffix == ".json":
+            if not path.is_file():
+                raise ValueError(f"DeepSpeed config file {v} does not exist")
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{v} is not valid JSON: {e}") from None
+            return v
+        close = difflib.get_close_matches(v, DEEPSPEED_PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown DeepSpeed preset {v!r}{hint}; expected one of {list(DEEPSPEED_PRESETS)} or a .json path")
+
+
+class MergeConfig(Section):
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU")
+    max_logit_diff: float = Field(1e-3, gt=0)
+    verify_prompts: int = Field(4, gt=0)
+
+
+class GateConfig(Section):
+    metric: Literal["rouge_l", "exact_match", "bleu", "eval_loss", "perplexity"] = "rouge_l"
+    min_delta: float = 0.0
+    against: Literal["base", "champion", "both"] = "both"
+
+
+class EvalConfig(Section):
+    max_samples: int = Field(32, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    metrics: list[Literal["rouge_l", "exact_match", "bleu"]] = Field(default_factory=lambda: ["rouge_l", "exact_match"])
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class ServeConfig(Section):
+    mode: Literal["merged", "adapter"] = "merged"
+    served_model_name: str | None = Field(None, description="default: run_name")
+    dtype: str = "auto"
+    max_lora_rank: int = Field(64, gt=0)
+
+
+class TrackingConfig(Section):
+    mlflow_uri: str | None = Field(None, description="default sqlite:///<output_dir>/mlflow.db")
+    experiment: str = "sftflow"
+    registered_model: str | None = Field(None, description="default: run_name")
+
+
+class PipelineConfig(Section):
+    run_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                          description="letters, digits, . _ - (it names run directories and the registered model)")
+    output_dir: Path = Path("runs")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        if self.serve.mode == "adapter" and self.train.method == "full":
+            raise ValueError("serve.mode: adapter needs train.method lora or qlora (full fine-tuning has no adapter)")
+        if self.train.method != "full" and self.train.lora.r > self.serve.max_lora_rank:
+            raise ValueError(f"train.lora.r={self.train.lora.r} exceeds serve.max_lora_rank={self.serve.max_lora_rank}")
+        return self
+
+    # Derived values live here so every stage computes them the same way.
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking.mlflow_uri or f"sqlite:///{self.output_dir.resolve() / 'mlflow.db'}"
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or self.run_name
+
+    @property
+    def served_model_name(self) -> str:
+        return self.serve.served_model_name or self.run_name
+
+    def section_hash(self, *sections: str) -> str:
+        data = self.model_dump(mode="json")
+        return hash_json({s: data[s] for s in sections} if sections else data)
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names every bad field."""
+
+
+def _suggest(loc: tuple, root: type[BaseModel]) -> str:
+    """'did you mean' for an unknown key, searched among the fields at that level."""
+    model: Any = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return ""
+        model = field.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join(map(str, (*loc[:-1], close[0])))!r}?)" if close else ""
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} error{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(e["loc"], PipelineConfig)
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path))) from None
+
+
+def deepspeed_config(cfg: PipelineConfig) -> dict:
+    path = PRESET_DIR / f"{cfg.train.deepspeed}.json" if cfg.train.deepspeed in DEEPSPEED_PRESETS else Path(cfg.train.deepspeed)
+    return json.loads(path.read_text())

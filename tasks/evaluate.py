@@ -1,0 +1,209 @@
+"""Evaluate stage: base vs candidate (vs the current champion) on the same held-out samples.
+
+Eval loss and perplexity come from the tokenized eval split; generation metrics (ROUGE-L,
+exact match, BLEU) from greedy, batched, left-padded generation with the training chat
+template, scored by `evaluate` modules that ship with sftflow and load offline. The gate
+decides whether the candidate may become the champion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+
+from tasks.config import PipelineConfig
+from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
+from tasks.rundir import Manifest, load_manifest, stage_dir, write_json
+from tasks.stage import prefect_markdown, tracked_stage
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    scores: dict[str, dict[str, float]]
+    promote: bool
+    reason: str
+    report: str = ""
+    samples: list[dict] = field(default_factory=list)
+
+
+def eval_loss(model, dataset, pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean loss over every trained token of the eval split."""
+    import torch
+
+    from tasks.batching import Collator
+
+    collate = Collator(pad_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            total += model(**batch, use_cache=False).loss.item() * n
+            count += n
+    return total / max(count, 1)
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], eos_ids: list[int], max_new_tokens: int,
+             batch_size: int) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[start:start + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                                 pad_token_id=tokenizer.pad_token_id)
+        out += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
+
+
+def score_model(path: Path, cfg: PipelineConfig, template: str, records: list[dict], eval_ds, eos_ids: list[int],
+                log=print) -> tuple[dict[str, float], list[str]]:
+    import evaluate
+
+    tokenizer = load_tokenizer(path)
+    tokenizer.chat_template = template
+    model = load_model(path, pick_dtype(cfg.merge.dtype))
+    loss = eval_loss(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
+    preds = generate(model, tokenizer, [r["messages"] for r in records], eos_ids, cfg.eval.max_new_tokens,
+                     cfg.eval.batch_size)
+    refs = [r["reference"] for r in records]
+    scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+    for name in cfg.eval.metrics:
+        scores |= evaluate.load(str(METRICS_DIR / name)).compute(predictions=preds, references=refs)
+    log(f"evaluate: {path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    return scores, preds
+
+
+def gate(cfg: PipelineConfig, scores: dict[str, dict[str, float]]) -> tuple[bool, str]:
+    """The candidate must beat each reference by min_delta on the gate metric."""
+    g = cfg.eval.gate
+    against = ["base", "champion"] if g.against == "both" else [g.against]
+    cand = scores["candidate"][g.metric]
+    reasons, ok = [], True
+    for ref in against:
+        if ref not in scores:
+            reasons.append(f"no {ref} to compare with")
+            continue
+        other = scores[ref][g.metric]
+        better = (other - cand) if g.metric in LOWER_IS_BETTER else (cand - other)
+        passed = better > g.min_delta
+        ok &= passed
+        reasons.append(f"{g.metric} {cand:.4f} vs {ref} {other:.4f}: improvement {better:+.4f} "
+                       f"{'>' if passed else '<='} min_delta {g.min_delta}")
+    return ok, "; ".join(reasons)
+
+
+def report_markdown(run_id: str, scores: dict, records: list[dict], preds: dict[str, list[str]], promote: bool,
+                    reason: str) -> str:
+    names = list(scores)
+    metrics = list(scores[names[0]])
+    lines = [f"# Evaluation of `{run_id}`", "", f"**{'PROMOTED' if promote else 'NOT PROMOTED'}**: {reason}", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {m} | " + " | ".join(f"{scores[n][m]:.4f}" for n in names) + " |" for m in metrics]
+    lines += ["", "## Sample generations", "", "| prompt | reference | " + " | ".join(names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
+    for i, rec in enumerate(records[:5]):
+        prompt = rec["messages"][-1]["content"]
+        lines.append(f"| {cell(prompt)} | {cell(rec['reference'])} | "
+                     + " | ".join(cell(preds[n][i]) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in next(iter(scores.values())) if m != "perplexity"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(metrics), 3.2))
+    width = 0.8 / len(scores)
+    for k, (name, s) in enumerate(scores.items()):
+        ax.bar([i + k * width for i in range(len(metrics))], [s[m] for m in metrics], width, label=name)
+    ax.set_xticks([i + width * (len(scores) - 1) / 2 for i in range(len(metrics))], metrics)
+    ax.legend()
+    ax.set_title("base vs candidate" + (" vs champion" if "champion" in scores else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluate(cfg: PipelineConfig, run_id: str, champion_path: Path | None = None, log=print) -> EvalResult:
+    from datasets import load_from_disk
+
+    from tasks.merge import end_of_turn_ids
+
+    fmt = load_manifest(cfg.output_dir, run_id, "format")
+    merged = load_manifest(cfg.output_dir, run_id, "merge")
+    out = stage_dir(cfg.output_dir, run_id, "evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    man = Manifest("evaluate", run_id, cfg.section_hash("eval"))
+    man.add_input("eval_records", Path(fmt["outputs"]["eval_records"]))
+    man.add_input("candidate", Path(merged["outputs"]["model"]))
+    template = Path(fmt["outputs"]["chat_template"]).read_text(encoding="utf-8")
+    with open(fmt["outputs"]["eval_records"], encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][: cfg.eval.max_samples]
+    eval_ds = load_from_disk(fmt["outputs"]["eval"])
+    tokenizer = load_tokenizer(merged["outputs"]["model"])
+    eos_ids = end_of_turn_ids(tokenizer)
+
+    models = {"base": resolve_model(cfg.model.name_or_path), "candidate": Path(merged["outputs"]["model"])}
+    if champion_path is not None:
+        models["champion"] = champion_path
+    scores, preds = {}, {}
+    for name, path in models.items():
+        log(f"evaluate: scoring {name} on {len(records)} samples ...")
+        scores[name], preds[name] = score_model(path, cfg, template, records, eval_ds, eos_ids, log)
+    promote, reason = gate(cfg, scores)
+    log(f"evaluate: gate {'PASSED' if promote else 'NOT PASSED'}: {reason}")
+
+    report = report_markdown(run_id, scores, records, preds, promote, reason)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    bar_chart(scores, out / "metrics.png")
+    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+        for i, rec in enumerate(records):
+            f.write(json.dumps({"prompt": rec["messages"], "reference": rec["reference"],
+                                **{n: preds[n][i] for n in preds}}, ensure_ascii=False) + "\n")
+    write_json(out / "scores.json", scores)
+    man.outputs = {"report": str(out / "report.md"), "chart": str(out / "metrics.png"),
+                   "generations": str(out / "generations.jsonl"), "promote": promote, "reason": reason}
+    man.metrics = scores
+    man.finish(out)
+    return EvalResult(run_id, scores, promote, reason, report)
+
+
+def current_champion(cfg: PipelineConfig, run_id: str) -> Path | None:
+    """The champion's model folder, downloaded from the registry, if there is one from another run."""
+    from tasks.registry import alias_version, download_bundle
+
+    mv = alias_version(cfg.mlflow_uri, cfg.registered_model, "champion")
+    if mv is None or mv.tags.get("sftflow.run_id") == run_id:
+        return None
+    dst = stage_dir(cfg.output_dir, run_id, "evaluate") / f"champion-v{mv.version}"
+    return download_bundle(cfg.mlflow_uri, cfg.registered_model, "champion", dst) / "model"
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5)
+def evaluate_task(cfg: PipelineConfig, run_id: str) -> EvalResult:
+    with tracked_stage(cfg, run_id, "evaluate", "eval") as st:
+        result = run_evaluate(cfg, run_id, champion_path=current_champion(cfg, run_id), log=st.log)
+        for name in ("report.md", "metrics.png", "generations.jsonl", "scores.json"):
+            st.run.artifact(st.dir / name)
+        st.run.tags({"sftflow.promote": result.promote, "sftflow.gate": result.reason[:4000]})
+        prefect_markdown(f"evaluation-{cfg.run_name}", result.report, f"evaluation of {run_id}")
+    return result

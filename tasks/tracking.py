@@ -1,0 +1,170 @@
+"""MLflow helpers: one parent run per pipeline run, one nested run per stage.
+
+Run ids are kept in ``<run>/mlflow.json`` so a retried stage (or a stage run alone from the
+CLI) logs into the same MLflow run instead of starting a second one. Everything goes through
+an explicit ``MlflowClient``: Prefect may run tasks on other threads, where MLflow's fluent
+"active run" is not shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.config import PipelineConfig
+from tasks.rundir import code_version, read_json, run_dir, write_json
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """Drop ``user:password@`` from URLs anywhere in a nested structure."""
+    if isinstance(value, str):
+        return _USERINFO.sub("***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class Tracker:
+    def __init__(self, cfg: PipelineConfig, run_id: str):
+        _quiet_env()
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg, self.run_id, self.uri = cfg, run_id, cfg.mlflow_uri
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(self.uri, self.uri)
+        try:
+            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+            raise ConnectionError(f"tracking.mlflow_uri: cannot reach MLflow at {redact(self.uri)}: {e}") from None
+        if exp is None:
+            location = None
+            if not self.uri.startswith(("http://", "https://", "databricks")):
+                location = (cfg.output_dir.resolve() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self._ids_path = run_dir(cfg.output_dir, run_id) / "mlflow.json"
+
+    def _ids(self) -> dict:
+        return read_json(self._ids_path) if self._ids_path.is_file() else {"stages": {}}
+
+    def parent_run_id(self) -> str:
+        ids = self._ids()
+        if not ids.get("parent"):
+            run = self.client.create_run(self.experiment_id, run_name=self.run_id, tags={
+                "sftflow.run_id": self.run_id, "sftflow.config_hash": self.cfg.section_hash(),
+                "sftflow.code_version": code_version()})
+            ids["parent"] = run.info.run_id
+            write_json(self._ids_path, ids)
+            config = redact(self.cfg.model_dump(mode="json"))
+            self.client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flatten(config).items()])
+            self.client.log_dict(run.info.run_id, config, "config.yaml")
+        return ids["parent"]
+
+    def stage_run_id(self, stage: str) -> str:
+        parent = self.parent_run_id()
+        ids = self._ids()
+        if not ids["stages"].get(stage):
+            run = self.client.create_run(self.experiment_id, run_name=f"{self.run_id}/{stage}", tags={
+                "mlflow.parentRunId": parent, "sftflow.run_id": self.run_id, "sftflow.stage": stage})
+            ids["stages"][stage] = run.info.run_id
+            write_json(self._ids_path, ids)
+        else:
+            self.client.update_run(ids["stages"][stage], status="RUNNING")
+        return ids["stages"][stage]
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, params: dict | None = None) -> Iterator["StageRun"]:
+        run = StageRun(self.client, self.stage_run_id(stage))
+        if params:
+            run.params(params)
+        try:
+            yield run
+        except BaseException:
+            self.client.set_terminated(run.id, status="FAILED")
+            raise
+        self.client.set_terminated(run.id, status="FINISHED")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id(), status=status)
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+class StageRun:
+    def __init__(self, client, run_id: str):
+        self.client, self.id = client, run_id
+
+    def params(self, params: dict) -> None:
+        from mlflow.exceptions import MlflowException
+
+        flat = flatten(redact(params))
+        existing = self.client.get_run(self.id).data.params
+        new = {k: v for k, v in flat.items() if k not in existing}  # a retry re-logs the same params
+        try:
+            self.client.log_batch(self.id, params=[_param(k, v) for k, v in new.items()])
+        except MlflowException as e:
+            raise RuntimeError(f"MLflow refused params for run {self.id}: {e}") from None
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in flatten_numbers(metrics).items()]
+        if batch:
+            self.client.log_batch(self.id, metrics=batch)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.id, str(path), artifact_path)
+
+    def tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.id, k, str(v))
+
+
+def flatten_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten_numbers(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+    return out

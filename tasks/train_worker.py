@@ -1,0 +1,177 @@
+"""The per-rank training program that the ``deepspeed`` launcher starts.
+
+    deepspeed --num_gpus N --module tasks.train_worker --spec <run>/train/spec.json
+
+It reads everything from the spec written by ``tasks.train``, trains with the HF Trainer
+and DeepSpeed, resumes from the newest *complete* checkpoint, streams metrics to MLflow
+from rank 0, and saves the adapter (or the full model) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def build_model(spec: dict, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    t = spec["train"]
+    kwargs: dict = {"dtype": dtype}
+    if t["method"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
+    model.config.use_cache = False  # the packed-sequence mask is only built without a KV cache
+    if t["method"] == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if t["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = t["lora"]
+    peft_cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                          target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    if dtype != torch.float32:  # trainable LoRA weights stay fp32 for stable updates
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model
+
+
+def make_callbacks(spec: dict, collator):
+    from transformers import TrainerCallback
+
+    class Guard(TrainerCallback):
+        """Stops on a NaN/inf loss, prints progress, streams metrics, marks complete checkpoints."""
+
+        def __init__(self):
+            self.t0 = time.monotonic()
+            self.tokens0 = 0
+            self.client = None
+            if spec.get("mlflow_run_id") and int(os.environ.get("RANK", "0")) == 0:
+                from mlflow import MlflowClient
+
+                self.client = MlflowClient(spec["mlflow_uri"])
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tokens0 = time.monotonic(), collator.real_tokens
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {state.global_step}: stopping "
+                                         "(lower train.learning_rate, or check the data for empty answers)")
+            if not state.is_world_process_zero:
+                return
+            elapsed = max(time.monotonic() - self.t0, 1e-9)
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            logs["tokens_per_second"] = (collator.real_tokens - self.tokens0) * world / elapsed
+            logs["real_token_fraction"] = collator.real_fraction
+            logs["peak_memory_gb"] = _peak_memory_gb()
+            shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)))
+            print(f"[train] step {state.global_step}/{state.max_steps} {shown}", flush=True)
+            if self.client is not None:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                metrics = [Metric(k, float(v), now, state.global_step) for k, v in logs.items()
+                           if isinstance(v, (int, float)) and math.isfinite(v)]
+                self.client.log_batch(spec["mlflow_run_id"], metrics=metrics)
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    (ckpt / COMPLETE).write_text(str(state.global_step))
+
+    return [Guard()]
+
+
+def _peak_memory_gb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.spec).read_text())
+
+    import torch
+    import torch.distributed as dist
+    from datasets import load_from_disk
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from tasks.batching import Collator
+    from tasks.models import load_tokenizer, pick_dtype
+
+    t = spec["train"]
+    set_seed(t["seed"])
+    dtype = pick_dtype(t["precision"])
+    tok = load_tokenizer(spec["model_path"])
+    model = build_model(spec, dtype)
+    train_ds = load_from_disk(spec["train_path"])
+    collator = Collator(tok.pad_token_id)
+    out = Path(spec["output_dir"])
+    targs = TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=t["micro_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
+        num_train_epochs=t["epochs"], max_steps=t["max_steps"], lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_ratio"], weight_decay=t["weight_decay"], logging_steps=t["logging_steps"],
+        save_strategy="steps", save_steps=t["save_steps"], save_total_limit=t["save_total_limit"],
+        seed=t["seed"], data_seed=t["seed"], report_to=[], deepspeed=spec["deepspeed"],
+        use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, logging_nan_inf_filter=False,
+        ddp_backend=None if torch.cuda.is_available() else "gloo")
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=collator,
+                      processing_class=tok, callbacks=make_callbacks(spec, collator))
+    resume = latest_checkpoint(out / "checkpoints")
+    if resume and trainer.is_world_process_zero():
+        print(f"[train] resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    final = out / ("adapter" if t["method"] != "full" else "model")
+    tmp = out / f".{final.name}.tmp"
+    trainer.save_model(str(tmp))  # every rank takes part (ZeRO-3 gathers the weights)
+    if trainer.is_world_process_zero():
+        tok.save_pretrained(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        (out / "result.json").write_text(json.dumps({
+            "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+            "losses": losses, "resumed_from": str(resume) if resume else None,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "real_token_fraction": collator.real_fraction,
+            "train_runtime_s": result.metrics.get("train_runtime"), "output": str(final)}, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
