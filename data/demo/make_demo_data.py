@@ -1,9 +1,10 @@
 """Writes data/demo/train.jsonl: a small instruction set for the sftflow demo.
 
 The skill: read a short free-text note about a person and answer with one line of compact
-JSON, keys in a fixed order: {"name": ..., "age": ..., "city": ...}. SmolLM2-135M-Instruct
-answers such prompts in prose or with other keys, so exact match starts near 0 and the
-fine-tuned model's gain is easy to see. Deterministic: rerunning writes the same file.
+JSON, keys in a fixed order, adding the city's ISO 3166 country code:
+{"name": ..., "age": ..., "city": ..., "country": "PT"}. SmolLM2-135M-Instruct extracts the
+fields but pretty-prints them, drops or misnames the country, and often gets its code wrong,
+so exact match starts near 0. Deterministic: rerunning writes the same file.
 """
 
 import json
@@ -15,9 +16,15 @@ FIRST = ("Maria Ana Jonas Priya Kenji Lucia Omar Fatima Lars Ingrid Tomas Chen A
          "Pablo Vera Kofi Alma Bruno Leila Oskar Ines Malik Freya Arjun Selma").split()
 LAST = ("Silva Novak Weber Sharma Tanaka Rossi Haddad Ali Berg Larsen Horvat Wang Okafor Costa Petrov Moreno Dubois "
         "Kowalski Ibrahim Nakamura Jensen Fischer Lopez Mensah Varga Kim Schmidt Ortiz Lindqvist Gupta").split()
-CITIES = ("Lisbon Prague Berlin Mumbai Osaka Rome Beirut Cairo Oslo Bergen Zagreb Shanghai Lagos Porto Kyiv Madrid "
-          "Lyon Warsaw Nairobi Kyoto Aarhus Munich Seville Accra Budapest Seoul Hamburg Bogota Uppsala Pune Toronto "
-          "Dublin Vienna Quito Tunis Helsinki Lima Hanoi Perth Denver").split()
+COUNTRY = {
+    "Lisbon": "PT", "Porto": "PT", "Prague": "CZ", "Berlin": "DE", "Munich": "DE", "Hamburg": "DE", "Mumbai": "IN",
+    "Pune": "IN", "Osaka": "JP", "Kyoto": "JP", "Rome": "IT", "Beirut": "LB", "Cairo": "EG", "Oslo": "NO",
+    "Bergen": "NO", "Zagreb": "HR", "Shanghai": "CN", "Lagos": "NG", "Kyiv": "UA", "Madrid": "ES", "Seville": "ES",
+    "Lyon": "FR", "Warsaw": "PL", "Nairobi": "KE", "Aarhus": "DK", "Accra": "GH", "Budapest": "HU", "Seoul": "KR",
+    "Bogota": "CO", "Uppsala": "SE", "Toronto": "CA", "Dublin": "IE", "Vienna": "AT", "Quito": "EC", "Tunis": "TN",
+    "Helsinki": "FI", "Lima": "PE", "Hanoi": "VN", "Perth": "AU", "Denver": "US",
+}
+CITIES = sorted(COUNTRY)
 JOBS = ("nurse baker teacher pilot architect chemist carpenter journalist librarian engineer farmer dentist "
         "painter lawyer plumber photographer").split()
 TEMPLATES = [
@@ -35,10 +42,10 @@ TEMPLATES = [
     "Age {age}. Occupation: {job}. Name: {name}. Lives in {city}.",
 ]
 INSTRUCTIONS = [
-    "Extract the person's name, age and city as JSON.",
-    "Return a JSON object with the name, age and city of the person described.",
-    "Read the note and give name, age and city in JSON.",
-    "Pull out the name, age and city. Answer with JSON only.",
+    "Extract the person's name, age and city as JSON, with the city's ISO country code.",
+    "Return a JSON object with the name, age, city and country code of the person described.",
+    "Read the note and give name, age, city and the two-letter country code in JSON.",
+    "Pull out the name, age, city and ISO country code. Answer with JSON only.",
 ]
 
 
@@ -47,9 +54,10 @@ def main(n: int = 400, seed: int = 7) -> None:
     out = Path(__file__).with_name("train.jsonl")
     with out.open("w", encoding="utf-8") as f:
         for _ in range(n):
-            person = {"name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "age": rng.randint(19, 78),
-                      "city": rng.choice(CITIES)}
+            city = rng.choice(CITIES)
+            person = {"name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "age": rng.randint(19, 78), "city": city}
             text = rng.choice(TEMPLATES).format(job=rng.choice(JOBS), **person)
+            person["country"] = COUNTRY[city]
             record = {"instruction": rng.choice(INSTRUCTIONS), "input": text,
                       "output": json.dumps(person, ensure_ascii=False)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

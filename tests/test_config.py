@@ -1,0 +1,86 @@
+"""Config schema: valid configs load, bad ones exit 2 naming every bad field, before any model loads."""
+
+import json
+
+import pytest
+
+from tasks.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/demo.yaml"])
+def test_shipped_configs_are_valid(cli, path):
+    res = cli("validate", path)
+    assert res.returncode == 0, res.stderr
+    assert "valid" in res.stdout
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("configs/tiny.yaml", ["train.lora.r=4", "train.learning_rate=1e-5", "data.packing=false"])
+    assert cfg.train.lora.r == 4 and cfg.train.learning_rate == 1e-5 and cfg.data.packing is False
+
+
+def test_defaults_derive_mlflow_uri_and_names():
+    cfg = load_config("configs/tiny.yaml", ["output_dir=/tmp/x"])
+    assert cfg.mlflow_uri == "sqlite:////tmp/x/mlflow.db"
+    assert cfg.registered_model == "tiny" and cfg.served_model_name == "tiny"
+
+
+BAD = {
+    "typo": ("train:\n  methd: lora\n", "train.methd: unknown key (did you mean 'train.method'?)"),
+    "top_typo": ("trian: {}\n", "trian: unknown key (did you mean 'train'?)"),
+    "negative_lr": ("train: {learning_rate: -1}\n", "train.learning_rate"),
+    "zero_rank": ("train: {lora: {r: 0}}\n", "train.lora.r"),
+    "unknown_method": ("train: {method: dpo}\n", "train.method"),
+    "unknown_preset": ("train: {deepspeed: zero5}\n", "did you mean 'zero3'"),
+    "fraction": ("data: {path: data/demo/train.jsonl, eval_fraction: 1.5}\n", "data.eval_fraction"),
+    "wrong_type": ("train: {micro_batch_size: four}\n", "train.micro_batch_size"),
+    "escape": ("run_name: ../../etc\n", "run_name"),
+    "zero_steps": ("train: {max_steps: 0}\n", "train.max_steps"),
+    "missing_ds_json": ("train: {deepspeed: nope/ds.json}\n", "nope/ds.json does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_exits_2_naming_the_field(cli, tmp_path, case):
+    body, expected = BAD[case]
+    base = "run_name: t\ndata: {path: data/demo/train.jsonl}\n"
+    path = tmp_path / "bad.yaml"
+    # later keys win in YAML mappings, so the bad section replaces the base one
+    path.write_text(base + body)
+    res = cli("validate", str(path))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert expected in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_several_errors_are_all_reported(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_name: t\ndata: {path: x.jsonl, packing: maybe}\ntrain: {epochs: 0, lora: {alpha: -2}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    for field in ("data.packing", "train.epochs", "train.lora.alpha"):
+        assert field in msg
+
+
+@pytest.mark.parametrize("text,expected", [("", "the file is empty"), ("run_name: [unclosed\n", "YAML syntax error"),
+                                           ("- a\n- b\n", "expected a mapping")])
+def test_unreadable_files(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config("configs/tiny.yaml", ["train.epochs"])
+
+
+def test_schema_command_prints_json_schema(cli):
+    res = cli("schema")
+    assert res.returncode == 0
+    schema = json.loads(res.stdout)
+    assert {"run_name", "data", "train", "eval", "tracking"} <= set(schema["properties"])
