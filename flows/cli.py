@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        # bad paths, data or registry state: the message says what and where; no traceback
+        print(f"sftflow: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

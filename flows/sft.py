@@ -7,6 +7,7 @@ manifests from the run directory and writes its own; the results passed along ar
 from __future__ import annotations
 
 from prefect import flow
+from prefect.states import Completed
 
 from tasks.config import load_config
 from tasks.evaluate import evaluate_task
@@ -36,7 +37,7 @@ def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: s
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    return {
+    summary = {
         "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()),
         "counts": data.counts, "train_loss": trained.train_loss, "steps": trained.global_step,
         "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores,
@@ -45,3 +46,7 @@ def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: s
         "bundle": bundle.bundle, "serve_command": bundle.serve_command, "mlflow_uri": cfg.mlflow_uri,
         "mlflow_run_id": parent,
     }
+    # A refused candidate is an outcome, not a crash: the run completes in a state that says so.
+    if scores.promote:
+        return Completed(message=f"promoted: {bundle.registered_model}@champion = v{bundle.version}", data=summary)
+    return Completed(name="Not promoted", message=f"not promoted: {scores.reason}", data=summary)

@@ -105,14 +105,19 @@ class TrainConfig(Section):
 
 
 class MergeConfig(Section):
+    base: Literal["dequantized", "original"] = Field(
+        "dequantized", description="QLoRA only: merge onto the dequantized 4-bit base (reproduces training) or the original weights")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU")
     max_logit_diff: float = Field(1e-3, gt=0)
     verify_prompts: int = Field(4, gt=0)
 
 
+SHIPPED_METRICS = ("rouge_l", "exact_match", "bleu")
+
+
 class GateConfig(Section):
-    metric: Literal["rouge_l", "exact_match", "bleu", "eval_loss", "perplexity"] = "rouge_l"
-    min_delta: float = 0.0
+    metric: str = Field("rouge_l", description="eval_loss, perplexity (lower is better) or a generation metric")
+    min_delta: float = Field(0.0, description="the candidate must beat each reference by more than this")
     against: Literal["base", "champion", "both"] = "both"
 
 
@@ -120,8 +125,28 @@ class EvalConfig(Section):
     max_samples: int = Field(32, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
-    metrics: list[Literal["rouge_l", "exact_match", "bleu"]] = Field(default_factory=lambda: ["rouge_l", "exact_match"])
+    metrics: list[str] = Field(default_factory=lambda: list(SHIPPED_METRICS),
+                               description="shipped (rouge_l, exact_match, bleu) or paths to local `evaluate` modules")
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in SHIPPED_METRICS and not Path(name).exists():
+                close = difflib.get_close_matches(name, SHIPPED_METRICS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown metric {name!r}{hint}: use {list(SHIPPED_METRICS)} or a path to a local "
+                                 "evaluate module (the hub is not reachable offline)")
+        return v
+
+    @model_validator(mode="after")
+    def _gate_metric(self) -> "EvalConfig":
+        custom = any(m not in SHIPPED_METRICS for m in self.metrics)
+        if not custom and self.gate.metric not in {"eval_loss", "perplexity", *self.metrics}:
+            raise ValueError(f"gate.metric {self.gate.metric!r} is not computed: choose eval_loss, perplexity "
+                             f"or one of eval.metrics {self.metrics}")
+        return self
 
 
 class ServeConfig(Section):

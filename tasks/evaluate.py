@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.config import PipelineConfig
+from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.rundir import Manifest, load_manifest, stage_dir, write_json
 from tasks.stage import prefect_markdown, tracked_stage
@@ -83,7 +83,8 @@ def score_model(path: Path, cfg: PipelineConfig, template: str, records: list[di
     refs = [r["reference"] for r in records]
     scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
     for name in cfg.eval.metrics:
-        scores |= evaluate.load(str(METRICS_DIR / name)).compute(predictions=preds, references=refs)
+        module = str(METRICS_DIR / name) if name in SHIPPED_METRICS else name
+        scores |= evaluate.load(module).compute(predictions=preds, references=refs)
     log(f"evaluate: {path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     return scores, preds
 

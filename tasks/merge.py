@@ -1,13 +1,17 @@
 """Merge stage: adapter + base -> one standalone model, verified before it is put in place.
 
-The merged model is written to a temp folder, reloaded from disk and compared with
+The merge runs shard by shard over the base's safetensors files (peak memory near one copy
+of the model). The result is written to a temp folder, reloaded from disk and compared with
 base+adapter on fixed eval prompts; only if the max |logit diff| is within
-``merge.max_logit_diff`` is it renamed to ``<run>/merge/model``.
+``merge.max_logit_diff`` is it renamed to ``<run>/merge/model``. For QLoRA the default base
+is the dequantized 4-bit one the adapter was trained against (``merge.base: dequantized``).
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +78,73 @@ def logits_of(model, inputs: list) -> list:
         return [model(input_ids=x, use_cache=False).logits[0:1].float() for x in inputs]
 
 
+def lora_deltas(adapter_dir: Path) -> dict[str, "torch.Tensor"]:
+    """Base weight name -> the LoRA update (B @ A * scale) from a saved peft adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if cfg.get(k)]
+    if unsupported or cfg.get("fan_in_fan_out"):
+        raise NotImplementedError(f"shard-wise merge does not handle adapter options {unsupported}")
+    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    deltas = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        deltas[name] = (b.float() @ a.float()) * scale
+    if not deltas:
+        raise ValueError(f"{adapter_dir}: the adapter holds no LoRA weights (an empty ZeRO-3 save?)")
+    return deltas
+
+
+def merge_shards(base_dir: Path, out_dir: Path, deltas: dict, dtype, dequantized: dict | None = None) -> None:
+    """Merge one safetensors shard at a time, so peak memory stays near one shard.
+
+    ``dequantized`` maps weight names to the 4-bit modules the adapter was trained against; their
+    weights are taken dequantized (exactly what training saw) instead of the original ones.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = base_dir / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    left = set(deltas)
+    for shard in shards:
+        out = {}
+        with safe_open(str(base_dir / shard), "pt") as f:
+            for name in f.keys():
+                w = f.get_tensor(name)
+                if dequantized and name in dequantized:
+                    q = dequantized[name].weight
+                    w = bnbf.dequantize_4bit(q.data, q.quant_state)
+                if name in deltas:
+                    w = w.float() + deltas[name]
+                    left.discard(name)
+                out[name] = w.to(dtype) if w.is_floating_point() else w
+        save_file(out, str(out_dir / shard), metadata={"format": "pt"})
+        del out
+    if left:
+        raise ValueError(f"adapter weights without a base weight: {sorted(left)[:3]}")
+    if index.is_file():
+        shutil.copy2(index, out_dir / index.name)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
+    """Reference logits first (base+adapter, as trained), then the shard-wise merge, then a reload
+    from disk compared against them: at no point are two full copies of the model in memory."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
 
     fmt = load_manifest(cfg.output_dir, run_id, "format")
     trained = load_manifest(cfg.output_dir, run_id, "train")
@@ -88,41 +156,59 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
     tokenizer = load_tokenizer(base_path)
     tokenizer.chat_template = Path(fmt["outputs"]["chat_template"]).read_text(encoding="utf-8")
     inputs = verification_inputs(tokenizer, Path(fmt["outputs"]["eval_records"]), cfg.merge.verify_prompts)
-    method, adapter = cfg.train.method, trained["outputs"]["model"]
-
-    if method == "full":
-        merged = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
-        reference = logits_of(merged, inputs)
-    elif method == "lora":
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-        peft_model = PeftModel.from_pretrained(base, adapter)
-        reference = logits_of(peft_model, inputs)
-        merged = peft_model.merge_and_unload()
-    else:  # qlora: merge onto the dequantized 4-bit base, which is what the adapter was trained against
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-        qbase = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype)
-        reference = logits_of(PeftModel.from_pretrained(qbase, adapter), inputs)
-        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype).dequantize()
-        base.to(dtype)
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    method, adapter = cfg.train.method, Path(trained["outputs"]["model"])
+    metrics: dict = {}
 
     with atomic_dir(out / "model") as tmp:
-        merged.save_pretrained(tmp, max_shard_size="1GB")
+        if method == "full":
+            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
+            reference = logits_of(model, inputs)
+            model.save_pretrained(tmp, max_shard_size="1GB")
+            del model
+        else:
+            deltas = lora_deltas(adapter)
+            original = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            reference = logits_of(PeftModel.from_pretrained(original, adapter), inputs)
+            del original
+            gc.collect()
+            quantized = None
+            if method == "qlora":
+                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+                qbase = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype)
+                quantized = {f"{n}.weight": m for n, m in qbase.named_modules() if type(m).__name__ == "Linear4bit"}
+                for m in quantized.values():
+                    # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode; training
+                    # used the plain dequantize + matmul path, so verify against that one.
+                    m.support_avx512bf16_for_cpu = False
+                as_trained = logits_of(PeftModel.from_pretrained(qbase, adapter), inputs)
+                metrics["base_choice_logit_diff"] = compare_logits(reference, as_trained)[0]
+                log(f"merge: 4-bit vs original base (with the adapter) differ by up to "
+                    f"{metrics['base_choice_logit_diff']:.3e} in the logits; merging onto the {cfg.merge.base} base")
+                if cfg.merge.base == "dequantized":
+                    reference = as_trained
+                else:
+                    quantized = None
+            merge_shards(base_path, tmp, deltas, dtype, quantized)
+            del quantized, deltas
+            qbase = None
+            gc.collect()
+            GenerationConfig.from_pretrained(base_path).save_pretrained(tmp)
+        gen = GenerationConfig.from_pretrained(tmp)
+        gen.eos_token_id = end_of_turn_ids(tokenizer)
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        del merged
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
         max_diff, top1 = compare_logits(reference, logits_of(reloaded, inputs))
-        log(f"merge: merged model vs base+adapter on {len(inputs)} prompts: max |logit diff| {max_diff:.2e}, "
-            f"top-1 agreement {top1:.2%}")
+        log(f"merge: merged model (from disk) vs {'the trained model' if method == 'full' else 'base+adapter'} "
+            f"on {len(inputs)} prompts: max |logit diff| {max_diff:.2e}, top-1 agreement {top1:.2%}")
         if max_diff > cfg.merge.max_logit_diff:
             raise ValueError(f"merge verification failed: max |logit diff| {max_diff:.3e} > merge.max_logit_diff "
                              f"{cfg.merge.max_logit_diff:.1e}; the merged model is not kept")
     man.outputs = {"model": str(out / "model"), "dtype": str(dtype).removeprefix("torch."),
-                   "eos_token_id": reloaded.generation_config.eos_token_id}
-    man.metrics = {"max_logit_diff": max_diff, "top1_agreement": top1, "verify_prompts": len(inputs)}
+                   "eos_token_id": gen.eos_token_id, "base": cfg.merge.base if method == "qlora" else "original"}
+    man.metrics = {"max_logit_diff": max_diff, "top1_agreement": top1, "verify_prompts": len(inputs), **metrics}
     man.finish(out)
     return MergeResult(run_id, str(out / "model"), max_diff, top1)
 

@@ -49,8 +49,13 @@ def register_bundle(uri: str, name: str, source_run_id: str, artifact_path: str,
 
 def promote(uri: str, name: str, version: str | int) -> None:
     """Point ``champion`` at a version, remembering the one it replaces."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(uri)
-    client.get_model_version(name, str(version))  # a clear error for an unknown version
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise ValueError(f"{name} has no version {version}: {e.message}") from None
     current = alias_version(uri, name, "champion")
     if current is not None and str(current.version) == str(version):
         return

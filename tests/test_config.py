@@ -37,6 +37,9 @@ BAD = {
     "escape": ("run_name: ../../etc\n", "run_name"),
     "zero_steps": ("train: {max_steps: 0}\n", "train.max_steps"),
     "missing_ds_json": ("train: {deepspeed: nope/ds.json}\n", "nope/ds.json does not exist"),
+    "unknown_metric": ("eval: {metrics: [rouge]}\n", "unknown metric 'rouge' (did you mean 'rouge_l'?)"),
+    "gate_metric": ("eval: {metrics: [bleu], gate: {metric: rouge_l}}\n", "gate.metric 'rouge_l' is not computed"),
+    "merge_base": ("merge: {base: quantized}\n", "merge.base"),
 }
 
 

@@ -1,0 +1,109 @@
+"""Servers the tests start themselves on 127.0.0.1, backed by the machine's PostgreSQL.
+
+The database URL comes from SFTFLOW_TEST_DATABASE_URL (default: the local PostgreSQL's `test`
+database, trust auth). Each server gets a fresh database of its own (MLflow and Prefect both
+keep an `alembic_version` table). When PostgreSQL is unreachable the tests skip, unless
+SFTFLOW_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+DATABASE_URL = os.environ.get("SFTFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_postgres() -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(DATABASE_URL, connect_timeout=5) as conn:
+            conn.execute("select 1")
+    except psycopg.Error as e:
+        msg = f"PostgreSQL at {DATABASE_URL} is unreachable: {e}"
+        if os.environ.get("SFTFLOW_REQUIRE_SERVICES") == "1":
+            pytest.fail(msg + " (SFTFLOW_REQUIRE_SERVICES=1)")
+        pytest.skip(msg)
+    return DATABASE_URL
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new, empty database; yields its URL (driver-less postgresql:// form) and drops it after."""
+    import psycopg
+
+    admin = require_postgres()
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp: Path, port: int | None = None, db_url: str | None = None) -> Iterator[dict]:
+    """`mlflow server` with its backend store on PostgreSQL and artifacts under tmp."""
+    with contextlib.ExitStack() as stack:
+        url = db_url or stack.enter_context(fresh_database("sftflow_mlflow"))
+        info = start_mlflow(tmp, url, port or free_port())
+        stack.callback(stop, info["proc"])
+        yield info
+
+
+def start_mlflow(tmp: Path, db_url: str, port: int) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    log = tmp / f"mlflow-server-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", db_url.replace("postgresql://", "postgresql+psycopg://", 1),
+           "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    wait_http(uri + "/health", 180, proc, log)
+    return {"uri": uri, "proc": proc, "db_url": db_url, "port": port, "log": log}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

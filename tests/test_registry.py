@@ -1,0 +1,72 @@
+"""Gate and registry against a real `mlflow server` whose backend store is PostgreSQL."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from services import mlflow_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def two_runs(server, tmp_path_factory):
+    """A trained candidate (promoted), then one trained with learning rate 0 (no better: refused)."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("registry") / "runs"
+    summaries = []
+    for i, extra in enumerate([[], ["--set", "train.learning_rate=0"]]):
+        path = out.parent / f"summary{i}.json"
+        res = run_cli("run", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set",
+                      f"tracking.mlflow_uri={server['uri']}", *extra, "--summary-json", str(path))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+        summaries.append((json.loads(path.read_text()), res.stdout))
+    return summaries
+
+
+def test_better_candidate_becomes_champion(server, two_runs):
+    (first, stdout), _ = two_runs
+    assert first["promoted"] is True and "PROMOTED" in stdout
+    client = MlflowClient(server["uri"])
+    mv = client.get_model_version("tiny", "1")
+    assert mv.tags["sftflow.run_id"] == first["run_id"] and mv.tags["sftflow.promoted"] == "True"
+    assert {"sftflow.config_hash", "sftflow.data_hash", "sftflow.git_sha", "metric.eval_loss"} <= set(mv.tags)
+    # the bundle went through the server's artifact store and comes back from the registry
+    names = [a.path for a in client.list_artifacts(mv.run_id, "bundle")]
+    assert "bundle/serve.json" in names and "bundle/MLmodel" in names
+
+
+def test_worse_candidate_is_refused_with_the_numbers(server, two_runs):
+    _, (second, stdout) = two_runs
+    assert second["promoted"] is False and "NOT PROMOTED" in stdout
+    assert set(second["scores"]) == {"base", "candidate", "champion"}
+    client = MlflowClient(server["uri"])
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    v2 = client.get_model_version_by_alias("tiny", "candidate")
+    assert str(v2.version) == "2" and v2.tags["sftflow.promoted"] == "False"
+    assert "vs base" in v2.tags["sftflow.gate"] and "vs champion" in v2.tags["sftflow.gate"]
+    report = (second["run_dir"] + "/evaluate/report.md")
+    text = open(report).read()
+    assert "NOT PROMOTED" in text and "vs champion" in text and "| metric | base | candidate | champion |" in text
+
+
+def test_promote_and_rollback_through_the_cli(server, two_runs, cli):
+    client = MlflowClient(server["uri"])
+    res = cli("registry", "promote", "tiny", "2", "--mlflow-uri", server["uri"])
+    assert res.returncode == 0, res.stderr
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "2"
+    res = cli("registry", "rollback", "tiny", "--mlflow-uri", server["uri"])
+    assert res.returncode == 0, res.stderr
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    listing = cli("registry", "list", "tiny", "--mlflow-uri", server["uri"]).stdout
+    assert "v1" in listing and "champion" in listing and "v2" in listing and "candidate" in listing
+    res = cli("registry", "rollback", "tiny", "--mlflow-uri", server["uri"])
+    assert res.returncode != 0 and "no earlier champion" in res.stderr
