@@ -9,9 +9,11 @@ is the dequantized 4-bit one the adapter was trained against (``merge.base: dequ
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
-import shutil
+import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,25 +64,54 @@ def verification_inputs(tokenizer, eval_records: Path, n: int) -> list:
     return out
 
 
-def compare_logits(reference: list, candidate: list) -> tuple[float, float]:
+def compare_logits(reference, candidate) -> tuple[float, float]:
+    """Max |diff| and top-1 agreement; either side may be tensors or files written by spill_logits."""
+    import torch
+
     max_diff, agree, total = 0.0, 0, 0
     for a, b in zip(reference, candidate):
+        a = torch.load(a, mmap=True) if isinstance(a, Path) else a
+        b = torch.load(b, mmap=True) if isinstance(b, Path) else b
         max_diff = max(max_diff, (a.float() - b.float()).abs().max().item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[1]
     return max_diff, agree / max(total, 1)
 
 
-def logits_of(model, inputs: list) -> list:
+def spill_logits(model, inputs: list, folder: Path, name: str) -> list[Path]:
+    """Reference logits go to disk: (prompts x tokens x vocab) floats can outweigh a small model."""
     import torch
 
-    with torch.no_grad():
-        return [model(input_ids=x, use_cache=False).logits[0:1].float() for x in inputs]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, logits in enumerate(iter_logits(model, inputs)):
+        paths.append(folder / f"{name}-{i}.pt")
+        torch.save(logits, paths[-1])
+    return paths
 
 
-def lora_deltas(adapter_dir: Path) -> dict[str, "torch.Tensor"]:
-    """Base weight name -> the LoRA update (B @ A * scale) from a saved peft adapter."""
+def iter_logits(model, inputs: list):
+    """One prompt's logits at a time, so a comparison never holds a second full set."""
     import torch
+
+    for x in inputs:
+        with torch.no_grad():
+            yield model(input_ids=x, use_cache=False).logits[0:1].float()
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def lora_factors(adapter_dir: Path) -> dict[str, tuple]:
+    """Base weight name -> (A, B, scale) from a saved peft adapter; B @ A is formed one weight at a time."""
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -89,51 +120,79 @@ def lora_deltas(adapter_dir: Path) -> dict[str, "torch.Tensor"]:
         raise NotImplementedError(f"shard-wise merge does not handle adapter options {unsupported}")
     scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    deltas = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-        deltas[name] = (b.float() @ a.float()) * scale
-    if not deltas:
+    factors = {key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"):
+               (a, tensors[key.replace(".lora_A.", ".lora_B.")], scale)
+               for key, a in tensors.items() if ".lora_A." in key}
+    if not factors:
         raise ValueError(f"{adapter_dir}: the adapter holds no LoRA weights (an empty ZeRO-3 save?)")
-    return deltas
+    return factors
 
 
-def merge_shards(base_dir: Path, out_dir: Path, deltas: dict, dtype, dequantized: dict | None = None) -> None:
-    """Merge one safetensors shard at a time, so peak memory stays near one shard.
+def _shard_plan(base_dir: Path, max_mb: int) -> list[list[tuple[str, str]]]:
+    """Groups of (weight name, source file) of about equal size, each at most max_mb."""
+    from safetensors import safe_open
 
-    ``dequantized`` maps weight names to the 4-bit modules the adapter was trained against; their
-    weights are taken dequantized (exactly what training saw) instead of the original ones.
+    index = base_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    sizes = []
+    for file in files:
+        with safe_open(str(base_dir / file), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                sizes.append((name, file, sl.get_shape(), sl.get_dtype()))
+    nbytes = [math.prod(shape) * (2 if "16" in dt else 1 if "8" in dt else 4) for _, _, shape, dt in sizes]
+    n_shards = max(1, math.ceil(sum(nbytes) / (max_mb * 2**20)))
+    target = sum(nbytes) / n_shards
+    groups, current, size = [], [], 0
+    for (name, file, _, _), b in zip(sizes, nbytes):
+        if current and size + b > target * 1.05 and len(groups) < n_shards - 1:
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, file))
+        size += b
+    return groups + [current]
+
+
+def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_mb: int,
+                 dequantized: dict | None = None) -> None:
+    """Write the merged model one output shard at a time, so peak memory stays near one shard.
+
+    The base files are opened per output shard (safetensors memory-maps them; closing releases
+    the pages). ``dequantized`` maps weight names to the 4-bit modules the adapter was trained
+    against; their weights are taken dequantized (exactly what training saw).
     """
     import bitsandbytes.functional as bnbf
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    index = base_dir / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
-    left = set(deltas)
-    for shard in shards:
+    groups = _shard_plan(base_dir, max_shard_mb)
+    weight_map, total, left = {}, 0, set(factors)
+    for i, group in enumerate(groups, 1):
+        shard = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         out = {}
-        with safe_open(str(base_dir / shard), "pt") as f:
-            for name in f.keys():
-                w = f.get_tensor(name)
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(safe_open(str(base_dir / f), "pt")) for f in {f for _, f in group}}
+            for name, file in group:
+                w = handles[file].get_tensor(name)
                 if dequantized and name in dequantized:
                     q = dequantized[name].weight
                     w = bnbf.dequantize_4bit(q.data, q.quant_state)
-                if name in deltas:
-                    w = w.float() + deltas[name]
+                if name in factors:
+                    a, b, scale = factors[name]
+                    w = w.float() + (b.float() @ a.float()) * scale
                     left.discard(name)
-                out[name] = w.to(dtype) if w.is_floating_point() else w
-        save_file(out, str(out_dir / shard), metadata={"format": "pt"})
-        del out
+                out[name] = (w.to(dtype) if w.is_floating_point() else w).contiguous()
+                weight_map[name] = shard
+                total += out[name].numel() * out[name].element_size()
+            save_file(out, str(out_dir / shard), metadata={"format": "pt"})
+            del out
+        release_memory()
     if left:
         raise ValueError(f"adapter weights without a base weight: {sorted(left)[:3]}")
-    if index.is_file():
-        shutil.copy2(index, out_dir / index.name)
+    if len(groups) > 1:
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = json.loads((base_dir / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
@@ -159,18 +218,19 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
     method, adapter = cfg.train.method, Path(trained["outputs"]["model"])
     metrics: dict = {}
 
-    with atomic_dir(out / "model") as tmp:
+    with atomic_dir(out / "model") as tmp, tempfile.TemporaryDirectory(dir=out) as scratch_dir:
+        scratch = Path(scratch_dir)
         if method == "full":
             model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
-            reference = logits_of(model, inputs)
-            model.save_pretrained(tmp, max_shard_size="1GB")
+            reference = spill_logits(model, inputs, scratch, "trained")
+            model.save_pretrained(tmp, max_shard_size=f"{cfg.merge.max_shard_size_mb}MB")
             del model
         else:
-            deltas = lora_deltas(adapter)
+            factors = lora_factors(adapter)
             original = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-            reference = logits_of(PeftModel.from_pretrained(original, adapter), inputs)
+            reference = spill_logits(PeftModel.from_pretrained(original, adapter), inputs, scratch, "original")
             del original
-            gc.collect()
+            release_memory()
             quantized = None
             if method == "qlora":
                 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -181,7 +241,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
                     # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode; training
                     # used the plain dequantize + matmul path, so verify against that one.
                     m.support_avx512bf16_for_cpu = False
-                as_trained = logits_of(PeftModel.from_pretrained(qbase, adapter), inputs)
+                as_trained = spill_logits(PeftModel.from_pretrained(qbase, adapter), inputs, scratch, "4bit")
                 metrics["base_choice_logit_diff"] = compare_logits(reference, as_trained)[0]
                 log(f"merge: 4-bit vs original base (with the adapter) differ by up to "
                     f"{metrics['base_choice_logit_diff']:.3e} in the logits; merging onto the {cfg.merge.base} base")
@@ -189,10 +249,10 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
                     reference = as_trained
                 else:
                     quantized = None
-            merge_shards(base_path, tmp, deltas, dtype, quantized)
-            del quantized, deltas
+            merge_shards(base_path, tmp, factors, dtype, cfg.merge.max_shard_size_mb, quantized)
+            del quantized, factors
             qbase = None
-            gc.collect()
+            release_memory()
             GenerationConfig.from_pretrained(base_path).save_pretrained(tmp)
         gen = GenerationConfig.from_pretrained(tmp)
         gen.eos_token_id = end_of_turn_ids(tokenizer)
@@ -200,7 +260,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
         gen.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
-        max_diff, top1 = compare_logits(reference, logits_of(reloaded, inputs))
+        max_diff, top1 = compare_logits(reference, iter_logits(reloaded, inputs))
         log(f"merge: merged model (from disk) vs {'the trained model' if method == 'full' else 'base+adapter'} "
             f"on {len(inputs)} prompts: max |logit diff| {max_diff:.2e}, top-1 agreement {top1:.2%}")
         if max_diff > cfg.merge.max_logit_diff:

@@ -58,6 +58,10 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(first_run):
         assert child.info.status == "FINISHED"
         names = [a.path for a in client.list_artifacts(child.info.run_id)]
         assert "manifest.json" in names, child.data.tags["sftflow.stage"]
+    evaluation = next(c for c in children if c.data.tags["sftflow.stage"] == "evaluate")
+    names = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"report.md", "metrics.png", "generations.jsonl", "scores.json"} <= names
+    assert evaluation.data.tags["sftflow.promote"] == "True"
     train = next(c for c in children if c.data.tags["sftflow.stage"] == "train")
     losses = client.get_metric_history(train.info.run_id, "loss")
     assert len(losses) == 12 and losses[-1].value < losses[0].value
