@@ -72,7 +72,8 @@ def cmd_stage(args) -> int:
 
     module = importlib.import_module(f"tasks.{args.command}")
     task = getattr(module, f"{args.command}_task")
-    result = task.fn(cfg, args.run_id)  # the same body as in the flow, without a Prefect run
+    extra = {"resume": args.resume} if args.command == "train" else {}
+    result = task.fn(cfg, args.run_id, **extra)  # the same body as in the flow, without a Prefect run
     print(json.dumps(result.__dict__, indent=2, default=str))
     return 0
 
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         p = with_config(sub.add_parser(stage, help=f"run the {stage} stage alone on an existing run"))
         p.add_argument("--run-id", required=True)
+        if stage == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     reg = sub.add_parser("registry", help="list versions, promote or roll back the champion")
     reg.add_argument("action", choices=["list", "promote", "rollback"])
     reg.add_argument("name")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, MemoryError) as e:
         # bad paths, data or registry state: the message says what and where; no traceback
         print(f"sftflow: error: {e}", file=sys.stderr)
         return 1

@@ -72,6 +72,11 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_processes: int = Field(1, gt=0, description="processes (GPUs) per node")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs")
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(0, ge=0, lt=65536, description="0: pick a free port")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="per-device memory the estimate is checked against (default: what the device has)")
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
     logging_steps: int = Field(1, gt=0)
@@ -84,6 +89,22 @@ class TrainConfig(Section):
         if v == 0 or v < -1:
             raise ValueError("must be -1 (use epochs) or a positive number of steps")
         return v
+
+    @field_validator("hostfile")
+    @classmethod
+    def _hostfile(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"hostfile {v} does not exist")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainConfig":
+        if self.method == "qlora" and self.deepspeed in ("zero3", "zero3_offload"):
+            raise ValueError("method qlora cannot use ZeRO-3 (it would partition the 4-bit weights): "
+                             "use deepspeed zero2 or zero2_offload, or method lora with zero3")
+        if self.method == "qlora" and self.precision == "fp16":
+            raise ValueError("method qlora with precision fp16 is unstable; use auto, bf16 or fp32")
+        return self
 
     @field_validator("deepspeed")
     @classmethod

@@ -12,6 +12,7 @@ import collections
 import glob
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks import memory
 from tasks.config import PipelineConfig, deepspeed_config
 from tasks.models import resolve_model, sftflow_home
 from tasks.rundir import CODE_ROOT, Manifest, file_sha256, load_manifest, read_json, stage_dir, write_json
@@ -43,9 +45,12 @@ def free_port() -> int:
 
 
 def launch_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.train.num_processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "--module", "tasks.train_worker", "--spec", str(spec_path)]
+    t = cfg.train
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(t.num_processes),
+           "--master_addr", t.master_addr, "--master_port", str(t.master_port or free_port())]
+    if t.hostfile:
+        cmd += ["--hostfile", t.hostfile]
+    return cmd + ["--module", "tasks.train_worker", "--spec", str(spec_path)]
 
 
 def worker_env() -> dict[str, str]:
@@ -67,13 +72,34 @@ def _clean_shm(before: set[str]) -> None:
             pass
 
 
-def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | None = None) -> TrainResult:
+def loss_curve(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("logged step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | None = None,
+              resume: bool = True) -> TrainResult:
+    """``resume``: continue from the newest complete checkpoint (retries); otherwise start over."""
     fmt = load_manifest(cfg.output_dir, run_id, "format")
     out = stage_dir(cfg.output_dir, run_id, "train")
+    if not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     man = Manifest("train", run_id, cfg.section_hash("model", "train"))
     man.add_input("format_manifest", out.parent / "format" / "manifest.json")
     model_path = resolve_model(cfg.model.name_or_path)
+    memory.check(cfg, model_path, log)
     spec = {"model_path": str(model_path), "train_path": fmt["outputs"]["train"], "output_dir": str(out),
             "train": cfg.train.model_dump(mode="json"), "deepspeed": deepspeed_config(cfg),
             "mlflow_uri": cfg.mlflow_uri, "mlflow_run_id": mlflow_run_id}
@@ -108,6 +134,8 @@ def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | 
         raise RuntimeError(f"training failed (exit {code}); last lines of {out / 'train.log'}:\n" + "\n".join(tail))
 
     result = read_json(out / "result.json")
+    if result["losses"]:
+        loss_curve(result["losses"], out / "loss.png")
     man.outputs = {"model": result["output"], "checkpoints": str(out / "checkpoints"),
                    "deepspeed_config": str(out / "deepspeed.json"), "log": str(out / "train.log")}
     man.add_input("model", model_path, sha256=_model_id(model_path))
@@ -128,10 +156,11 @@ def _model_id(path: Path) -> str:
 
 
 @task(name="train", retries=1, retry_delay_seconds=10, tags=["gpu"])
-def train_task(cfg: PipelineConfig, run_id: str) -> TrainResult:
+def train_task(cfg: PipelineConfig, run_id: str, resume: bool = True) -> TrainResult:
     """A retry resumes from the newest complete checkpoint, into the same MLflow run."""
     with tracked_stage(cfg, run_id, "train", "train") as st:
-        result = run_train(cfg, run_id, log=st.log, mlflow_run_id=st.run.id)
-        st.run.artifact(st.dir / "deepspeed.json")
-        st.run.artifact(st.dir / "train.log")
+        result = run_train(cfg, run_id, log=st.log, mlflow_run_id=st.run.id, resume=resume)
+        for name in ("deepspeed_resolved.json", "training_args.json", "train.log", "loss.png"):
+            if (st.dir / name).is_file():
+                st.run.artifact(st.dir / name)
     return result

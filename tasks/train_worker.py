@@ -10,6 +10,7 @@ from rank 0, and saves the adapter (or the full model) atomically.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -17,7 +18,22 @@ import shutil
 import time
 from pathlib import Path
 
+from tasks.batching import Collator
+
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
+
+
+class RecordingCollator(Collator):
+    """The shared collator, remembering a fingerprint of each batch this rank trained on."""
+
+    def __init__(self, pad_token_id: int):
+        super().__init__(pad_token_id)
+        self.seen: list[str] = []
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        self.seen.append(hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()[:16])
+        return batch
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -95,6 +111,11 @@ def make_callbacks(spec: dict, collator):
                            if isinstance(v, (int, float)) and math.isfinite(v)]
                 self.client.log_batch(spec["mlflow_run_id"], metrics=metrics)
 
+        def on_step_end(self, args, state, control, **kw):
+            # a fault-injection hook: slows every step so tests can kill a run mid-way
+            if os.environ.get("SFTFLOW_STEP_DELAY_S"):
+                time.sleep(float(os.environ["SFTFLOW_STEP_DELAY_S"]))
+
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -102,6 +123,26 @@ def make_callbacks(spec: dict, collator):
                     (ckpt / COMPLETE).write_text(str(state.global_step))
 
     return [Guard()]
+
+
+def write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rank_report(out: Path, collator, model) -> None:
+    """What each rank saw and ended with: the data-parallel test reads these."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    rank = int(os.environ.get("RANK", "0"))
+    (out / "ranks").mkdir(exist_ok=True)
+    write(out / "ranks" / f"rank{rank}.json", json.dumps({
+        "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "first_batches": collator.seen[:8],
+        "trainable_sha256": h.hexdigest()}))
 
 
 def _peak_memory_gb() -> float:
@@ -126,7 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     from datasets import load_from_disk
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from tasks.batching import Collator
     from tasks.models import load_tokenizer, pick_dtype
 
     t = spec["train"]
@@ -135,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(spec["model_path"])
     model = build_model(spec, dtype)
     train_ds = load_from_disk(spec["train_path"])
-    collator = Collator(tok.pad_token_id)
+    collator = RecordingCollator(tok.pad_token_id)
     out = Path(spec["output_dir"])
     targs = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=t["micro_batch_size"],
@@ -152,7 +192,18 @@ def main(argv: list[str] | None = None) -> None:
     resume = latest_checkpoint(out / "checkpoints")
     if resume and trainer.is_world_process_zero():
         print(f"[train] resuming from {resume}", flush=True)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.is_world_process_zero():
+        write(out / "training_args.json", targs.to_json_string())
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.OutOfMemoryError as e:
+        from tasks.memory import ADVICE
+
+        raise SystemExit(f"[train] out of memory at step {trainer.state.global_step}: {e}\n[train] try {ADVICE}")
+    if trainer.is_world_process_zero():
+        resolved = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+        write(out / "deepspeed_resolved.json", json.dumps(resolved, indent=2, default=str))
+    rank_report(out, collator, model)
 
     final = out / ("adapter" if t["method"] != "full" else "model")
     tmp = out / f".{final.name}.tmp"

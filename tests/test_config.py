@@ -40,6 +40,8 @@ BAD = {
     "unknown_metric": ("eval: {metrics: [rouge]}\n", "unknown metric 'rouge' (did you mean 'rouge_l'?)"),
     "gate_metric": ("eval: {metrics: [bleu], gate: {metric: rouge_l}}\n", "gate.metric 'rouge_l' is not computed"),
     "merge_base": ("merge: {base: quantized}\n", "merge.base"),
+    "qlora_zero3": ("train: {method: qlora, deepspeed: zero3}\n", "method qlora cannot use ZeRO-3"),
+    "missing_hostfile": ("train: {hostfile: nope/hosts}\n", "hostfile nope/hosts does not exist"),
 }
 
 

@@ -1,0 +1,138 @@
+"""Train stage on CPU: every method and ZeRO preset, 2 data-parallel processes, kill and resume."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from conftest import make_config
+from tasks.format import run_format
+from tasks.train import run_train
+from tasks.train_worker import COMPLETE, latest_checkpoint
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parent.parent / "data/demo/train.jsonl"
+quiet = lambda *_: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def formatted(tmp_path_factory):
+    """One formatted data set; each test trains in a run dir of its own that points at it."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = make_config(root, DATA)
+    run_format(cfg, "base", log=quiet)
+    return root
+
+
+def new_run(root: Path, run_id: str, **train):
+    cfg = make_config(root, DATA, train={"max_steps": 4, "learning_rate": 3e-3, "save_steps": 2,
+                                        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **train})
+    shutil.copytree(root / "runs/base/format", root / f"runs/{run_id}/format")
+    return cfg
+
+
+@pytest.mark.parametrize("preset,method", [("zero0", "lora"), ("zero1", "full"), ("zero2", "qlora"),
+                                           ("zero3", "lora"), ("zero2_offload", "lora"), ("zero3_offload", "full")])
+def test_every_preset_and_method_trains(formatted, preset, method):
+    run_id = f"{preset}-{method}"
+    cfg = new_run(formatted, run_id, deepspeed=preset, method=method)
+    res = run_train(cfg, run_id, log=quiet)
+    out = formatted / f"runs/{run_id}/train"
+    result = json.loads((out / "result.json").read_text())
+    assert res.global_step == 4 and result["world_size"] == 1 and len(result["losses"]) == 4
+    resolved = json.loads((out / "deepspeed_resolved.json").read_text())
+    assert resolved["zero_optimization"]["stage"] == int(preset[4])
+    assert resolved["train_micro_batch_size_per_gpu"] == 4  # HF "auto" values were filled in
+    if method == "full":
+        assert (out / "model" / "config.json").is_file()
+        return
+    # ZeRO-3 must still save real, trained LoRA weights (an empty adapter is a known failure elsewhere)
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = [t for k, t in tensors.items() if "lora_B" in k]
+    assert len(b) == 14 and all(t.numel() > 0 for t in b)
+    assert any(t.abs().sum() > 0 for t in b), "lora_B is still all zeros: nothing was trained"
+
+
+def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
+    cfg = new_run(formatted, "ddp", num_processes=2, deepspeed="zero2")
+    run_train(cfg, "ddp", log=quiet)
+    ranks = [json.loads(p.read_text()) for p in sorted((formatted / "runs/ddp/train/ranks").glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert not set(ranks[0]["first_batches"]) & set(ranks[1]["first_batches"]), "both ranks saw the same batches"
+    assert ranks[0]["trainable_sha256"] == ranks[1]["trainable_sha256"]
+
+
+def test_nan_loss_stops_the_run_naming_the_step(formatted):
+    cfg = new_run(formatted, "nan", method="full", learning_rate=float("inf"), max_steps=8)
+    with pytest.raises(RuntimeError, match=r"training loss is (nan|inf) at step \d+"):
+        run_train(cfg, "nan", log=quiet)
+
+
+def test_memory_estimate_refuses_before_launching(formatted):
+    cfg = new_run(formatted, "oom", method="full", memory_budget_gb=0.001)
+    with pytest.raises(MemoryError, match="lower train.micro_batch_size.*zero3.*offload.*qlora"):
+        run_train(cfg, "oom", log=quiet)
+    assert not (formatted / "runs/oom/train/train.log").exists()
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / COMPLETE).write_text(str(step))
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+
+
+def kill_workers_after(marker: Path, spec: Path, killed: list) -> None:
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "tasks.train_worker" in cmd and str(spec) in cmd and "deepspeed.launcher" not in cmd:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(proc.pid)
+
+
+def test_killed_training_resumes_exactly_on_retry(formatted, monkeypatch):
+    """SIGKILL the ranks after the step-3 checkpoint; the task's retry finishes from it, and every
+    loss equals that of an unbroken run with the same seed. MLflow keeps one train run."""
+    from mlflow import MlflowClient
+    from prefect import flow
+
+    from tasks.train import train_task
+
+    monkeypatch.setenv("SFTFLOW_STEP_DELAY_S", "0.4")
+    steps = {"max_steps": 8, "save_steps": 3}
+    unbroken_cfg = new_run(formatted, "unbroken", **steps)
+    run_train(unbroken_cfg, "unbroken", log=quiet)
+    expected = json.loads((formatted / "runs/unbroken/train/result.json").read_text())["losses"]
+
+    cfg = new_run(formatted, "killed", **steps)
+    out = formatted / "runs/killed/train"
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_workers_after,
+                              args=(out / "checkpoints/checkpoint-3" / COMPLETE, out / "spec.json", killed))
+    killer.start()
+
+    @flow
+    def train_only():
+        return train_task.with_options(retries=1, retry_delay_seconds=1)(cfg, "killed")
+
+    result = train_only()
+    killer.join()
+    assert killed, "the workers finished before they could be killed"
+    final = json.loads((out / "result.json").read_text())
+    assert final["resumed_from"].endswith("checkpoint-3")
+    assert final["losses"] == expected and result.global_step == 8
+    client = MlflowClient(cfg.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`sftflow.stage` = 'train' and tags.`sftflow.run_id` = 'killed'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
