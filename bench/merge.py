@@ -25,18 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc: VmRSS (now) or VmHWM (peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -84,7 +77,7 @@ def child(approach: str, work: Path, model: str) -> None:
 
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={work}", f"model.name_or_path={model}"])
     base = resolve_model(model)
-    baseline = rss_mb()
+    baseline = status_mb("VmRSS")
     if approach == "sftflow":
         res = run_merge(cfg, "b", log=lambda *_: None)
         diff = res.max_logit_diff
@@ -97,7 +90,7 @@ def child(approach: str, work: Path, model: str) -> None:
         out = work / "naive"
         merged.save_pretrained(out)
         diff = compare_logits(reference, iter_logits(load_model(out), inputs))[0]
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_mb(), "max_logit_diff": diff}))
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": status_mb("VmHWM"), "max_logit_diff": diff}))
 
 
 def main() -> None:
