@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.config import PipelineConfig
-from tasks.models import load_tokenizer, pick_dtype, resolve_model
+from tasks.models import load_tokenizer, pick_dtype, qlora_config, resolve_model
 from tasks.rundir import Manifest, atomic_dir, load_manifest, stage_dir
 from tasks.stage import tracked_stage
 
@@ -203,7 +203,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
     """Reference logits first (base+adapter, as trained), then the shard-wise merge, then a reload
     from disk compared against them: at no point are two full copies of the model in memory."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     fmt = load_manifest(cfg.output_dir, run_id, "format")
     trained = load_manifest(cfg.output_dir, run_id, "train")
@@ -231,11 +231,10 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
             reference = spill_logits(PeftModel.from_pretrained(original, adapter), inputs, scratch, "original")
             del original
             release_memory()
-            quantized = None
+            qbase = quantized = None
             if method == "qlora":
-                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-                qbase = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype)
+                qbase = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=qlora_config(dtype),
+                                                             dtype=dtype)
                 quantized = {f"{n}.weight": m for n, m in qbase.named_modules() if type(m).__name__ == "Linear4bit"}
                 for m in quantized.values():
                     # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode; training
@@ -250,8 +249,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
                 else:
                     quantized = None
             merge_shards(base_path, tmp, factors, dtype, cfg.merge.max_shard_size_mb, quantized)
-            del quantized, factors
-            qbase = None
+            del qbase, quantized, factors
             release_memory()
             GenerationConfig.from_pretrained(base_path).save_pretrained(tmp)
         gen = GenerationConfig.from_pretrained(tmp)

@@ -119,6 +119,14 @@ def pick_dtype(setting: str):
     return torch.float32
 
 
+def qlora_config(compute_dtype):
+    """The 4-bit setup QLoRA trains on; the merge rebuilds exactly this to reproduce training."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from tasks.batching import Collator
+from tasks.rundir import write_json
 
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
 
@@ -43,14 +44,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def build_model(spec: dict, dtype):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import qlora_config
 
     t = spec["train"]
     kwargs: dict = {"dtype": dtype}
     if t["method"] == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = qlora_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
     model.config.use_cache = False  # the packed-sequence mask is only built without a KV cache
     if t["method"] == "full":
@@ -125,12 +126,6 @@ def make_callbacks(spec: dict, collator):
     return [Guard()]
 
 
-def write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def rank_report(out: Path, collator, model) -> None:
     """What each rank saw and ended with: the data-parallel test reads these."""
     h = hashlib.sha256()
@@ -140,9 +135,9 @@ def rank_report(out: Path, collator, model) -> None:
             h.update(p.detach().float().cpu().numpy().tobytes())
     rank = int(os.environ.get("RANK", "0"))
     (out / "ranks").mkdir(exist_ok=True)
-    write(out / "ranks" / f"rank{rank}.json", json.dumps({
+    write_json(out / "ranks" / f"rank{rank}.json", {
         "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "first_batches": collator.seen[:8],
-        "trainable_sha256": h.hexdigest()}))
+        "trainable_sha256": h.hexdigest()})
 
 
 def _peak_memory_gb() -> float:
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume and trainer.is_world_process_zero():
         print(f"[train] resuming from {resume}", flush=True)
     if trainer.is_world_process_zero():
-        write(out / "training_args.json", targs.to_json_string())
+        write_json(out / "training_args.json", targs.to_dict())
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
@@ -202,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"[train] out of memory at step {trainer.state.global_step}: {e}\n[train] try {ADVICE}")
     if trainer.is_world_process_zero():
         resolved = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
-        write(out / "deepspeed_resolved.json", json.dumps(resolved, indent=2, default=str))
+        write_json(out / "deepspeed_resolved.json", resolved)
     rank_report(out, collator, model)
 
     final = out / ("adapter" if t["method"] != "full" else "model")
@@ -214,11 +209,11 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(final)
         os.replace(tmp, final)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        (out / "result.json").write_text(json.dumps({
+        write_json(out / "result.json", {
             "global_step": trainer.state.global_step, "train_loss": result.training_loss,
             "losses": losses, "resumed_from": str(resume) if resume else None,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "real_token_fraction": collator.real_fraction,
-            "train_runtime_s": result.metrics.get("train_runtime"), "output": str(final)}, indent=2))
+            "train_runtime_s": result.metrics.get("train_runtime"), "output": str(final)})
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
