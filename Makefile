@@ -11,7 +11,18 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast bench stack stack-stop prefect-setup clean
+
+# `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
+# Both servers use SQLite under .stack/ unless STACK_DB is set to a PostgreSQL URL prefix
+# (e.g. postgresql://postgres@127.0.0.1:5432), in which case each gets its own database.
+STACK        := .stack
+PREFECT_PORT ?= 4200
+MLFLOW_PORT  ?= 5000
+STACK_DB     ?=
+# Only the stack targets talk to this server; `make test` starts servers of its own.
+STACK_API    := http://127.0.0.1:$(PREFECT_PORT)/api
+stack prefect-setup: export PREFECT_API_URL ?= $(STACK_API)
 
 install: $(VENV)/.installed
 
@@ -30,6 +41,41 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python bench/format.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/merge.py
+
+stack: install
+	mkdir -p $(STACK)
+	@if [ -n "$(STACK_DB)" ]; then \
+	  for db in prefect mlflow; do psql "$(STACK_DB)/postgres" -qc "CREATE DATABASE sftflow_$$db" 2>/dev/null || true; done; \
+	  PREFECT_DB="$(subst postgresql://,postgresql+asyncpg://,$(STACK_DB))/sftflow_prefect"; \
+	  MLFLOW_DB="$(subst postgresql://,postgresql+psycopg://,$(STACK_DB))/sftflow_mlflow"; \
+	else \
+	  PREFECT_DB="sqlite+aiosqlite:///$(CURDIR)/$(STACK)/prefect.db"; MLFLOW_DB="sqlite:///$(CURDIR)/$(STACK)/mlflow.db"; \
+	fi; \
+	PREFECT_API_DATABASE_CONNECTION_URL=$$PREFECT_DB nohup $(BIN)/prefect server start --host 127.0.0.1 \
+	  --port $(PREFECT_PORT) > $(STACK)/prefect.log 2>&1 & echo $$! > $(STACK)/prefect.pid; \
+	nohup $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri $$MLFLOW_DB \
+	  --artifacts-destination $(CURDIR)/$(STACK)/mlartifacts > $(STACK)/mlflow.log 2>&1 & echo $$! > $(STACK)/mlflow.pid
+	@for i in $$(seq 1 90); do curl -sf $(STACK_API)/health >/dev/null && break; sleep 1; done
+	$(MAKE) prefect-setup
+	nohup $(BIN)/prefect worker start --pool sftflow-process > $(STACK)/worker.log 2>&1 & echo $$! > $(STACK)/worker.pid
+	@echo "Prefect UI  http://127.0.0.1:$(PREFECT_PORT)   MLflow UI  http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "run:  PREFECT_API_URL=$(STACK_API) MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/prefect deployment run 'sft-pipeline/on-demand' \
+	  -p config_path=configs/tiny.yaml -p 'overrides=[\"tracking.mlflow_uri=http://127.0.0.1:$(MLFLOW_PORT)\"]'"
+
+stack-stop:
+	-for p in worker mlflow prefect; do [ -f $(STACK)/$$p.pid ] && kill $$(cat $(STACK)/$$p.pid); rm -f $(STACK)/$$p.pid; done
+
+# The work pool, the `gpu` tag limit (one train task at a time) and the deployments in prefect.yaml.
+prefect-setup: install
+	$(BIN)/prefect work-pool create sftflow-process --type process --overwrite
+	$(BIN)/prefect concurrency-limit create gpu 1
+	$(BIN)/prefect --no-prompt deploy --all
 
 clean:
 	rm -rf runs .pytest_cache

@@ -40,7 +40,7 @@ def make_run(work: Path, model: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from tasks.config import load_config
-    from tasks.format import CHATML_TEMPLATE
+    from tasks.models import CHATML_TEMPLATE
     from tasks.models import load_model, resolve_model
     from tasks.rundir import Manifest
 

@@ -41,6 +41,12 @@ def _load(args) -> PipelineConfig:
 
 
 def print_summary(s: dict) -> None:
+    if s.get("unchanged"):
+        same = s["same_as"]
+        print(f"\nUNCHANGED: same data, config and code as version {same['version']} (run {same['run_id']}); "
+              "nothing retrained")
+        print(f"bundle:    {same['bundle']}")
+        return
     names = list(s["scores"])
     metrics = list(s["scores"][names[0]])
     width = max(len(m) for m in metrics) + 2
@@ -56,10 +62,13 @@ def print_summary(s: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    _load(args)  # validate before Prefect starts its server
+    cfg = _load(args)  # validate before Prefect starts its server
+    from tasks.tracking import check_reachable
+
+    check_reachable(cfg.mlflow_uri)  # and a down MLflow server is one line, not a flow-run traceback
     from flows.sft import sft_pipeline
 
-    summary = sft_pipeline(config_path=args.config, overrides=args.set or [], run_id=args.run_id)
+    summary = sft_pipeline(config_path=args.config, overrides=args.set or [], run_id=args.run_id, force=args.force)
     print_summary(summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
@@ -94,6 +103,30 @@ def cmd_registry(args) -> int:
     return 0
 
 
+def cmd_serve_command(args) -> int:
+    """Print the vllm serve line of models:/NAME@ALIAS, with the bundle downloaded (or found) locally."""
+    _quiet_defaults(None)
+    from tasks.registry import alias_version, download_bundle
+
+    name, _, alias = args.ref.removeprefix("models:/").partition("@")
+    if not alias:
+        raise ValueError(f"{args.ref!r}: expected NAME@ALIAS, e.g. tiny@champion")
+    mv = alias_version(args.mlflow_uri, name, alias)
+    if mv is None:
+        from tasks.tracking import redact
+
+        raise ValueError(f"{redact(args.mlflow_uri)} has no version {name}@{alias}")
+    argv = json.loads(mv.tags["sftflow.serve_argv"])
+    local = mv.tags.get("sftflow.bundle")
+    if args.download or not (local and Path(local).is_dir()):
+        local = str(download_bundle(args.mlflow_uri, name, alias, Path(args.download or f"bundles/{name}-v{mv.version}")))
+    import shlex
+
+    print(f"# models:/{name}@{alias} = version {mv.version} (run {mv.tags.get('sftflow.run_id', '?')})")
+    print(f"cd {shlex.quote(str(Path(local).resolve()))} && {shlex.join(argv)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sftflow", description="SFT as a scheduled, tracked Prefect pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     run = with_config(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     run.add_argument("--run-id", help="reuse/resume this run id (default: <run_name>-<utc time>-<rand>)")
     run.add_argument("--summary-json", help="also write the summary to this file")
+    run.add_argument("--force", action="store_true", help="retrain even when data, config and code are unchanged")
     with_config(sub.add_parser("validate", help="check a config; exit 2 naming each bad field"))
     sub.add_parser("schema", help="print the config JSON schema")
     for stage in STAGES:
@@ -119,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("version", nargs="?")
     reg.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"))
 
+    sc = sub.add_parser("serve-command", help="print the vllm serve command for models:/NAME@ALIAS")
+    sc.add_argument("ref", metavar="NAME@ALIAS")
+    sc.add_argument("--download", metavar="DIR", help="download the bundle here (default: use the local bundle if present)")
+    sc.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"))
+
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -131,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "serve-command":
+            return cmd_serve_command(args)
         if args.command == "registry":
             if args.action == "promote" and not args.version:
                 parser.error("registry promote needs NAME VERSION")
@@ -139,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, ConnectionError, MemoryError) as e:
-        # bad paths, data or registry state: the message says what and where; no traceback
+    except (OSError, ValueError, ConnectionError, MemoryError, RuntimeError) as e:
+        # bad paths, data, a full disk, a failed stage or registry state: the message says what and
+        # where; no traceback
         print(f"sftflow: error: {e}", file=sys.stderr)
         return 1
 

@@ -6,24 +6,35 @@ manifests from the run directory and writes its own; the results passed along ar
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow
 from prefect.states import Completed
 
 from tasks.config import load_config
 from tasks.evaluate import evaluate_task
+from tasks.fingerprint import unchanged_task
 from tasks.format import format_task
 from tasks.handoff import handoff_task
 from tasks.merge import merge_task
 from tasks.rundir import new_run_id, run_dir
 from tasks.stage import stage_logger
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, redact
 from tasks.train import train_task
 
 
 @flow(name="sft-pipeline")
-def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: str | None = None) -> dict:
+def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: str | None = None,
+                 force: bool = False) -> dict:
+    t0 = time.monotonic()
     cfg = load_config(config_path, overrides)
     run_id = run_id or new_run_id(cfg.run_name)
+    # A nightly run with the same data, config and code has nothing to train: say so and stop
+    # (Prefect records it as "Unchanged"; MLflow gets no empty run).
+    if not force and (same := unchanged_task(cfg)):
+        return Completed(name="Unchanged", message=f"unchanged since version {same['version']} (run {same['run_id']})",
+                         data={"run_id": run_id, "unchanged": True, "same_as": same,
+                               "seconds": round(time.monotonic() - t0, 2)})
     tracker = Tracker(cfg, run_id)  # fails fast when MLflow cannot be reached
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
@@ -43,8 +54,8 @@ def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: s
         "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores,
         "promoted": scores.promote, "gate": scores.reason,
         "registered_model": bundle.registered_model, "version": bundle.version, "aliases": bundle.aliases,
-        "bundle": bundle.bundle, "serve_command": bundle.serve_command, "mlflow_uri": cfg.mlflow_uri,
-        "mlflow_run_id": parent,
+        "bundle": bundle.bundle, "serve_command": bundle.serve_command, "mlflow_uri": redact(cfg.mlflow_uri),
+        "mlflow_run_id": parent, "seconds": round(time.monotonic() - t0, 2),
     }
     # A refused candidate is an outcome, not a crash: the run completes in a state that says so.
     if scores.promote:

@@ -28,10 +28,13 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | list[str] = Field(..., description="data file(s): JSON, JSONL")
-    eval_path: str | None = Field(None, description="separate eval file; otherwise eval_fraction is split off")
+    path: str | list[str] = Field(..., description="JSON/JSONL/CSV/Parquet file(s), globs, a save_to_disk folder, "
+                                                   "or a hub dataset name (when the hub is reachable)")
+    eval_path: str | list[str] | None = Field(None, description="separate eval data; otherwise eval_fraction is split off")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
+    roles: dict[str, str] = Field(default_factory=dict,
+                                  description="sharegpt `from` value -> system/user/assistant, added to the defaults")
     template: str = Field("auto", description="auto (tokenizer chat template, else alpaca), alpaca, chatml, or a .jinja path")
     max_seq_len: int = Field(512, gt=0)
     packing: bool = True
@@ -40,6 +43,16 @@ class DataConfig(Section):
     train_on_inputs: bool = False
     excess_length: Literal["drop", "truncate", "error"] = "drop"
     seed: int = 42
+    num_proc: int | None = Field(None, gt=0, description="tokenizing processes (default: 1 below 20k records, else the CPUs)")
+    cache: bool = Field(True, description="reuse the output of an identical earlier format run")
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, role in v.items():
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"{key!r} maps to {role!r}; roles map onto system, user or assistant")
+        return v
 
     @field_validator("columns")
     @classmethod
@@ -176,6 +189,25 @@ class ServeConfig(Section):
     served_model_name: str | None = Field(None, description="default: run_name")
     dtype: str = "auto"
     max_lora_rank: int = Field(64, gt=0)
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (http://host:port/v1) to smoke-test")
+    launch: bool = Field(False, description="start the serving command first and stop it after the smoke test")
+    command: list[str] | None = Field(None, description="server argv when launching (default: the bundle's vllm serve); "
+                                                       "{model} {host} {port} {served_model_name} are filled in")
+    health_timeout_s: int = Field(600, gt=0)
+    smoke_prompts: int = Field(3, gt=0, description="eval prompts sent as chat completions")
+    max_tokens: int = Field(256, gt=0)
+    hot_swap: bool = Field(False, description="adapter mode: load a promoted adapter into the running vLLM at endpoint")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's API key")
+
+    @model_validator(mode="after")
+    def _needs_endpoint(self) -> "ServeConfig":
+        if (self.launch or self.hot_swap) and not self.endpoint:
+            raise ValueError("serve.launch and serve.hot_swap need serve.endpoint (e.g. http://127.0.0.1:8000/v1)")
+        if self.hot_swap and self.mode != "adapter":
+            raise ValueError("serve.hot_swap loads a LoRA adapter: it needs serve.mode adapter")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"serve.endpoint {self.endpoint!r} must start with http:// or https://")
+        return self
 
 
 class TrackingConfig(Section):

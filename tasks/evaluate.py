@@ -17,7 +17,7 @@ from prefect import task
 
 from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
-from tasks.rundir import Manifest, load_manifest, stage_dir, write_json
+from tasks.rundir import Manifest, load_manifest, stage_dir, start_stage, write_json
 from tasks.stage import prefect_markdown, tracked_stage
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -152,6 +152,7 @@ def run_evaluate(cfg: PipelineConfig, run_id: str, champion_path: Path | None = 
     fmt = load_manifest(cfg.output_dir, run_id, "format")
     merged = load_manifest(cfg.output_dir, run_id, "merge")
     out = stage_dir(cfg.output_dir, run_id, "evaluate")
+    start_stage(out)
     out.mkdir(parents=True, exist_ok=True)
     man = Manifest("evaluate", run_id, cfg.section_hash("eval"))
     man.add_input("eval_records", Path(fmt["outputs"]["eval_records"]))

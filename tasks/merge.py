@@ -21,7 +21,7 @@ from prefect import task
 
 from tasks.config import PipelineConfig
 from tasks.models import load_tokenizer, pick_dtype, qlora_config, resolve_model
-from tasks.rundir import Manifest, atomic_dir, load_manifest, stage_dir
+from tasks.rundir import Manifest, atomic_dir, fault, load_manifest, stage_dir, start_stage
 from tasks.stage import tracked_stage
 
 
@@ -208,6 +208,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
     fmt = load_manifest(cfg.output_dir, run_id, "format")
     trained = load_manifest(cfg.output_dir, run_id, "train")
     out = stage_dir(cfg.output_dir, run_id, "merge")
+    start_stage(out)
     man = Manifest("merge", run_id, cfg.section_hash("merge"))
     man.add_input("train_output", Path(trained["outputs"]["model"]))
     base_path = resolve_model(cfg.model.name_or_path)
@@ -223,12 +224,14 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
         if method == "full":
             model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
             reference = spill_logits(model, inputs, scratch, "trained")
+            fault("merge:reference")
             model.save_pretrained(tmp, max_shard_size=f"{cfg.merge.max_shard_size_mb}MB")
             del model
         else:
             factors = lora_factors(adapter)
             original = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
             reference = spill_logits(PeftModel.from_pretrained(original, adapter), inputs, scratch, "original")
+            fault("merge:reference")
             del original
             release_memory()
             qbase = quantized = None
@@ -257,6 +260,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
         gen.pad_token_id = tokenizer.pad_token_id
         gen.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fault("merge:written")  # the merged weights are on disk, not yet verified or renamed
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
         max_diff, top1 = compare_logits(reference, iter_logits(reloaded, inputs))
         log(f"merge: merged model (from disk) vs {'the trained model' if method == 'full' else 'base+adapter'} "
@@ -264,6 +268,7 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
         if max_diff > cfg.merge.max_logit_diff:
             raise ValueError(f"merge verification failed: max |logit diff| {max_diff:.3e} > merge.max_logit_diff "
                              f"{cfg.merge.max_logit_diff:.1e}; the merged model is not kept")
+    fault("merge:manifest")  # renamed into place, manifest not yet written
     man.outputs = {"model": str(out / "model"), "dtype": str(dtype).removeprefix("torch."),
                    "eos_token_id": gen.eos_token_id, "base": cfg.merge.base if method == "qlora" else "original"}
     man.metrics = {"max_logit_diff": max_diff, "top1_agreement": top1, "verify_prompts": len(inputs), **metrics}

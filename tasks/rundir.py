@@ -11,8 +11,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import errno
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -44,7 +46,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; rename it into place only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process that was killed
+        if not _alive(int(stale.name.rsplit("-", 2)[-2]) if stale.name.count("-") >= 2 else 0):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -54,6 +59,46 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process that may own a temp folder still runs (another run may be writing it)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Hard links where the filesystem allows (no second copy of weights or data), copies otherwise."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True, ignore=lambda _d, names: [n for n in names if n in skip])
+
+
+def fault(point: str) -> None:
+    """Fault injection for the reliability tests: ``SFTFLOW_FAULT=<point>`` SIGKILLs this process
+    at that point; ``SFTFLOW_FAULT=enospc@<point>`` raises the disk-full error a full disk gives."""
+    spec = os.environ.get("SFTFLOW_FAULT", "")
+    kind, _, where = spec.rpartition("@")
+    if where != point:
+        return
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start_stage(folder: Path) -> None:
+    """A stage that starts again is not complete until it finishes again: drop its old manifest."""
+    (Path(folder) / "manifest.json").unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

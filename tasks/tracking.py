@@ -42,34 +42,73 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _quiet_env() -> None:
+def _quiet_env(uri: str) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if _USERINFO.search(uri):  # MLflow prints "View run at <uri>", credentials included
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def check_reachable(uri: str, timeout_s: float = 10) -> None:
+    """An HTTP tracking server must answer /health now; MLflow's own retries would wait minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(uri)
+    headers = {}
+    if url.username:  # credentials in the URI: sent as MLflow's client would, never printed
+        token = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    netloc = url.hostname + (f":{url.port}" if url.port else "")
+    health = urllib.parse.urlunsplit((url.scheme, netloc, url.path.rstrip("/") + "/health", "", ""))
+    try:
+        urllib.request.urlopen(urllib.request.Request(health, headers=headers), timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"tracking.mlflow_uri: cannot reach MLflow at {redact(uri)}: {e}") from None
+
+
+@contextlib.contextmanager
+def sqlite_init_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a SQLite store while it is created or first opened."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class Tracker:
     def __init__(self, cfg: PipelineConfig, run_id: str):
-        _quiet_env()
+        _quiet_env(cfg.mlflow_uri)
         import mlflow
         from mlflow import MlflowClient
 
         self.cfg, self.run_id, self.uri = cfg, run_id, cfg.mlflow_uri
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        self.client = MlflowClient(self.uri, self.uri)
-        try:
-            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
-            raise ConnectionError(f"tracking.mlflow_uri: cannot reach MLflow at {redact(self.uri)}: {e}") from None
-        if exp is None:
-            location = None
-            if not self.uri.startswith(("http://", "https://", "databricks")):
-                location = (cfg.output_dir.resolve() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
+        with sqlite_init_lock(self.uri):  # two runs starting at once must not both create the schema
+            self.client = MlflowClient(self.uri, self.uri)
+            try:
+                exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+            except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+                raise ConnectionError(f"tracking.mlflow_uri: cannot reach MLflow at {redact(self.uri)}: {e}") from None
+            if exp is None:
+                location = None
+                if not self.uri.startswith(("http://", "https://", "databricks")):
+                    location = (cfg.output_dir.resolve() / "mlartifacts").as_uri()
+                self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+            else:
+                self.experiment_id = exp.experiment_id
         self._ids_path = run_dir(cfg.output_dir, run_id) / "mlflow.json"
 
     def _ids(self) -> dict:
@@ -111,6 +150,10 @@ class Tracker:
             self.client.set_terminated(run.id, status="FAILED")
             raise
         self.client.set_terminated(run.id, status="FINISHED")
+
+    def tag(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_run_id(), k, str(v))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id(), status=status)

@@ -25,7 +25,7 @@ from prefect import task
 from tasks import memory
 from tasks.config import PipelineConfig, deepspeed_config
 from tasks.models import resolve_model, sftflow_home
-from tasks.rundir import CODE_ROOT, Manifest, file_sha256, load_manifest, read_json, stage_dir, write_json
+from tasks.rundir import CODE_ROOT, Manifest, file_sha256, load_manifest, read_json, stage_dir, start_stage, write_json
 from tasks.stage import tracked_stage
 
 
@@ -95,6 +95,7 @@ def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | 
     out = stage_dir(cfg.output_dir, run_id, "train")
     if not resume and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
+    start_stage(out)
     out.mkdir(parents=True, exist_ok=True)
     man = Manifest("train", run_id, cfg.section_hash("model", "train"))
     man.add_input("format_manifest", out.parent / "format" / "manifest.json")
@@ -102,7 +103,7 @@ def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | 
     memory.check(cfg, model_path, log)
     spec = {"model_path": str(model_path), "train_path": fmt["outputs"]["train"], "output_dir": str(out),
             "train": cfg.train.model_dump(mode="json"), "deepspeed": deepspeed_config(cfg),
-            "mlflow_uri": cfg.mlflow_uri, "mlflow_run_id": mlflow_run_id}
+            "mlflow_run_id": mlflow_run_id}  # the URI may hold credentials: it goes by environment, not file
     spec_path = out / "spec.json"
     write_json(spec_path, spec)
     write_json(out / "deepspeed.json", spec["deepspeed"])
@@ -112,9 +113,13 @@ def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | 
 
     shm_before = set(glob.glob("/dev/shm/*deepspeed*"))
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    with open(out / "train.log", "a", encoding="utf-8") as logfile:
+    with open(out / "train.log", "a", encoding="utf-8", buffering=1) as logfile:  # line-buffered: tail -f works
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=CODE_ROOT,
-                                env=worker_env(), start_new_session=True, bufsize=1)
+                                env={**worker_env(), "SFTFLOW_MLFLOW_URI": cfg.mlflow_uri,
+                                     # an outage costs a step seconds, not minutes of MLflow's own retries
+                                     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"},
+                                start_new_session=True,
+                                bufsize=1)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -163,4 +168,12 @@ def train_task(cfg: PipelineConfig, run_id: str, resume: bool = True) -> TrainRe
         for name in ("deepspeed_resolved.json", "training_args.json", "train.log", "loss.png"):
             if (st.dir / name).is_file():
                 st.run.artifact(st.dir / name)
+        if (pending := st.dir / "pending_metrics.json").is_file():  # kept through an MLflow outage
+            from mlflow.entities import Metric
+
+            values = [Metric(*m) for m in read_json(pending)]
+            for i in range(0, len(values), 1000):
+                st.run.client.log_batch(st.run.id, metrics=values[i:i + 1000])
+            pending.unlink()
+            st.log(f"train: logged {len(values)} metric values kept while MLflow was unreachable")
     return result

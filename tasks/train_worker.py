@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tasks.batching import Collator
-from tasks.rundir import write_json
+from tasks.rundir import fault, write_json
 
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
 
@@ -81,10 +81,11 @@ def make_callbacks(spec: dict, collator):
             self.t0 = time.monotonic()
             self.tokens0 = 0
             self.client = None
+            self.pending: list = []
             if spec.get("mlflow_run_id") and int(os.environ.get("RANK", "0")) == 0:
                 from mlflow import MlflowClient
 
-                self.client = MlflowClient(spec["mlflow_uri"])
+                self.client = MlflowClient(os.environ["SFTFLOW_MLFLOW_URI"])
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tokens0 = time.monotonic(), collator.real_tokens
@@ -108,19 +109,41 @@ def make_callbacks(spec: dict, collator):
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                metrics = [Metric(k, float(v), now, state.global_step) for k, v in logs.items()
-                           if isinstance(v, (int, float)) and math.isfinite(v)]
-                self.client.log_batch(spec["mlflow_run_id"], metrics=metrics)
+                self.pending += [Metric(k, float(v), now, state.global_step) for k, v in logs.items()
+                                 if isinstance(v, (int, float)) and math.isfinite(v)]
+                self.flush()
+
+        def flush(self) -> None:
+            """Send what MLflow has not got yet; an outage must not stop training, so what cannot be
+            sent is kept and sent later (at the end, what is still pending goes to a file the
+            train task logs once MLflow is back)."""
+            try:
+                while self.pending:
+                    self.client.log_batch(spec["mlflow_run_id"], metrics=self.pending[:1000])
+                    del self.pending[:1000]
+            except Exception as e:  # noqa: BLE001 - any transport or server error
+                print(f"[train] MLflow unreachable ({type(e).__name__}); keeping {len(self.pending)} metric "
+                      "values to send later", flush=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.client is not None and self.pending:
+                self.flush()
+                if self.pending:
+                    write_json(Path(spec["output_dir"]) / "pending_metrics.json",
+                               [[m.key, m.value, m.timestamp, m.step] for m in self.pending])
 
         def on_step_end(self, args, state, control, **kw):
             # a fault-injection hook: slows every step so tests can kill a run mid-way
             if os.environ.get("SFTFLOW_STEP_DELAY_S"):
                 time.sleep(float(os.environ["SFTFLOW_STEP_DELAY_S"]))
+            if state.global_step > args.save_steps:
+                fault("train:step")
 
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
+                    fault("train:checkpoint")  # written, not yet marked complete
                     (ckpt / COMPLETE).write_text(str(state.global_step))
 
     return [Guard()]
@@ -203,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     final = out / ("adapter" if t["method"] != "full" else "model")
     tmp = out / f".{final.name}.tmp"
     trainer.save_model(str(tmp))  # every rank takes part (ZeRO-3 gathers the weights)
+    fault("train:final")
     if trainer.is_world_process_zero():
         tok.save_pretrained(str(tmp))
         if final.exists():
@@ -213,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             "global_step": trainer.state.global_step, "train_loss": result.training_loss,
             "losses": losses, "resumed_from": str(resume) if resume else None,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "real_token_fraction": collator.real_fraction,
+            "real_tokens": collator.real_tokens, "total_tokens": collator.total_tokens,
             "train_runtime_s": result.metrics.get("train_runtime"), "output": str(final)})
     if dist.is_initialized():
         dist.barrier()

@@ -22,6 +22,39 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+# Tests never write into a server the shell happens to point at (e.g. `make stack`'s).
+os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(tmp_path_factory):
+    """One Prefect server on PostgreSQL for every `sftflow run` the tests start; each would
+    otherwise boot a temporary server of its own (10-20 s apiece). Without PostgreSQL the runs
+    fall back to those temporary servers (or fail, under SFTFLOW_REQUIRE_SERVICES=1)."""
+    import subprocess as sp
+
+    from services import fresh_database, free_port, postgres_error, stop, wait_http
+
+    if (error := postgres_error()) is not None:
+        if os.environ.get("SFTFLOW_REQUIRE_SERVICES") == "1":
+            pytest.fail(error)
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    with fresh_database("sftflow_prefect_tests") as db:
+        port = free_port()
+        env = {**os.environ, "PREFECT_HOME": str(tmp), "PREFECT_UI_ENABLED": "false",
+               "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1)}
+        log = tmp / "server.log"
+        proc = sp.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                        env=env, stdout=open(log, "w"), stderr=sp.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
+            os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+            yield os.environ["PREFECT_API_URL"]
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+            stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -30,14 +30,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def require_postgres() -> str:
+def postgres_error() -> str | None:
     import psycopg
 
     try:
         with psycopg.connect(DATABASE_URL, connect_timeout=5) as conn:
             conn.execute("select 1")
     except psycopg.Error as e:
-        msg = f"PostgreSQL at {DATABASE_URL} is unreachable: {e}"
+        return f"PostgreSQL at {DATABASE_URL} is unreachable: {e}"
+    return None
+
+
+def require_postgres() -> str:
+    if (msg := postgres_error()) is not None:
         if os.environ.get("SFTFLOW_REQUIRE_SERVICES") == "1":
             pytest.fail(msg + " (SFTFLOW_REQUIRE_SERVICES=1)")
         pytest.skip(msg)

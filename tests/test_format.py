@@ -116,3 +116,130 @@ def test_packed_losses_equal_unpacked(tmp_path, tiny_model):
         labels = torch.tensor(row["labels"][a + 1:b])
         mask = labels != IGNORE
         assert torch.allclose(packed[a:b - 1][mask], alone[: b - a - 1][mask], atol=1e-5)
+
+
+# ---------------------------------------------------------------- sources and shapes
+
+def _run(tmp_path, data, run="r1", **data_cfg):
+    cfg = make_config(tmp_path, data, data={"packing": False, **data_cfg})
+    return cfg, run_format(cfg, run, log=lambda *_: None)
+
+
+def test_csv_parquet_json_glob_and_saved_dataset_give_the_same_examples(tmp_path, tiny_model):
+    import pandas as pd
+    from datasets import Dataset
+
+    records = [{**r, "output": r["output"] + "\nsecond line, \"quoted\""} for r in ALPACA]  # CSV quoted newlines
+    frame = pd.DataFrame(records)
+    (tmp_path / "in").mkdir()
+    frame.to_csv(tmp_path / "in/a.csv", index=False)
+    frame.to_parquet(tmp_path / "in/a.parquet")
+    (tmp_path / "in/a.json").write_text(json.dumps(records))
+    write_jsonl(tmp_path / "in/a.jsonl", records)
+    Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    results = {}
+    for name, path in [("csv", "in/a.csv"), ("parquet", "in/a.parquet"), ("json", "in/a.json"),
+                       ("jsonl", "in/a.jsonl"), ("saved", "saved")]:
+        _, res = _run(tmp_path, str(tmp_path / path), run=name, cache=False)
+        results[name] = sorted(map(tuple, load_from_disk(res.train_path)["input_ids"]))
+        assert res.counts["records_in"] == 30 and res.counts["accepted"] == 30, (name, res.counts)
+    assert all(v == results["jsonl"] for v in results.values())
+    # a glob over all four files: everything after the first copy is a duplicate, and counted
+    _, res = _run(tmp_path, str(tmp_path / "in/a.*"), run="glob")
+    assert res.counts["records_in"] == 120 and res.counts["duplicates"] == 90 and res.counts["accepted"] == 30
+    stats = json.loads((tmp_path / "runs/glob/format/stats.json").read_text())
+    assert stats["per_source"][str(tmp_path / "in/a.parquet")] == {
+        "records_in": 30, "quarantined": 0, "duplicates": 30, "too_long": 0, "accepted": 0}
+
+
+def test_csv_bad_rows_are_quarantined_by_row(tmp_path, tiny_model):
+    path = tmp_path / "d.csv"
+    rows = ["instruction,input,output"] + [f"q{i},,a{i}" for i in range(20)]
+    rows[5] = "q,,"            # data row 5: empty output
+    rows[7] = "q,x,y,extra"    # data row 7: too many fields
+    path.write_bytes(("\n".join(rows) + "\n").encode() + b"bad \xff byte,,answer\n")
+    _, res = _run(tmp_path, str(path), max_bad_fraction=0.5)
+    q = [json.loads(x) for x in (tmp_path / "runs/r1/format/quarantine.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["reason"].split(" ")[0]) for e in q] == [(5, "field"), (7, "row"), (21, "field")]
+    assert "invalid UTF-8" in q[2]["reason"] and "is empty" in q[0]["reason"]
+    assert res.counts["quarantined"] == 3 and res.counts["accepted"] == 18
+
+
+def test_dolly_columns_eval_file_and_sharegpt_role_map(tmp_path, tiny_model):
+    dolly = [{"instruction": f"Q{i}", "context": f"C{i}", "response": f"R{i}", "category": "qa"} for i in range(20)]
+    share = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "bot", "value": f"yo {i}"}]}
+             for i in range(10)]
+    train = write_jsonl(tmp_path / "dolly.jsonl", dolly)
+    evals = write_jsonl(tmp_path / "share.jsonl", share)
+    cfg, res = _run(tmp_path, str(train), eval_path=str(evals), roles={"bot": "assistant"},
+                    columns={"instruction": "instruction", "input": "context", "output": "response"})
+    assert res.counts["train"] == 20 and res.counts["eval"] == 10
+    evals_out = [json.loads(x) for x in open(res.eval_records)]
+    assert evals_out[0] == {"messages": [{"role": "user", "content": "hi 0"}], "reference": "yo 0"}
+    tok = load_tokenizer(tiny_model)
+    first = load_from_disk(res.train_path)[0]
+    assert tok.decode(first["input_ids"]).count("C0") == 1 and trained_text(tok, first) == ["R0<|im_end|>\n"]
+    # without the role map, 'bot' is an unknown role: the eval file is all quarantined
+    with pytest.raises(ValueError, match="unknown role 'bot'"):
+        _run(tmp_path, str(train), run="r2", eval_path=str(evals),
+             columns={"instruction": "instruction", "input": "context", "output": "response"})
+
+
+def test_truncate_and_error_modes(tmp_path, tiny_model):
+    records = ALPACA + [{"instruction": "long " * 400, "output": "kept answer"}]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    _, res = _run(tmp_path, str(data), excess_length="truncate", train_on_inputs=True)
+    assert res.counts["truncated"] == 1 and res.counts["too_long"] == 0 and res.counts["accepted"] == 31
+    rows = list(load_from_disk(res.train_path)["input_ids"]) + list(load_from_disk(res.eval_path)["input_ids"])
+    assert max(len(x) for x in rows) == 256
+    with pytest.raises(ValueError, match=r"d.jsonl:31: \d+ tokens > data.max_seq_len=256"):
+        _run(tmp_path, str(data), run="r2", excess_length="error")
+
+
+def test_template_fast_path_matches_the_real_renderer(tiny_model):
+    from tasks.templating import Renderer
+
+    tok = load_tokenizer(tiny_model)
+    trimming = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    convs = [r["messages"] for r in CHAT] + [[{"role": "user", "content": "  padded  "},
+                                              {"role": "assistant", "content": " answer "}]]
+    for template in (tok.chat_template, trimming):
+        renderer = Renderer(tok, template)
+        assert [renderer.pieces(c) for c in convs] == [renderer.slow_pieces(c) for c in convs]
+        assert (renderer.slow == 0) == (template == tok.chat_template)
+
+
+# ---------------------------------------------------------------- cache
+
+def test_cache_hit_and_each_invalidation(tmp_path, tiny_model, monkeypatch):
+    import tasks.format as fmt
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    first = _run(tmp_path, str(data), run="a")[1]
+    again = _run(tmp_path, str(data), run="b")[1]
+    assert not first.cache_hit and again.cache_hit
+    assert load_from_disk(again.train_path)["input_ids"] == load_from_disk(first.train_path)["input_ids"]
+    manifest = json.loads((tmp_path / "runs/b/format/manifest.json").read_text())
+    assert manifest["outputs"]["cache"]["hit"] and "cache hit" in manifest["notes"][0]
+    assert manifest["metrics"]["counts"] == first.counts
+
+    write_jsonl(tmp_path / "d.jsonl", ALPACA[:-1])                              # the data
+    assert not _run(tmp_path, str(data), run="c")[1].cache_hit
+    assert not _run(tmp_path, str(data), run="d", template="alpaca")[1].cache_hit  # the template
+    assert not _run(tmp_path, str(data), run="e", max_seq_len=200)[1].cache_hit    # a setting
+    assert not _run(tmp_path, str(data), run="f", train_on_inputs=True)[1].cache_hit
+    monkeypatch.setattr(fmt, "code_hash", lambda: "another-version")               # the code
+    assert not _run(tmp_path, str(data), run="g")[1].cache_hit
+    monkeypatch.undo()
+    tok = load_tokenizer(tiny_model)                                              # the tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(tmp_path / "tok2")
+    import shutil
+
+    for f in tiny_model.iterdir():
+        if not (tmp_path / "tok2" / f.name).exists():
+            shutil.copy(f, tmp_path / "tok2" / f.name)
+    cfg = make_config(tmp_path, str(data), model={"name_or_path": str(tmp_path / "tok2")}, data={"packing": False})
+    assert not run_format(cfg, "h", log=lambda *_: None).cache_hit
+    assert _run(tmp_path, str(data), run="i")[1].cache_hit                        # and back to a hit

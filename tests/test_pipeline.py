@@ -62,7 +62,11 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(first_run):
     names = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert {"report.md", "metrics.png", "generations.jsonl", "scores.json"} <= names
     assert evaluation.data.tags["sftflow.promote"] == "True"
+    fmt = next(c for c in children if c.data.tags["sftflow.stage"] == "format")
+    assert {"token_lengths.png", "stats.json", "quarantine.jsonl"} <= {a.path for a in client.list_artifacts(fmt.info.run_id)}
     train = next(c for c in children if c.data.tags["sftflow.stage"] == "train")
+    assert {"loss.png", "deepspeed_resolved.json", "training_args.json"} <= {
+        a.path for a in client.list_artifacts(train.info.run_id)}
     losses = client.get_metric_history(train.info.run_id, "loss")
     assert len(losses) == 12 and losses[-1].value < losses[0].value
     assert train.data.params["train.deepspeed"] == "zero2"

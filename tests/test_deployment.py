@@ -1,0 +1,131 @@
+"""prefect.yaml for real: a Prefect server on PostgreSQL, a process work pool, `prefect deploy`,
+a worker, and `prefect deployment run` to Completed, then the unchanged rerun."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT
+from services import fresh_database, free_port, stop, wait_http
+
+pytestmark = pytest.mark.slow
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prefect")
+    with fresh_database("sftflow_prefect") as db:
+        port = free_port()
+        env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+               "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+               "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+        server_log = tmp / "server.log"
+        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=open(server_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        worker = None
+        try:
+            wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, server_log)
+
+            def prefect(*args, check=True):
+                res = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                assert not check or res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+                return res
+
+            # what `make prefect-setup` does
+            prefect("work-pool", "create", "sftflow-process", "--type", "process")
+            prefect("concurrency-limit", "create", "gpu", "1")
+            prefect("--no-prompt", "deploy", "--all")
+            worker_log = tmp / "worker.log"
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "sftflow-process"], cwd=ROOT, env=env,
+                                      stdout=open(worker_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            yield {"api": env["PREFECT_API_URL"], "prefect": prefect, "tmp": tmp, "worker_log": worker_log}
+        finally:
+            if worker is not None:
+                stop(worker)
+            stop(server)
+
+
+def wait_final(api: str, flow_run_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout}s")
+
+
+def run_deployment(stack, *params: str) -> tuple[dict, float]:
+    t0 = time.monotonic()
+    args = [x for p in params for x in ("-p", p)]
+    res = stack["prefect"]("deployment", "run", "sft-pipeline/on-demand", *args)
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout).group(1)
+    run = wait_final(stack["api"], flow_run_id, 600)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], stack["worker_log"].read_text()[-4000:])
+    return run, time.monotonic() - t0
+
+
+def test_deployment_run_completes_then_an_unchanged_rerun_is_cheap(prefect_stack):
+    out = prefect_stack["tmp"] / "runs"
+    overrides = json.dumps([f"output_dir={out}"])
+    first, wall = run_deployment(prefect_stack, "config_path=configs/tiny.yaml", f"overrides={overrides}")
+    assert first["state"]["name"] == "Completed"
+    manifests = list(out.glob("tiny-*/handoff/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["status"] == "completed"
+
+    second, _ = run_deployment(prefect_stack, "config_path=configs/tiny.yaml", f"overrides={overrides}")
+    assert second["state"]["name"] == "Unchanged"
+    fraction = second["total_run_time"] / first["total_run_time"]
+    print(f"\ndeployment run: {wall:.1f}s wall (flow {first['total_run_time']:.1f}s); unchanged rerun flow "
+          f"{second['total_run_time']:.1f}s = {fraction:.1%} of the full run")
+    assert fraction < 0.2
+    deployments = httpx.post(f"{prefect_stack['api']}/deployments/filter", json={}).json()
+    nightly = next(d for d in deployments if d["name"] == "nightly")
+    assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    limit = httpx.get(f"{prefect_stack['api']}/concurrency_limits/tag/gpu").json()
+    assert limit["concurrency_limit"] == 1
+
+
+def test_a_bad_parameter_is_rejected_when_the_run_is_created(prefect_stack):
+    res = prefect_stack["prefect"]("deployment", "run", "sft-pipeline/on-demand", "-p", "config_path=configs/tiny.yaml",
+                                   "-p", "epochs_typo=3", check=False)
+    assert res.returncode != 0
+    assert "epochs_typo" in res.stdout + res.stderr
+
+
+@pytest.mark.reliability
+def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_stack):
+    """Two flow runs against the same server and output dir: separate run directories, both
+    complete, and the `gpu` tag limit keeps their train stages from overlapping."""
+    import datetime as dt
+
+    out = prefect_stack["tmp"] / "shared"
+    env = {**os.environ, "PREFECT_API_URL": prefect_stack["api"], "PREFECT_HOME": str(prefect_stack["tmp"] / "home"),
+           "PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "configs/tiny.yaml", "--set", f"output_dir={out}",
+                               "--set", f"train.seed={seed}", "--summary-json", str(out.parent / f"two-{seed}.json")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for seed in (1, 2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    summaries = [json.loads((out.parent / f"two-{seed}.json").read_text()) for seed in (1, 2)]
+    assert summaries[0]["run_id"] != summaries[1]["run_id"]
+    spans = []
+    for s in summaries:
+        train = json.loads((Path(s["run_dir"]) / "train/manifest.json").read_text())
+        assert train["status"] == "completed" and train["run_id"] == s["run_id"]
+        spans.append((dt.datetime.fromisoformat(train["started_at"]), dt.datetime.fromisoformat(train["ended_at"])))
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0, f"train stages overlapped: {spans}"
+    assert sorted(s["version"] for s in summaries) == ["1", "2"]

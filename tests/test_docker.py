@@ -1,0 +1,58 @@
+"""docker/: no Docker engine runs here, so the Dockerfiles are linted with hadolint and the
+compose file is checked for structure and for versions that match the project's pins."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT
+
+DOCKER = ROOT / "docker"
+PINS = dict(re.findall(r"^([a-z0-9_.-]+)==([^\s+]+)", (ROOT / "constraints.txt").read_text(), re.M))
+
+
+def test_dockerfiles_pass_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    for dockerfile in sorted(DOCKER.glob("Dockerfile.*")):
+        res = subprocess.run([str(hadolint), "--failure-threshold", "warning", str(dockerfile)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, f"{dockerfile.name}:\n{res.stdout}{res.stderr}"
+
+
+def test_images_are_pinned_and_match_the_project():
+    train = (DOCKER / "Dockerfile.train").read_text()
+    serve = (DOCKER / "Dockerfile.serve").read_text()
+    assert f'deepspeed=={PINS["deepspeed"]}' in train and "DS_BUILD_CPU_ADAM=1" in train
+    assert re.search(r"^FROM vllm/vllm-openai:v\d+\.\d+\.\d+$", serve, re.M)
+    from tasks.handoff import VLLM_IMAGE
+
+    assert f"FROM {VLLM_IMAGE}" in serve  # the compose snippet in each bundle uses the same image
+
+
+def test_compose_file_is_a_consistent_stack():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services, volumes = compose["services"], set(compose.get("volumes", {}))
+    assert {"postgres", "prefect-server", "mlflow-server", "worker", "vllm"} <= set(services)
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, name
+        if "build" in svc:
+            context = (DOCKER / svc["build"]["context"]).resolve()
+            assert (context / svc["build"]["dockerfile"]).is_file(), name
+        if "image" in svc:
+            assert ":" in svc["image"] and not svc["image"].endswith(":latest"), f"{name}: pin the image"
+        deps = svc.get("depends_on", [])
+        for dep in deps if isinstance(deps, list) else deps.keys():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            assert source.startswith(".") or source in volumes, f"{name}: undeclared volume {source}"
+    assert services["prefect-server"]["image"].startswith(f"prefecthq/prefect:{PINS['prefect']}")
+    assert services["mlflow-server"]["image"].endswith(f"mlflow:v{PINS['mlflow']}")
+    # Prefect and MLflow each get their own database on the one PostgreSQL (both keep alembic_version)
+    sql = (DOCKER / "initdb/01-databases.sql").read_text()
+    assert "CREATE DATABASE prefect" in sql and "CREATE DATABASE mlflow" in sql
+    assert "/prefect" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "/mlflow" in services["mlflow-server"]["command"]
