@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -244,5 +245,19 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def exit_now() -> None:
+    """Skip the interpreter's teardown of torch, gloo and DeepSpeed (about 2 s per run, after
+    every file is written and closed); the atexit hooks still run."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_now()

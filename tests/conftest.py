@@ -50,9 +50,18 @@ def prefect_server(tmp_path_factory):
                         env=env, stdout=open(log, "w"), stderr=sp.STDOUT, start_new_session=True)
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
-            os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-            yield os.environ["PREFECT_API_URL"]
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"  # for `sftflow run` subprocesses
+            with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):  # for flows run in here
+                yield os.environ["PREFECT_API_URL"]
         finally:
+            from prefect.logging.handlers import APILogWorker
+
+            try:  # logs of in-process flows go out while the server is still up
+                APILogWorker.drain_all(timeout=10)
+            except Exception as e:  # noqa: BLE001 - never keep the server (and its database) from stopping
+                print(f"could not flush Prefect logs: {e}", file=sys.stderr)
             os.environ.pop("PREFECT_API_URL", None)
             stop(proc)
 
