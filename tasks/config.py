@@ -83,6 +83,8 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1: run the epochs")
     micro_batch_size: int = Field(4, gt=0)
+    group_by_length: bool = Field(
+        True, description="batch rows of similar length together (transformers' LengthGroupedSampler): less padding")
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_processes: int = Field(1, gt=0, description="processes (GPUs) per node")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs")

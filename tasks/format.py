@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from prefect import task
 
 from tasks.config import PipelineConfig, hash_json
@@ -70,6 +71,7 @@ def template_source(setting: str) -> str:
 def num_proc(setting: int | None, records: int) -> int:
     if setting:
         return setting
+    # below ~20k records one process tokenizes them before worker processes would have started
     return 1 if records < 20_000 else max(1, min(8, os.cpu_count() or 1))
 
 
@@ -118,9 +120,9 @@ def read_all(cfg: PipelineConfig, sources: list[tuple[str, str]], arrow_path: Pa
                     counts["quarantined"] += 1
                     src["quarantined"] += 1
                     continue
-                conv = json.dumps(msgs, ensure_ascii=False)
-                norm = json.dumps([(m["role"], " ".join(m["content"].split())) for m in msgs], ensure_ascii=False)
-                key = int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little")
+                conv = orjson.dumps(msgs).decode()
+                norm = orjson.dumps([(m["role"], " ".join(m["content"].split())) for m in msgs])
+                key = int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "little")
                 if key in seen:
                     counts["duplicates"] += 1
                     src["duplicates"] += 1
@@ -144,7 +146,7 @@ def _tokenize(batch, renderer: Renderer, max_len: int, excess: str, train_on_inp
     import numpy as np
     import pyarrow as pa
 
-    convs = [json.loads(c) for c in batch.column("conv").to_pylist()]
+    convs = [orjson.loads(c) for c in batch.column("conv").to_pylist()]
     ids, labels, lengths = tokenize_conversations(convs, renderer, train_on_inputs)
     over = lengths > max_len
     if over.any() and excess == "error":
@@ -181,7 +183,8 @@ def _positions(batch):
     positions = (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return pa.table({"input_ids": ids, "labels": batch.column("labels").combine_chunks(),
-                     "position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions))})
+                     "position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions)),
+                     "length": pa.array(lengths.astype(np.int32))})
 
 
 # ---------------------------------------------------------------- the stage
@@ -235,11 +238,11 @@ def _build(cfg: PipelineConfig, sources, renderer: Renderer, out: Path, key: str
         f"{counts['quarantined']} quarantined, {counts['duplicates']} duplicates")
 
     names = [s for _, s in sources]
-    procs = num_proc(d.num_proc, counts["records_in"])
-    kept, parts = {}, {}
+    kept, parts, procs = {}, {}, {}
     for split, part in zip(("train", "eval"), _split(Dataset.from_file(str(work / "records.arrow")), cfg)):
+        procs[split] = min(num_proc(d.num_proc, len(part)), max(len(part), 1))
         tok = part.with_format("arrow").map(
-                       _tokenize, batched=True, batch_size=1000, num_proc=procs if procs > 1 and len(part) > 1000 else None,
+                       _tokenize, batched=True, batch_size=1000, num_proc=procs[split] if procs[split] > 1 else None,
                        remove_columns=part.column_names, desc=f"tokenize {split}", new_fingerprint=f"{key}-{split}-tok",
                        cache_file_name=str(work / f"{split}-tok.arrow"),
                        fn_kwargs={"renderer": renderer, "max_len": d.max_seq_len, "excess": d.excess_length,
@@ -253,8 +256,11 @@ def _build(cfg: PipelineConfig, sources, renderer: Renderer, out: Path, key: str
         counts["too_long"] += int((status == TOO_LONG).sum())
         counts["truncated"] += int((status == TRUNCATED).sum())
         keep = np.flatnonzero(status != TOO_LONG)
-        kept[split] = tok.select(keep).flatten_indices(cache_file_name=str(work / f"{split}-kept.arrow"))
-        parts[split] = part.select(keep)
+        if len(keep) == len(tok):  # nothing to leave out: no second copy of every token
+            kept[split], parts[split] = tok, part
+        else:
+            kept[split] = tok.select(keep).flatten_indices(cache_file_name=str(work / f"{split}-kept.arrow"))
+            parts[split] = part.select(keep)
         counts[split] = len(kept[split])
         log(f"format: tokenized {len(part):,} {split} records ({time.monotonic() - t0:.1f}s)")
     counts["accepted"] = counts["train"] + counts["eval"]
@@ -290,7 +296,7 @@ def _build(cfg: PipelineConfig, sources, renderer: Renderer, out: Path, key: str
         "train_rows": rows, "train_tokens": int(lengths.sum()),
         "real_token_fraction": round(float(lengths.sum()) / (rows * d.max_seq_len), 4) if d.packing else None,
         "length_p50": int(np.percentile(lengths, 50)), "length_p99": int(np.percentile(lengths, 99)),
-        "length_max": int(lengths.max()), "num_proc": procs, "seconds": round(time.monotonic() - t0, 2),
+        "length_max": int(lengths.max()), "num_proc": procs["train"], "seconds": round(time.monotonic() - t0, 2),
         "fast_template": renderer.plans != {} and all(p is not None for p in renderer.plans.values()),
     }
     del kept, parts, train, evals

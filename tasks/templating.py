@@ -190,4 +190,5 @@ def pack(table, max_len: int):
     offsets = pa.array(np.concatenate([[0], np.cumsum(row_len)]).astype(np.int32))
     return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
                      "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-                     "position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions))})
+                     "position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions)),
+                     "length": pa.array(row_len.astype(np.int32))})

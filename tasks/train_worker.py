@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         seed=t["seed"], data_seed=t["seed"], report_to=[], deepspeed=spec["deepspeed"],
         use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, logging_nan_inf_filter=False,
-        ddp_backend=None if torch.cuda.is_available() else "gloo")
+        ddp_backend=None if torch.cuda.is_available() else "gloo",
+        train_sampling_strategy="group_by_length" if t["group_by_length"] else "random", length_column_name="length")
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=collator,
                       processing_class=tok, callbacks=make_callbacks(spec, collator))
     resume = latest_checkpoint(out / "checkpoints")

@@ -152,6 +152,24 @@ def test_csv_parquet_json_glob_and_saved_dataset_give_the_same_examples(tmp_path
         "records_in": 30, "quarantined": 0, "duplicates": 30, "too_long": 0, "accepted": 0}
 
 
+def test_worker_processes_change_nothing(tmp_path, tiny_model):
+    """num_proc=2 (each split tokenized in two worker processes) gives the same rows as one process,
+    the too-long record left out and counted either way."""
+    records = [{"instruction": f"Question {i}: " + "word " * (i % 40), "input": "", "output": f"Answer {i}."}
+               for i in range(1200)] + [{"instruction": "long " * 400, "input": "", "output": "x"}]
+    write_jsonl(tmp_path / "d.jsonl", records)
+    rows = {}
+    for procs in (1, 2):
+        cfg = make_config(tmp_path, tmp_path / "d.jsonl", data={"packing": True, "num_proc": procs, "cache": False})
+        res = run_format(cfg, f"p{procs}", log=lambda *_: None)
+        assert res.counts["too_long"] == 1 and res.counts["accepted"] == 1200, res.counts
+        assert json.loads((tmp_path / f"runs/p{procs}/format/stats.json").read_text())["num_proc"] == procs
+        ds = load_from_disk(res.train_path)
+        assert ds["length"] == [len(x) for x in ds["input_ids"]]
+        rows[procs] = (ds["input_ids"], ds["labels"], ds["position_ids"])
+    assert rows[1] == rows[2]
+
+
 def test_csv_bad_rows_are_quarantined_by_row(tmp_path, tiny_model):
     path = tmp_path / "d.csv"
     rows = ["instruction,input,output"] + [f"q{i},,a{i}" for i in range(20)]
