@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/format.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/merge.py
+	$(BIN)/python bench/rerun.py
 
 stack: install
 	mkdir -p $(STACK)

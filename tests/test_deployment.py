@@ -85,10 +85,14 @@ def test_deployment_run_completes_then_an_unchanged_rerun_is_cheap(prefect_stack
 
     second, _ = run_deployment(prefect_stack, "config_path=configs/tiny.yaml", f"overrides={overrides}")
     assert second["state"]["name"] == "Unchanged"
-    fraction = second["total_run_time"] / first["total_run_time"]
+    # nothing retrained, nothing registered (bench/rerun.py measures what the rerun costs)
+    assert len(list(out.glob("tiny-*"))) == 1
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db", f"sqlite:///{out}/mlflow.db")
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny'")] == ["1"]
     print(f"\ndeployment run: {wall:.1f}s wall (flow {first['total_run_time']:.1f}s); unchanged rerun flow "
-          f"{second['total_run_time']:.1f}s = {fraction:.1%} of the full run")
-    assert fraction < 0.2
+          f"{second['total_run_time']:.1f}s")
     deployments = httpx.post(f"{prefect_stack['api']}/deployments/filter", json={}).json()
     nightly = next(d for d in deployments if d["name"] == "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
