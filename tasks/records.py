@@ -23,6 +23,7 @@ CANONICAL_ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # undecodable bytes, as surrogateescape keeps them
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BadRecord(ValueError):
@@ -189,6 +190,8 @@ def _text(record: dict, key: str, required: bool = True) -> str:
         raise BadRecord(f"field {key!r} is a {type(value).__name__}, not a string")
     if "\x00" in value:
         raise BadRecord(f"field {key!r} contains a NUL character")
+    if SURROGATE.search(value):  # a JSON escape like \ud800 with no partner: not encodable text
+        raise BadRecord(f"field {key!r} contains an unpaired surrogate (invalid Unicode)")
     if required and not value.strip():
         raise BadRecord(f"field {key!r} is empty")
     return value

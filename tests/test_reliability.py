@@ -37,6 +37,7 @@ JSONL_CASES = [  # (line bytes, reason fragment)
     (b'{"instruction": "x", "output": " \\t\\n "}', "is empty"),                      # whitespace-only
     (b'{"instruction": "x\\u0000y", "output": "z"}', "NUL character"),                # NUL
     (b'{"instruction": "caf\xe9", "output": "z"}', "invalid UTF-8"),                  # invalid UTF-8
+    (b'{"instruction": "x\\ud800y", "output": "z"}', "unpaired surrogate"),         # escaped invalid Unicode
     (b'{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),   # bad role
     (b'{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),       # no assistant
     (b'{"messages": []}', "non-empty list of turns"),
