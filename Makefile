@@ -14,8 +14,9 @@ export DO_NOT_TRACK ?= 1
 .PHONY: install demo test test-fast bench stack stack-stop prefect-setup clean
 
 # `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
-# Both servers use SQLite under .stack/ unless STACK_DB is set to a PostgreSQL URL prefix
-# (e.g. postgresql://postgres@127.0.0.1:5432), in which case each gets its own database.
+# Without STACK_DB both serve the SQLite stores `make demo` writes (runs/mlflow.db and
+# runs/.prefect/prefect.db), so the demo's runs show in the UIs. With STACK_DB set to a PostgreSQL URL prefix
+# (e.g. postgresql://postgres@127.0.0.1:5432) each server gets its own database there.
 STACK        := .stack
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
@@ -50,18 +51,18 @@ bench: install
 	$(BIN)/python bench/rerun.py
 
 stack: install
-	mkdir -p $(STACK)
+	mkdir -p $(STACK) runs/.prefect
 	@if [ -n "$(STACK_DB)" ]; then \
 	  for db in prefect mlflow; do psql "$(STACK_DB)/postgres" -qc "CREATE DATABASE sftflow_$$db" 2>/dev/null || true; done; \
 	  PREFECT_DB="$(subst postgresql://,postgresql+asyncpg://,$(STACK_DB))/sftflow_prefect"; \
 	  MLFLOW_DB="$(subst postgresql://,postgresql+psycopg://,$(STACK_DB))/sftflow_mlflow"; \
 	else \
-	  PREFECT_DB="sqlite+aiosqlite:///$(CURDIR)/$(STACK)/prefect.db"; MLFLOW_DB="sqlite:///$(CURDIR)/$(STACK)/mlflow.db"; \
+	  PREFECT_DB="sqlite+aiosqlite:///$(CURDIR)/runs/.prefect/prefect.db"; MLFLOW_DB="sqlite:///$(CURDIR)/runs/mlflow.db"; \
 	fi; \
 	PREFECT_API_DATABASE_CONNECTION_URL=$$PREFECT_DB nohup $(BIN)/prefect server start --host 127.0.0.1 \
 	  --port $(PREFECT_PORT) > $(STACK)/prefect.log 2>&1 & echo $$! > $(STACK)/prefect.pid; \
 	nohup $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri $$MLFLOW_DB \
-	  --artifacts-destination $(CURDIR)/$(STACK)/mlartifacts > $(STACK)/mlflow.log 2>&1 & echo $$! > $(STACK)/mlflow.pid
+	  --artifacts-destination $(CURDIR)/runs/mlartifacts > $(STACK)/mlflow.log 2>&1 & echo $$! > $(STACK)/mlflow.pid
 	@for i in $$(seq 1 90); do curl -sf $(STACK_API)/health >/dev/null && break; sleep 1; done
 	$(MAKE) prefect-setup
 	nohup $(BIN)/prefect worker start --pool sftflow-process > $(STACK)/worker.log 2>&1 & echo $$! > $(STACK)/worker.pid
@@ -69,8 +70,13 @@ stack: install
 	@echo "run:  PREFECT_API_URL=$(STACK_API) MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/prefect deployment run 'sft-pipeline/on-demand' \
 	  -p config_path=configs/tiny.yaml -p 'overrides=[\"tracking.mlflow_uri=http://127.0.0.1:$(MLFLOW_PORT)\"]'"
 
+# The worker goes first, while the server it signs off from is still up; it gets 5 s to exit.
 stack-stop:
-	-for p in worker mlflow prefect; do [ -f $(STACK)/$$p.pid ] && kill $$(cat $(STACK)/$$p.pid); rm -f $(STACK)/$$p.pid; done
+	@for p in worker mlflow prefect; do \
+	  f=$(STACK)/$$p.pid; [ -f $$f ] || continue; pid=$$(cat $$f); kill $$pid 2>/dev/null; \
+	  for i in $$(seq 1 10); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+	  kill -9 $$pid 2>/dev/null; rm -f $$f; echo "stopped $$p"; \
+	done
 
 # The work pool, the `gpu` tag limit (one train task at a time) and the deployments in prefect.yaml.
 prefect-setup: install
