@@ -12,7 +12,15 @@ from tasks.config import PipelineConfig
 from tasks.rundir import read_json, stage_dir
 from tasks.tracking import StageRun, Tracker
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+# Outside a Prefect run (`sftflow format`, `sftflow train`, ...) stage lines go to stderr; Prefect
+# configures the root logger when imported, so this logger gets a handler of its own.
+_plain = logging.getLogger("sftflow")
+if not _plain.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    _plain.addHandler(_handler)
+    _plain.setLevel(logging.INFO)
+    _plain.propagate = False
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -23,7 +31,7 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("sftflow")
+        return _plain
 
 
 @dataclass

@@ -296,8 +296,10 @@ def test_secrets_never_reach_files_logs_or_mlflow(crash_run):
 
 
 def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
-    """The MLflow server goes away during training and comes back on the same port and
-    database: training goes on, the metrics it could not send are sent later, the stage completes."""
+    """The MLflow server goes away during training and stays away until the worker is done:
+    training goes on, the metric values it could not send are kept in a file, and the stage's own
+    MLflow calls (artifacts, then that file) wait with backoff until the server is back on the
+    same port and database. Nothing is lost and the stage completes."""
     import os
     import re
     import signal
@@ -333,15 +335,25 @@ def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
             servers[0]["proc"].wait()
             down_at = max(int(x) for x in re.findall(r"\[train\] step (\d+)/", next(
                 (tmp_path / "runs").glob("*/train/train.log")).read_text()))
-            wait_for_step(down_at + 3)  # at least three steps logged while MLflow is down
+            pending = tmp_path / "runs/outage/train/pending_metrics.json"
+            deadline = time.monotonic() + 300
+            while not pending.is_file():  # the worker finished with MLflow still down
+                assert time.monotonic() < deadline and proc.poll() is None, "the worker never kept its metrics"
+                time.sleep(0.3)
+            assert max(int(x) for x in re.findall(r"\[train\] step (\d+)/", next(
+                (tmp_path / "runs").glob("*/train/train.log")).read_text())) >= down_at + 3
             servers.append(start_mlflow(tmp_path / "mlflow", db, port))
             log = proc.communicate(timeout=600)[0]
             assert proc.returncode == 0, log[-4000:]
             assert log_has("MLflow unreachable")
+            assert "metric values kept while MLflow was unreachable" in log, log[-4000:]
+            assert not pending.exists()
             ids = json.loads((tmp_path / "runs/outage/mlflow.json").read_text())["stages"]
             losses = MlflowClient(servers[-1]["uri"]).get_metric_history(ids["train"], "loss")
             assert sorted(m.step for m in losses) == list(range(1, 13)), "metric values were lost"
             assert json.loads((tmp_path / "runs/outage/train/manifest.json").read_text())["status"] == "completed"
+            logged = {a.path for a in MlflowClient(servers[-1]["uri"]).list_artifacts(ids["train"])}
+            assert {"loss.png", "train.log", "manifest.json"} <= logged, logged
         finally:
             if proc.poll() is None:
                 proc.kill()
