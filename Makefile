@@ -32,6 +32,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[test]"
+	# DeepSpeed JIT-builds its CPU ops on first use (~90 s on 2 cores); build them once, here,
+	# into TORCH_EXTENSIONS_DIR, so no training run (or test) stops to compile.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	  from deepspeed.ops.op_builder import CPUAdamBuilder, ShareMemCommBuilder; \
+	  get_accelerator().device_name() == 'cpu' and [b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
 	touch $@
 
 demo: install
