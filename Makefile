@@ -15,8 +15,9 @@ export DO_NOT_TRACK ?= 1
 
 # `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
 # Without STACK_DB both serve the SQLite stores `make demo` writes (runs/mlflow.db and
-# runs/.prefect/prefect.db), so the demo's runs show in the UIs. With STACK_DB set to a PostgreSQL URL prefix
-# (e.g. postgresql://postgres@127.0.0.1:5432) each server gets its own database there.
+# runs/.prefect/prefect.db), so the demo's runs show in the UIs. With STACK_DB set to a
+# PostgreSQL URL prefix (e.g. postgresql://postgres@127.0.0.1:5432) each server gets its own
+# database there.
 STACK        := .stack
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
