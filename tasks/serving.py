@@ -160,6 +160,11 @@ def smoke_test(base_url: str, model: str, prompts: list[list[dict]], max_tokens:
 
     client = OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=1)
     models = [m.id for m in client.models.list().data]
+    # vLLM lists exactly its --served-model-name (and LoRA names); a mismatch would only surface
+    # as a 404 per request. (transformers serve lists hub-cached models only, often none.)
+    if models and model not in models:
+        return {"endpoint": base_url, "models": models, "answers": [], "passed": False,
+                "failures": [f"the endpoint serves {models}, not {model!r} (check serve.served_model_name)"]}
     answers, failures = [], []
     for messages in prompts:
         t0 = time.monotonic()

@@ -165,6 +165,42 @@ def test_unchanged_nightly_rerun_is_a_no_op_and_new_data_is_not(served_run):
     assert find_unchanged(load_config(ROOT / "configs/tiny.yaml", overrides), log=lambda *_: None) is None
 
 
+def test_smoke_test_fails_clearly_when_the_endpoint_serves_another_name():
+    """vLLM's /v1/models lists its --served-model-name; a stdlib HTTP server stands in for that one
+    answer (transformers serve lists none). No completion is attempted against the wrong name."""
+    import http.server
+    import threading
+
+    from tasks.serving import smoke_test
+
+    paths = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            paths.append(self.path)
+            body = json.dumps({"object": "list", "data": [{"id": "other", "object": "model", "created": 0,
+                                                           "owned_by": "vllm"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = smoke_test(f"http://127.0.0.1:{server.server_port}/v1", "tiny",
+                            [[{"role": "user", "content": "hi"}]], max_tokens=8)
+    finally:
+        server.shutdown()
+    assert not result["passed"] and result["models"] == ["other"]
+    assert result["failures"] == ["the endpoint serves ['other'], not 'tiny' (check serve.served_model_name)"]
+    assert paths == ["/v1/models"]
+
+
 def test_hot_swap_unloads_then_loads_the_adapter_by_name():
     """vLLM cannot run here, so a stdlib HTTP server stands in for its two LoRA endpoints: this
     checks the requests hot swap sends and that a first load (nothing to unload) is fine."""
