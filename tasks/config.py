@@ -73,6 +73,8 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     method: Literal["qlora", "lora", "full"] = "lora"
+    quantization_bits: Literal[4, 8] = Field(
+        4, description="method qlora: base weights in 4-bit nf4 (QLoRA) or 8-bit (LLM.int8)")
     deepspeed: str = Field("zero2", description=f"a preset ({', '.join(DEEPSPEED_PRESETS)}) or a JSON file path")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
@@ -117,6 +119,8 @@ class TrainConfig(Section):
         if self.method == "qlora" and self.deepspeed in ("zero3", "zero3_offload"):
             raise ValueError("method qlora cannot use ZeRO-3 (it would partition the 4-bit weights): "
                              "use deepspeed zero2 or zero2_offload, or method lora with zero3")
+        if "quantization_bits" in self.model_fields_set and self.method != "qlora":
+            raise ValueError(f"quantization_bits applies to method qlora only, not {self.method}")
         if self.method == "qlora" and self.precision == "fp16":
             raise ValueError("method qlora with precision fp16 is unstable; use auto, bf16 or fp32")
         return self

@@ -82,7 +82,7 @@ def estimate(cfg: PipelineConfig, model_path: Path) -> Estimate:
     world = world_size(cfg)
 
     if t.method == "qlora":
-        weights = n_linear * 0.5 + (n_all - n_linear) * width
+        weights = n_linear * t.quantization_bits / 8 + (n_all - n_linear) * width
     else:
         weights = n_all * width
     trainable = n_all if t.method == "full" else lora_params

@@ -4,7 +4,7 @@ The merge runs shard by shard over the base's safetensors files (peak memory nea
 of the model). The result is written to a temp folder, reloaded from disk and compared with
 base+adapter on fixed eval prompts; only if the max |logit diff| is within
 ``merge.max_logit_diff`` is it renamed to ``<run>/merge/model``. For QLoRA the default base
-is the dequantized 4-bit one the adapter was trained against (``merge.base: dequantized``).
+is the dequantized 4- or 8-bit one the adapter was trained against (``merge.base: dequantized``).
 """
 
 from __future__ import annotations
@@ -159,10 +159,10 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
     """Write the merged model one output shard at a time, so peak memory stays near one shard.
 
     The base files are opened per output shard (safetensors memory-maps them; closing releases
-    the pages). ``dequantized`` maps weight names to the 4-bit modules the adapter was trained
+    the pages). ``dequantized`` maps weight names to the 4-/8-bit modules the adapter was trained
     against; their weights are taken dequantized (exactly what training saw).
     """
-    import bitsandbytes.functional as bnbf
+    from peft.utils.integrations import dequantize_bnb_weight
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -176,8 +176,8 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
             for name, file in group:
                 w = handles[file].get_tensor(name)
                 if dequantized and name in dequantized:
-                    q = dequantized[name].weight
-                    w = bnbf.dequantize_4bit(q.data, q.quant_state)
+                    q = dequantized[name]
+                    w = dequantize_bnb_weight(q.weight, getattr(q, "state", None))
                 if name in factors:
                     a, b, scale = factors[name]
                     w = w.float() + (b.float() @ a.float()) * scale
@@ -197,6 +197,20 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def dequantized_copy(base_path: Path, quantized: dict, dtype):
+    """The base in float with the quantized linears' weights replaced by their dequantized values."""
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, m in quantized.items():
+            params[name].copy_(dequantize_bnb_weight(m.weight, getattr(m, "state", None)))
+    return model
 
 
 def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
@@ -236,16 +250,28 @@ def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
             release_memory()
             qbase = quantized = None
             if method == "qlora":
-                qbase = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=qlora_config(dtype),
-                                                             dtype=dtype)
-                quantized = {f"{n}.weight": m for n, m in qbase.named_modules() if type(m).__name__ == "Linear4bit"}
+                bits = cfg.train.quantization_bits
+                qbase = AutoModelForCausalLM.from_pretrained(
+                    base_path, quantization_config=qlora_config(dtype, bits), dtype=dtype)
+                quantized = {f"{n}.weight": m for n, m in qbase.named_modules()
+                             if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
                 for m in quantized.values():
                     # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode; training
                     # used the plain dequantize + matmul path, so verify against that one.
                     m.support_avx512bf16_for_cpu = False
-                as_trained = spill_logits(PeftModel.from_pretrained(qbase, adapter), inputs, scratch, "4bit")
+                as_trained = spill_logits(PeftModel.from_pretrained(qbase, adapter), inputs, scratch, f"{bits}bit")
+                if bits == 8:
+                    # LLM.int8 also rounds the activations to int8, which no float model reproduces:
+                    # check the merge against the dequantized weights + adapter in float, and record
+                    # how much that rounding moves the logits.
+                    as_float = spill_logits(PeftModel.from_pretrained(dequantized_copy(base_path, quantized, dtype),
+                                                                      adapter), inputs, scratch, "8bit-float")
+                    metrics["int8_activation_logit_diff"] = compare_logits(as_float, as_trained)[0]
+                    log(f"merge: int8 activation rounding moves the logits by up to "
+                        f"{metrics['int8_activation_logit_diff']:.3e}; verifying against the dequantized base in float")
+                    as_trained = as_float
                 metrics["base_choice_logit_diff"] = compare_logits(reference, as_trained)[0]
-                log(f"merge: 4-bit vs original base (with the adapter) differ by up to "
+                log(f"merge: {bits}-bit vs original base (with the adapter) differ by up to "
                     f"{metrics['base_choice_logit_diff']:.3e} in the logits; merging onto the {cfg.merge.base} base")
                 if cfg.merge.base == "dequantized":
                     reference = as_trained

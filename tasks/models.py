@@ -119,10 +119,12 @@ def pick_dtype(setting: str):
     return torch.float32
 
 
-def qlora_config(compute_dtype):
-    """The 4-bit setup QLoRA trains on; the merge rebuilds exactly this to reproduce training."""
+def qlora_config(compute_dtype, bits: int = 4):
+    """The quantized setup QLoRA trains on; the merge rebuilds exactly this to reproduce training."""
     from transformers import BitsAndBytesConfig
 
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
 

@@ -52,7 +52,7 @@ def build_model(spec: dict, dtype):
     t = spec["train"]
     kwargs: dict = {"dtype": dtype}
     if t["method"] == "qlora":
-        kwargs["quantization_config"] = qlora_config(dtype)
+        kwargs["quantization_config"] = qlora_config(dtype, t["quantization_bits"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
     model.config.use_cache = False  # the packed-sequence mask is only built without a KV cache
     if t["method"] == "full":

@@ -41,6 +41,8 @@ BAD = {
     "gate_metric": ("eval: {metrics: [bleu], gate: {metric: rouge_l}}\n", "gate.metric 'rouge_l' is not computed"),
     "merge_base": ("merge: {base: quantized}\n", "merge.base"),
     "qlora_zero3": ("train: {method: qlora, deepspeed: zero3}\n", "method qlora cannot use ZeRO-3"),
+    "bits_without_qlora": ("train: {method: lora, quantization_bits: 8}\n", "quantization_bits applies to method qlora"),
+    "bits_not_4_or_8": ("train: {method: qlora, quantization_bits: 3}\n", "quantization_bits"),
     "missing_hostfile": ("train: {hostfile: nope/hosts}\n", "hostfile nope/hosts does not exist"),
 }
 

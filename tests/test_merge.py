@@ -16,10 +16,9 @@ DATA = Path(__file__).resolve().parent.parent / "data/demo/train.jsonl"
 quiet = lambda *_: None  # noqa: E731
 
 
-def trained(tmp_path, method: str, **merge):
+def trained(tmp_path, method: str, **train):
     cfg = make_config(tmp_path, DATA, train={"method": method, "max_steps": 3, "learning_rate": 1e-2,
-                                               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-                      merge=merge)
+                                               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **train})
     run_format(cfg, "r", log=quiet)
     run_train(cfg, "r", log=quiet)
     return cfg
@@ -48,6 +47,19 @@ def test_qlora_original_base_is_verified_against_the_original_weights(qlora_run)
     original = load_file(str(cfg.output_dir / "r/merge/model/model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert (original[name] - dequantized[name]).abs().max() > 1e-4
+
+
+def test_8bit_qlora_trains_and_merges_onto_its_dequantized_base(tmp_path):
+    cfg = trained(tmp_path, "qlora", quantization_bits=8)
+    adapter = load_file(str(cfg.output_dir / "r/train/adapter/adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k), "nothing was trained"
+    res = run_merge(cfg, "r", log=quiet)
+    manifest = json.loads((cfg.output_dir / "r/merge/manifest.json").read_text())
+    assert res.max_logit_diff <= 1e-4 and res.top1_agreement == 1.0
+    # int8 rounding is finer than nf4's but still visible, so the base choice still matters
+    assert manifest["outputs"]["base"] == "dequantized" and manifest["metrics"]["base_choice_logit_diff"] > 1e-5
+    # LLM.int8 rounds activations too: recorded, and the reason the merge is checked in float
+    assert manifest["metrics"]["int8_activation_logit_diff"] > 0
 
 
 def test_failed_verification_leaves_no_model(qlora_run):
