@@ -117,7 +117,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":
         if self.method == "qlora" and self.deepspeed in ("zero3", "zero3_offload"):
-            raise ValueError("method qlora cannot use ZeRO-3 (it would partition the 4-bit weights): "
+            raise ValueError("method qlora cannot use ZeRO-3 (it would partition the quantized weights): "
                              "use deepspeed zero2 or zero2_offload, or method lora with zero3")
         if "quantization_bits" in self.model_fields_set and self.method != "qlora":
             raise ValueError(f"quantization_bits applies to method qlora only, not {self.method}")
