@@ -119,8 +119,10 @@ class TrainConfig(Section):
         if self.method == "qlora" and self.deepspeed in ("zero3", "zero3_offload"):
             raise ValueError("method qlora cannot use ZeRO-3 (it would partition the quantized weights): "
                              "use deepspeed zero2 or zero2_offload, or method lora with zero3")
-        if "quantization_bits" in self.model_fields_set and self.method != "qlora":
-            raise ValueError(f"quantization_bits applies to method qlora only, not {self.method}")
+        # only a non-default value is an error, so a dumped config (MLflow's config.yaml) loads again
+        if self.quantization_bits != 4 and self.method != "qlora":
+            raise ValueError(f"quantization_bits: {self.quantization_bits} applies to method qlora only, "
+                             f"not {self.method}")
         if self.method == "qlora" and self.precision == "fp16":
             raise ValueError("method qlora with precision fp16 is unstable; use auto, bf16 or fp32")
         return self

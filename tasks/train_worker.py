@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out / "training_args.json", targs.to_dict())
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except torch.OutOfMemoryError as e:
+    except (RuntimeError, MemoryError) as e:
+        # CUDA raises OutOfMemoryError; the CPU allocator a plain RuntimeError that only its text marks
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
         from tasks.memory import ADVICE
 
         raise SystemExit(f"[train] out of memory at step {trainer.state.global_step}: {e}\n[train] try {ADVICE}")

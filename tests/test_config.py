@@ -14,6 +14,17 @@ def test_shipped_configs_are_valid(cli, path):
     assert "valid" in res.stdout
 
 
+@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/demo.yaml"])
+def test_a_dumped_config_loads_again(tmp_path, path):
+    """MLflow keeps each run's resolved config as config.yaml; rerunning from it must work."""
+    import yaml
+
+    cfg = load_config(path)
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert load_config(dumped) == cfg
+
+
 def test_overrides_are_typed_and_nested():
     cfg = load_config("configs/tiny.yaml", ["train.lora.r=4", "train.learning_rate=1e-5", "data.packing=false"])
     assert cfg.train.lora.r == 4 and cfg.train.learning_rate == 1e-5 and cfg.data.packing is False
@@ -41,7 +52,7 @@ BAD = {
     "gate_metric": ("eval: {metrics: [bleu], gate: {metric: rouge_l}}\n", "gate.metric 'rouge_l' is not computed"),
     "merge_base": ("merge: {base: quantized}\n", "merge.base"),
     "qlora_zero3": ("train: {method: qlora, deepspeed: zero3}\n", "method qlora cannot use ZeRO-3"),
-    "bits_without_qlora": ("train: {method: lora, quantization_bits: 8}\n", "quantization_bits applies to method qlora"),
+    "bits_without_qlora": ("train: {method: lora, quantization_bits: 8}\n", "quantization_bits: 8 applies to method qlora only, not lora"),
     "bits_not_4_or_8": ("train: {method: qlora, quantization_bits: 3}\n", "quantization_bits"),
     "missing_hostfile": ("train: {hostfile: nope/hosts}\n", "hostfile nope/hosts does not exist"),
 }

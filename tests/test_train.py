@@ -82,6 +82,46 @@ def test_memory_estimate_refuses_before_launching(formatted):
     assert not (formatted / "runs/oom/train/train.log").exists()
 
 
+def wide_vocab_model(target: Path) -> Path:
+    """tiny-llama's tokenizer on a 1-layer model with a 2M-word output layer (64 MB of weights):
+    one micro batch of 1024-token rows needs logits of tens of GB, more than the machine has."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
+    config = LlamaConfig(vocab_size=1 << 21, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(target)
+    tok.save_pretrained(target)
+    return target
+
+
+def test_out_of_memory_in_a_step_is_reported_with_advice(tmp_path):
+    """A real allocation failure in a training step. The budget override gets past the estimate's
+    refusal; an 8 GB address-space limit on the command makes the failure the same on any machine."""
+    import resource
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = make_config(tmp_path, DATA, model={"name_or_path": str(wide_vocab_model(tmp_path / "wide"))},
+                      data={"max_seq_len": 1024}, train={"max_steps": 1, "memory_budget_gb": 10000})
+    run_format(cfg, "oom", log=quiet)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    limit = 8 << 30
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config), "--run-id", "oom"],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "out of memory at step 0" in res.stderr and "can't allocate memory" in res.stderr
+    assert "lower train.micro_batch_size" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs/oom/train/manifest.json").exists()
+
+
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()
