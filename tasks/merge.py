@@ -154,6 +154,13 @@ def _shard_plan(base_dir: Path, max_mb: int) -> list[list[tuple[str, str]]]:
     return groups + [current]
 
 
+def dequantize(module):
+    """The float weight of a bitsandbytes 4-bit or 8-bit linear (8-bit keeps its scales in ``state``)."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(module.weight, getattr(module, "state", None))
+
+
 def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_mb: int,
                  dequantized: dict | None = None) -> None:
     """Write the merged model one output shard at a time, so peak memory stays near one shard.
@@ -162,7 +169,6 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
     the pages). ``dequantized`` maps weight names to the 4-/8-bit modules the adapter was trained
     against; their weights are taken dequantized (exactly what training saw).
     """
-    from peft.utils.integrations import dequantize_bnb_weight
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -176,8 +182,7 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
             for name, file in group:
                 w = handles[file].get_tensor(name)
                 if dequantized and name in dequantized:
-                    q = dequantized[name]
-                    w = dequantize_bnb_weight(q.weight, getattr(q, "state", None))
+                    w = dequantize(dequantized[name])
                 if name in factors:
                     a, b, scale = factors[name]
                     w = w.float() + (b.float() @ a.float()) * scale
@@ -202,14 +207,13 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
 def dequantized_copy(base_path: Path, quantized: dict, dtype):
     """The base in float with the quantized linears' weights replaced by their dequantized values."""
     import torch
-    from peft.utils.integrations import dequantize_bnb_weight
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, m in quantized.items():
-            params[name].copy_(dequantize_bnb_weight(m.weight, getattr(m, "state", None)))
+            params[name].copy_(dequantize(m))
     return model
 
 
