@@ -40,9 +40,9 @@ def make_run(work: Path, model: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from tasks.config import load_config
-    from tasks.models import CHATML_TEMPLATE
-    from tasks.models import load_model, resolve_model
-    from tasks.rundir import Manifest
+    from tasks.manifest import Manifest
+    from tasks.models import CHATML_TEMPLATE, load_model, resolve_model
+    from tasks.results import FormatResult, TrainResult
 
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={work}", f"model.name_or_path={model}"])
     fmt_dir, train_dir = work / "b/format", work / "b/train"
@@ -50,26 +50,40 @@ def make_run(work: Path, model: str) -> None:
     records = [json.loads(x) for x in (ROOT / "data/demo/train.jsonl").read_text().splitlines()[:4]]
     with open(fmt_dir / "eval_records.jsonl", "w") as f:
         for r in records:
-            f.write(json.dumps({"messages": [{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]}],
-                                "reference": r["output"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]}],
+                        "reference": r["output"],
+                    }
+                )
+                + "\n"
+            )
     (fmt_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-    m = Manifest("format", "b", "x")
-    m.outputs = {"eval_records": str(fmt_dir / "eval_records.jsonl"), "chat_template": str(fmt_dir / "chat_template.jinja")}
-    m.finish(fmt_dir)
+    Manifest("format", "b", "x").finish(
+        fmt_dir,
+        FormatResult(
+            "b", "", "", str(fmt_dir / "eval_records.jsonl"), str(fmt_dir / "chat_template.jinja"), "", "", {}
+        ),
+    )
     torch.manual_seed(0)
-    peft_model = get_peft_model(load_model(resolve_model(model)), LoraConfig(
-        r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        load_model(resolve_model(model)),
+        LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
+        ),
+    )
     peft_model.save_pretrained(train_dir / "adapter")
-    m = Manifest("train", "b", "x")
-    m.outputs = {"model": str(train_dir / "adapter")}
-    m.finish(train_dir)
+    Manifest("train", "b", "x").finish(
+        train_dir, TrainResult("b", str(train_dir / "adapter"), "lora", 0.0, 0)
+    )
     return cfg
 
 
 def child(approach: str, work: Path, model: str) -> None:
     import torch  # noqa: F401  (imports count toward the baseline, not the merge)
     import transformers  # noqa: F401
-    from peft import PeftModel  # noqa: F401
+    from peft import PeftModel
 
     from tasks.config import load_config
     from tasks.merge import compare_logits, iter_logits, run_merge, verification_inputs
@@ -79,7 +93,10 @@ def child(approach: str, work: Path, model: str) -> None:
     base = resolve_model(model)
     baseline = status_mb("VmRSS")
     if approach == "sftflow":
-        res = run_merge(cfg, "b", log=lambda *_: None)
+        from tasks.results import FormatResult, TrainResult
+
+        data, trained = FormatResult.from_manifest(cfg, "b"), TrainResult.from_manifest(cfg, "b")
+        res = run_merge(cfg, "b", data, trained, log=lambda *_: None)
         diff = res.max_logit_diff
     else:
         tok = load_tokenizer(base)
@@ -109,19 +126,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_run(Path(tmp), model)
         for approach in ("sftflow", "naive"):
-            out = subprocess.run([sys.executable, __file__, "--child", approach, tmp, model], capture_output=True,
-                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", approach, tmp, model],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["ratio"] = (r["peak_mb"] - r["baseline_mb"]) / weights
             results[approach] = r
-            print(f"{approach:8s} peak RSS {r['peak_mb']:8.0f} MB, {r['baseline_mb']:6.0f} MB before loading weights, "
-                  f"model {weights:6.0f} MB -> (peak - baseline) / model = {r['ratio']:.2f} "
-                  f"(max |logit diff| {r['max_logit_diff']:.1e})")
-    print(json.dumps({"model": model, "model_mb": round(weights, 1),
-                      "sftflow_peak_over_model": round(results["sftflow"]["ratio"], 3),
-                      "naive_peak_over_model": round(results["naive"]["ratio"], 3),
-                      "sftflow_peak_mb": round(results["sftflow"]["peak_mb"]),
-                      "naive_peak_mb": round(results["naive"]["peak_mb"])}))
+            print(
+                f"{approach:8s} peak RSS {r['peak_mb']:8.0f} MB, {r['baseline_mb']:6.0f} MB before loading weights, "
+                f"model {weights:6.0f} MB -> (peak - baseline) / model = {r['ratio']:.2f} "
+                f"(max |logit diff| {r['max_logit_diff']:.1e})"
+            )
+    print(
+        json.dumps(
+            {
+                "model": model,
+                "model_mb": round(weights, 1),
+                "sftflow_peak_over_model": round(results["sftflow"]["ratio"], 3),
+                "naive_peak_over_model": round(results["naive"]["ratio"], 3),
+                "sftflow_peak_mb": round(results["sftflow"]["peak_mb"]),
+                "naive_peak_mb": round(results["naive"]["peak_mb"]),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

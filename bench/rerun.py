@@ -35,26 +35,55 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        env = {**os.environ, "PREFECT_HOME": f"{tmp}/prefect", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+        env = {
+            **os.environ,
+            "PREFECT_HOME": f"{tmp}/prefect",
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
         log = Path(tmp, "server.log")
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, log)
             runs = []
             for name in ("full", "rerun"):
                 summary = Path(tmp, f"{name}.json")
                 t0 = time.monotonic()
-                res = subprocess.run([sys.executable, "-m", "flows.cli", "run", config, "--set", f"output_dir={tmp}/runs",
-                                      "--summary-json", str(summary)], cwd=ROOT, env=env, capture_output=True, text=True)
+                res = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "flows.cli",
+                        "run",
+                        config,
+                        "--set",
+                        f"output_dir={tmp}/runs",
+                        "--summary-json",
+                        str(summary),
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 wall = time.monotonic() - t0
                 if res.returncode:
                     sys.exit(res.stdout[-3000:] + res.stderr[-3000:])
                 s = json.loads(summary.read_text())
-                runs.append({"name": name, "wall": wall, "flow": s["seconds"], "unchanged": bool(s.get("unchanged"))})
-                print(f"{name}: {wall:.1f}s wall, flow {s['seconds']:.1f}s, unchanged={bool(s.get('unchanged'))}", flush=True)
+                runs.append(
+                    {"name": name, "wall": wall, "flow": s["seconds"], "unchanged": bool(s.get("unchanged"))}
+                )
+                print(
+                    f"{name}: {wall:.1f}s wall, flow {s['seconds']:.1f}s, unchanged={bool(s.get('unchanged'))}",
+                    flush=True,
+                )
         finally:
             stop(server)
     full, rerun = runs
@@ -63,8 +92,14 @@ def main() -> None:
     print(f"\n| {config} | wall s | flow s |\n|---|---|---|")
     for r in runs:
         print(f"| {r['name']} | {r['wall']:.1f} | {r['flow']:.1f} |")
-    print(json.dumps({"rerun_fraction": round(rerun["flow"] / full["flow"], 3),
-                      "rerun_wall_fraction": round(rerun["wall"] / full["wall"], 3)}))
+    print(
+        json.dumps(
+            {
+                "rerun_fraction": round(rerun["flow"] / full["flow"], 3),
+                "rerun_wall_fraction": round(rerun["wall"] / full["wall"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

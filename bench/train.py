@@ -59,21 +59,42 @@ def sftflow(work: Path, args) -> dict:
     from tasks.format import run_format
     from tasks.train import run_train
 
-    cfg = load_config(ROOT / "configs/demo.yaml", [
-        f"output_dir={work / 'runs'}", f"model.name_or_path={args.model}", f"train.method={args.method}",
-        f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.gradient_accumulation_steps=1",
-        "train.save_steps=100000", "data.max_seq_len=1024", "data.eval_fraction=0.1", "data.cache=false",
-        "train.warmup_ratio=0"])
-    run_format(cfg, "bench", log=lambda *_: None)
-    run_train(cfg, "bench", log=lambda *_: None)
+    cfg = load_config(
+        ROOT / "configs/demo.yaml",
+        [
+            f"output_dir={work / 'runs'}",
+            f"model.name_or_path={args.model}",
+            f"train.method={args.method}",
+            f"train.max_steps={args.steps}",
+            f"train.micro_batch_size={args.micro_batch}",
+            "train.gradient_accumulation_steps=1",
+            "train.save_steps=100000",
+            "data.max_seq_len=1024",
+            "data.eval_fraction=0.1",
+            "data.cache=false",
+            "train.warmup_ratio=0",
+        ],
+    )
+    run_train(cfg, "bench", run_format(cfg, "bench", log=lambda *_: None), log=lambda *_: None)
     r = json.loads((work / "runs/bench/train/result.json").read_text())
-    return {"seconds": r["train_runtime_s"], "real_tokens": r["real_tokens"], "total_tokens": r["total_tokens"]}
+    return {
+        "seconds": r["train_runtime_s"],
+        "real_tokens": r["real_tokens"],
+        "total_tokens": r["total_tokens"],
+    }
 
 
 def baseline(work: Path, args) -> dict:
     """The tutorial script, in a fresh process: pad to 1024, no packing, same Trainer + DeepSpeed."""
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(29500 + os.getpid() % 1000)})
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(29500 + os.getpid() % 1000),
+        }
+    )
     import torch
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
@@ -85,28 +106,52 @@ def baseline(work: Path, args) -> dict:
     model_dir = resolve_model(args.model)
     tok = load_tokenizer(model_dir)
     records = [json.loads(x) for x in (ROOT / "data/demo/train.jsonl").read_text().splitlines()]
-    texts = [tok.apply_chat_template([{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]},
-                                      {"role": "assistant", "content": r["output"]}], tokenize=False) for r in records]
+    texts = [
+        tok.apply_chat_template(
+            [
+                {"role": "user", "content": r["instruction"] + "\n\n" + r["input"]},
+                {"role": "assistant", "content": r["output"]},
+            ],
+            tokenize=False,
+        )
+        for r in records
+    ]
     enc = tok(texts, padding="max_length", max_length=1024, truncation=True)
-    rows = [{"input_ids": ids, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(ids, m)]}
-            for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+    rows = [
+        {"input_ids": ids, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(ids, m)]}
+        for ids, m in zip(enc["input_ids"], enc["attention_mask"])
+    ]
     model = load_model(model_dir)
     model.train()
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
     cfg = load_config(ROOT / "configs/demo.yaml")
-    targs = TrainingArguments(output_dir=str(work / "baseline"), per_device_train_batch_size=args.micro_batch,
-                              max_steps=args.steps, learning_rate=1e-4, report_to=[], save_strategy="no",
-                              deepspeed=deepspeed_config(cfg), use_cpu=True, ddp_backend="gloo", disable_tqdm=True,
-                              logging_steps=1000)
+    targs = TrainingArguments(
+        output_dir=str(work / "baseline"),
+        per_device_train_batch_size=args.micro_batch,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        deepspeed=deepspeed_config(cfg),
+        use_cpu=True,
+        ddp_backend="gloo",
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
     result = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(rows)).train()
     real = sum(sum(r["attention_mask"]) for r in rows[: args.steps * args.micro_batch])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return {"seconds": result.metrics["train_runtime"], "real_tokens": real,
-            "total_tokens": 1024 * args.steps * args.micro_batch}
+    return {
+        "seconds": result.metrics["train_runtime"],
+        "real_tokens": real,
+        "total_tokens": 1024 * args.steps * args.micro_batch,
+    }
 
 
 def main() -> None:
@@ -128,8 +173,18 @@ def main() -> None:
     n = n_params(resolve_model(args.model))
     with tempfile.TemporaryDirectory() as tmp:
         ours = sftflow(Path(tmp), args)
-        cmd = [sys.executable, __file__, "--_baseline", tmp, "--method", args.method, "--steps", str(args.steps),
-               "--micro-batch", str(args.micro_batch)] + (["--quick"] if args.quick else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_baseline",
+            tmp,
+            "--method",
+            args.method,
+            "--steps",
+            str(args.steps),
+            "--micro-batch",
+            str(args.micro_batch),
+        ] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -137,16 +192,28 @@ def main() -> None:
     gflops = max(gflops, matmul_gflops())  # measured before and after the runs: the higher limit
     flops_per_token = (6 if args.method == "full" else 4) * n
     rate = {k: v["real_tokens"] / v["seconds"] for k, v in (("sftflow", ours), ("baseline", base))}
-    print(f"\n{args.model}, {args.method}, {args.steps} steps x micro batch {args.micro_batch}, "
-          f"N={n / 1e6:.1f}M params; fp32 matmul {gflops:.0f} GFLOP/s\n")
-    print("| | seconds | real tokens | real-token fraction | real tokens/s | model GFLOP/s |\n|---|---|---|---|---|---|")
+    print(
+        f"\n{args.model}, {args.method}, {args.steps} steps x micro batch {args.micro_batch}, "
+        f"N={n / 1e6:.1f}M params; fp32 matmul {gflops:.0f} GFLOP/s\n"
+    )
+    print(
+        "| | seconds | real tokens | real-token fraction | real tokens/s | model GFLOP/s |\n|---|---|---|---|---|---|"
+    )
     for name, r in (("sftflow (packed)", ours), ("baseline (pad to 1024)", base)):
         tps = r["real_tokens"] / r["seconds"]
-        print(f"| {name} | {r['seconds']:.1f} | {r['real_tokens']:,} | {r['real_tokens'] / r['total_tokens']:.3f} | "
-              f"{tps:,.0f} | {tps * flops_per_token / 1e9:.1f} |")
-    print(json.dumps({"speedup_vs_baseline": round(rate["sftflow"] / rate["baseline"], 2),
-                      "real_token_fraction": round(ours["real_tokens"] / ours["total_tokens"], 4),
-                      "flop_fraction": round(rate["sftflow"] * flops_per_token / (gflops * 1e9), 3)}))
+        print(
+            f"| {name} | {r['seconds']:.1f} | {r['real_tokens']:,} | {r['real_tokens'] / r['total_tokens']:.3f} | "
+            f"{tps:,.0f} | {tps * flops_per_token / 1e9:.1f} |"
+        )
+    print(
+        json.dumps(
+            {
+                "speedup_vs_baseline": round(rate["sftflow"] / rate["baseline"], 2),
+                "real_token_fraction": round(ours["real_tokens"] / ours["total_tokens"], 4),
+                "flop_fraction": round(rate["sftflow"] * flops_per_token / (gflops * 1e9), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,23 +6,28 @@
     sftflow {format,train,merge,evaluate,handoff} CONFIG --run-id ID
     sftflow registry {list,promote,rollback} NAME ...    champion management
     sftflow serve-command NAME@ALIAS                     the vllm serve line for a registry version
+
+A stage run alone takes its inputs from the earlier stages' manifests of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
 import sys
+import typing
 from pathlib import Path
 
 from tasks.config import ConfigError, PipelineConfig, load_config
-
-STAGES = ("format", "train", "merge", "evaluate", "handoff")
+from tasks.paths import STAGES
 
 
 def _quiet_defaults(cfg: PipelineConfig | None) -> None:
-    """Set before Prefect or MLflow are imported: state under the output dir, no telemetry."""
+    """Set before Prefect or MLflow are imported: state under the output dir, no telemetry.
+    HF_HUB_OFFLINE is left to the environment, as for a Prefect deployment (see README)."""
     if cfg is not None:
         os.environ.setdefault("PREFECT_HOME", str((cfg.output_dir / ".prefect").resolve()))
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -31,7 +36,6 @@ def _quiet_defaults(cfg: PipelineConfig | None) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _load(args) -> PipelineConfig:
@@ -43,8 +47,10 @@ def _load(args) -> PipelineConfig:
 def print_summary(s: dict) -> None:
     if s.get("unchanged"):
         same = s["same_as"]
-        print(f"\nUNCHANGED: same data, config and code as version {same['version']} (run {same['run_id']}); "
-              "nothing retrained")
+        print(
+            f"\nUNCHANGED: same data, config and code as version {same['version']} (run {same['run_id']}); "
+            "nothing retrained"
+        )
         print(f"bundle:    {same['bundle']}")
         return
     names = list(s["scores"])
@@ -56,8 +62,12 @@ def print_summary(s: dict) -> None:
     print(f"\n{'PROMOTED' if s['promoted'] else 'NOT PROMOTED'}: {s['gate']}")
     print(f"registry:  {s['registered_model']} version {s['version']} (aliases: {', '.join(s['aliases'])})")
     print(f"run dir:   {s['run_dir']}")
-    print(f"bundle:    {s['bundle']}\nserve:     {s['serve_command']}")
-    ui = s["mlflow_uri"] if s["mlflow_uri"].startswith("http") else f"mlflow ui --backend-store-uri {s['mlflow_uri']}"
+    print(f"bundle:    {s['bundle']}\nserve:     {s['serve_script']}")
+    ui = (
+        s["mlflow_uri"]
+        if s["mlflow_uri"].startswith("http")
+        else f"mlflow ui --backend-store-uri {s['mlflow_uri']}"
+    )
     print(f"MLflow:    {ui}  (run {s['mlflow_run_id']})")
 
 
@@ -68,22 +78,58 @@ def cmd_run(args) -> int:
     check_reachable(cfg.mlflow_uri)  # and a down MLflow server is one line, not a flow-run traceback
     from flows.sft import sft_pipeline
 
-    summary = sft_pipeline(config_path=args.config, overrides=args.set or [], run_id=args.run_id, force=args.force)
+    summary = sft_pipeline(
+        config_path=args.config, overrides=args.set or [], run_id=args.run_id, force=args.force
+    )
     print_summary(summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
 
 
+def stage_tasks() -> dict:
+    """Stage name -> its Prefect task, in pipeline order."""
+    from tasks.evaluate import evaluate_task
+    from tasks.format import format_task
+    from tasks.handoff import handoff_task
+    from tasks.merge import merge_task
+    from tasks.train import train_task
+
+    return dict(zip(STAGES, (format_task, train_task, merge_task, evaluate_task, handoff_task)))
+
+
+def stage_inputs(fn, cfg: PipelineConfig, run_id: str) -> dict:
+    """The results a stage takes (its typed parameters), rebuilt from the earlier stages' manifests."""
+    hints = typing.get_type_hints(fn)
+    hints.pop("return", None)
+    return {
+        name: hint.from_manifest(cfg, run_id)
+        for name, hint in hints.items()
+        if hasattr(hint, "from_manifest")
+    }
+
+
 def cmd_stage(args) -> int:
     cfg = _load(args)
-    import importlib
-
-    module = importlib.import_module(f"tasks.{args.command}")
-    task = getattr(module, f"{args.command}_task")
+    task = stage_tasks()[args.command]
     extra = {"resume": args.resume} if args.command == "train" else {}
-    result = task.fn(cfg, args.run_id, **extra)  # the same body as in the flow, without a Prefect run
-    print(json.dumps(result.__dict__, indent=2, default=str))
+    # the same body as in the flow, without a Prefect run
+    result = task.fn(cfg, args.run_id, **stage_inputs(task.fn, cfg, args.run_id), **extra)
+    print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    cfg = load_config(args.config, args.set)
+    print(
+        f"{args.config}: valid (run_name={cfg.run_name}, method={cfg.train.method}, "
+        f"deepspeed={cfg.train.deepspeed}, config hash {cfg.section_hash()})"
+    )
+    return 0
+
+
+def cmd_schema(args) -> int:
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
     return 0
 
 
@@ -119,64 +165,79 @@ def cmd_serve_command(args) -> int:
     argv = json.loads(mv.tags["sftflow.serve_argv"])
     local = mv.tags.get("sftflow.bundle")
     if args.download or not (local and Path(local).is_dir()):
-        local = str(download_bundle(args.mlflow_uri, name, alias, Path(args.download or f"bundles/{name}-v{mv.version}")))
-    import shlex
-
+        local = str(
+            download_bundle(
+                args.mlflow_uri, name, alias, Path(args.download or f"bundles/{name}-v{mv.version}")
+            )
+        )
     print(f"# models:/{name}@{alias} = version {mv.version} (run {mv.tags.get('sftflow.run_id', '?')})")
     print(f"cd {shlex.quote(str(Path(local).resolve()))} && {shlex.join(argv)}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sftflow", description="SFT as a scheduled, tracked Prefect pipeline")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="sftflow", description="SFT as a scheduled, tracked Prefect pipeline")
+    sub = top.add_subparsers(dest="command", required=True)
 
     def with_config(p):
         p.add_argument("config", help="pipeline YAML (see configs/)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2"
+        )
+        return p
+
+    def with_mlflow(p):
+        p.add_argument(
+            "--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+        )
         return p
 
     run = with_config(sub.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     run.add_argument("--run-id", help="reuse/resume this run id (default: <run_name>-<utc time>-<rand>)")
     run.add_argument("--summary-json", help="also write the summary to this file")
-    run.add_argument("--force", action="store_true", help="retrain even when data, config and code are unchanged")
+    run.add_argument(
+        "--force", action="store_true", help="retrain even when data, config and code are unchanged"
+    )
     with_config(sub.add_parser("validate", help="check a config; exit 2 naming each bad field"))
     sub.add_parser("schema", help="print the config JSON schema")
     for stage in STAGES:
         p = with_config(sub.add_parser(stage, help=f"run the {stage} stage alone on an existing run"))
         p.add_argument("--run-id", required=True)
         if stage == "train":
-            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    reg = sub.add_parser("registry", help="list versions, promote or roll back the champion")
+            p.add_argument(
+                "--resume", action="store_true", help="continue from the newest complete checkpoint"
+            )
+    reg = with_mlflow(sub.add_parser("registry", help="list versions, promote or roll back the champion"))
     reg.add_argument("action", choices=["list", "promote", "rollback"])
     reg.add_argument("name")
     reg.add_argument("version", nargs="?")
-    reg.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"))
-
-    sc = sub.add_parser("serve-command", help="print the vllm serve command for models:/NAME@ALIAS")
+    sc = with_mlflow(
+        sub.add_parser("serve-command", help="print the vllm serve command for models:/NAME@ALIAS")
+    )
     sc.add_argument("ref", metavar="NAME@ALIAS")
-    sc.add_argument("--download", metavar="DIR", help="download the bundle here (default: use the local bundle if present)")
-    sc.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"))
+    sc.add_argument(
+        "--download", metavar="DIR", help="download the bundle here (default: the local bundle if present)"
+    )
+    return top
 
-    args = parser.parse_args(argv)
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "schema": cmd_schema,
+    "registry": cmd_registry,
+    "serve-command": cmd_serve_command,
+    **{stage: cmd_stage for stage in STAGES},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.command == "registry" and args.action == "promote" and not args.version:
+        cli.error("registry promote needs NAME VERSION")
     try:
-        if args.command == "validate":
-            cfg = load_config(args.config, args.set)
-            print(f"{args.config}: valid (run_name={cfg.run_name}, method={cfg.train.method}, "
-                  f"deepspeed={cfg.train.deepspeed}, config hash {cfg.section_hash()})")
-            return 0
-        if args.command == "schema":
-            print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
-            return 0
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "serve-command":
-            return cmd_serve_command(args)
-        if args.command == "registry":
-            if args.action == "promote" and not args.version:
-                parser.error("registry promote needs NAME VERSION")
-            return cmd_registry(args)
-        return cmd_stage(args)
+        return COMMANDS[args.command](args)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -1,63 +1,98 @@
 """The pipeline, read top to bottom: format -> train -> merge -> evaluate -> handoff.
 
-Each stage is a retriable Prefect task (tasks/<stage>.py) that reads the previous stages'
-manifests from the run directory and writes its own; the results passed along are small.
+Each stage is a retriable Prefect task (``tasks/<stage>.py``). What one stage hands the next
+is passed along here, so the data flow reads off this file and Prefect draws it as edges:
+
+    data     FormatResult   packed train/eval datasets, eval prompts, the chat template
+    trained  TrainResult    the adapter (or full model) and its final loss
+    merged   MergeResult    the standalone model, verified against base+adapter
+    scores   EvalResult     base vs candidate (vs champion) and the gate's decision
+    bundle   HandoffResult  the vLLM bundle, its registry version and aliases
+
+The results are small (paths and figures); each stage's manifest is the durable record, and
+any result can be rebuilt from it (``sftflow <stage> --run-id`` runs one stage alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from tasks.config import load_config
 from tasks.evaluate import evaluate_task
-from tasks.fingerprint import unchanged_task
 from tasks.format import format_task
 from tasks.handoff import handoff_task
 from tasks.merge import merge_task
-from tasks.rundir import new_run_id, run_dir
+from tasks.paths import new_run_id, run_dir
+from tasks.quiet import quiet_libraries
 from tasks.stage import stage_logger
 from tasks.tracking import Tracker, redact
 from tasks.train import train_task
+from tasks.unchanged import unchanged_task
 
 
 @flow(name="sft-pipeline")
-def sft_pipeline(config_path: str, overrides: list[str] | None = None, run_id: str | None = None,
-                 force: bool = False) -> dict:
+def sft_pipeline(
+    config_path: str, overrides: list[str] | None = None, run_id: str | None = None, force: bool = False
+) -> dict:
     t0 = time.monotonic()
+    quiet_libraries()
     cfg = load_config(config_path, overrides)
     run_id = run_id or new_run_id(cfg.run_name)
     # A nightly run with the same data, config and code has nothing to train: say so and stop
     # (Prefect records it as "Unchanged"; MLflow gets no empty run).
     if not force and (same := unchanged_task(cfg)):
-        return Completed(name="Unchanged", message=f"unchanged since version {same['version']} (run {same['run_id']})",
-                         data={"run_id": run_id, "unchanged": True, "same_as": same,
-                               "seconds": round(time.monotonic() - t0, 2)})
+        summary = {
+            "run_id": run_id,
+            "unchanged": True,
+            "same_as": dataclasses.asdict(same),
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+        return Completed(
+            name="Unchanged",
+            message=f"unchanged since version {same.version} (run {same.run_id})",
+            data=summary,
+        )
     tracker = Tracker(cfg, run_id)  # fails fast when MLflow cannot be reached
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
     try:
         data = format_task(cfg, run_id)
-        trained = train_task(cfg, run_id)
-        merged = merge_task(cfg, run_id)
-        scores = evaluate_task(cfg, run_id)
-        bundle = handoff_task(cfg, run_id)
+        trained = train_task(cfg, run_id, data)
+        merged = merge_task(cfg, run_id, data, trained)
+        scores = evaluate_task(cfg, run_id, data, merged)
+        bundle = handoff_task(cfg, run_id, data, trained, merged, scores)
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish()
     summary = {
-        "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()),
-        "counts": data.counts, "train_loss": trained.train_loss, "steps": trained.global_step,
-        "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores,
-        "promoted": scores.promote, "gate": scores.reason,
-        "registered_model": bundle.registered_model, "version": bundle.version, "aliases": bundle.aliases,
-        "bundle": bundle.bundle, "serve_command": bundle.serve_command, "mlflow_uri": redact(cfg.mlflow_uri),
-        "mlflow_run_id": parent, "seconds": round(time.monotonic() - t0, 2),
+        "run_id": run_id,
+        "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()),
+        "counts": data.counts,
+        "train_loss": trained.train_loss,
+        "steps": trained.global_step,
+        "merge_max_logit_diff": merged.max_logit_diff,
+        "scores": scores.scores,
+        "promoted": scores.gate_passed,
+        "gate": scores.reason,
+        "registered_model": bundle.registered_model,
+        "version": bundle.version,
+        "aliases": bundle.aliases,
+        "bundle": bundle.bundle,
+        "serve_script": bundle.serve_script,
+        "mlflow_uri": redact(cfg.mlflow_uri),
+        "mlflow_run_id": parent,
+        "prefect_flow_run_id": flow_run.id,
+        "seconds": round(time.monotonic() - t0, 2),
     }
     # A refused candidate is an outcome, not a crash: the run completes in a state that says so.
-    if scores.promote:
-        return Completed(message=f"promoted: {bundle.registered_model}@champion = v{bundle.version}", data=summary)
+    if scores.gate_passed:
+        return Completed(
+            message=f"promoted: {bundle.registered_model}@champion = v{bundle.version}", data=summary
+        )
     return Completed(name="Not promoted", message=f"not promoted: {scores.reason}", data=summary)

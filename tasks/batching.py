@@ -30,7 +30,11 @@ class Collator:
             pos.append(list(r.get("position_ids") or range(n)) + list(range(extra)))
             self.real_tokens += n
         self.total_tokens += width * len(rows)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(pos),
+        }
 
     @property
     def real_fraction(self) -> float:

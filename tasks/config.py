@@ -7,13 +7,17 @@ loaded. Errors name the field (``train.lora.r``) and suggest the closest key for
 from __future__ import annotations
 
 import difflib
-import hashlib
+import glob
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.hashing import hash_json
 
 DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
@@ -24,27 +28,56 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field("smollm2-135m", description="HF model folder, or an alias: smollm2-135m, tiny-llama")
+    name_or_path: str = Field(
+        "smollm2-135m", description="HF model folder, or an alias: smollm2-135m, tiny-llama"
+    )
 
 
 class DataConfig(Section):
-    path: str | list[str] = Field(..., description="JSON/JSONL/CSV/Parquet file(s), globs, a save_to_disk folder, "
-                                                   "or a hub dataset name (when the hub is reachable)")
-    eval_path: str | list[str] | None = Field(None, description="separate eval data; otherwise eval_fraction is split off")
+    path: str | list[str] = Field(
+        ...,
+        description="JSON/JSONL/CSV/Parquet file(s), globs, a save_to_disk folder, "
+        "or a hub dataset name (when the hub is reachable)",
+    )
+    eval_path: str | list[str] | None = Field(
+        None, description="separate eval data; otherwise eval_fraction is split off"
+    )
     format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
-    roles: dict[str, str] = Field(default_factory=dict,
-                                  description="sharegpt `from` value -> system/user/assistant, added to the defaults")
-    template: str = Field("auto", description="auto (tokenizer chat template, else alpaca), alpaca, chatml, or a .jinja path")
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="sharegpt `from` value -> system/user/assistant, added to the defaults",
+    )
+    template: str = Field(
+        "auto", description="auto (tokenizer chat template, else alpaca), alpaca, chatml, or a .jinja path"
+    )
     max_seq_len: int = Field(512, gt=0)
     packing: bool = True
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="split off for eval when there is no eval_path")
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     train_on_inputs: bool = False
     excess_length: Literal["drop", "truncate", "error"] = "drop"
     seed: int = 42
-    num_proc: int | None = Field(None, gt=0, description="tokenizing processes (default: 1 below 20k records, else the CPUs)")
+    num_proc: int | None = Field(
+        None, gt=0, description="tokenizing processes (default: 1 below 20k records, else the CPUs)"
+    )
     cache: bool = Field(True, description="reuse the output of an identical earlier format run")
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _sources(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for item in [v] if isinstance(v, str) else v or []:
+            if problem := source_problem(item):
+                raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _eval_split(self) -> DataConfig:
+        if not self.eval_path and self.eval_fraction == 0:
+            raise ValueError(
+                "eval_fraction must be > 0 when there is no eval_path (the eval set is split off)"
+            )
+        return self
 
     @field_validator("roles")
     @classmethod
@@ -57,11 +90,44 @@ class DataConfig(Section):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        known = {"instruction", "input", "output", "system", "messages", "conversations", "prompt", "completion", "text"}
+        known = {
+            "instruction",
+            "input",
+            "output",
+            "system",
+            "messages",
+            "conversations",
+            "prompt",
+            "completion",
+            "text",
+        }
         for key in v:
             if key not in known:
                 raise ValueError(f"unknown canonical column {key!r}; expected one of {sorted(known)}")
         return v
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".tsv")
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def source_problem(item: str) -> str | None:
+    """Why a data source cannot be read, for what can be told without reading it."""
+    if any(ch in item for ch in "*?["):
+        return None if glob.glob(item, recursive=True) else f"the glob {item!r} matches no file"
+    path = Path(item)
+    if path.exists():
+        return None
+    if path.is_absolute() or item.startswith(("./", "../", "~")) or path.suffix.lower() in DATA_SUFFIXES:
+        return f"{item} does not exist"
+    if HUB_NAME.match(item) and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return (
+            f"{item!r} is neither a local file nor folder, and as a hub dataset name it cannot be loaded: "
+            "HF_HUB_OFFLINE is set"
+        )
+    if not HUB_NAME.match(item):
+        return f"{item} does not exist (and is not a hub dataset name such as 'org/name')"
+    return None
 
 
 class LoraConfig(Section):
@@ -74,10 +140,15 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     method: Literal["qlora", "lora", "full"] = "lora"
     quantization_bits: Literal[4, 8] = Field(
-        4, description="method qlora: base weights in 4-bit nf4 (QLoRA) or 8-bit (LLM.int8)")
-    deepspeed: str = Field("zero2", description=f"a preset ({', '.join(DEEPSPEED_PRESETS)}) or a JSON file path")
+        4, description="method qlora: base weights in 4-bit nf4 (QLoRA) or 8-bit (LLM.int8)"
+    )
+    deepspeed: str = Field(
+        "zero2", description=f"a preset ({', '.join(DEEPSPEED_PRESETS)}) or a JSON file path"
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16/fp16 on GPU, fp32 on CPU"
+    )
     learning_rate: float = Field(2e-4, ge=0)
     lr_scheduler: str = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -86,14 +157,19 @@ class TrainConfig(Section):
     max_steps: int = Field(-1, description="-1: run the epochs")
     micro_batch_size: int = Field(4, gt=0)
     group_by_length: bool = Field(
-        True, description="batch rows of similar length together (transformers' LengthGroupedSampler): less padding")
+        True,
+        description="batch rows of similar length together (transformers' LengthGroupedSampler): less padding",
+    )
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_processes: int = Field(1, gt=0, description="processes (GPUs) per node")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs")
     master_addr: str = "127.0.0.1"
     master_port: int = Field(0, ge=0, lt=65536, description="0: pick a free port")
     memory_budget_gb: float | None = Field(
-        None, gt=0, description="per-device memory the estimate is checked against (default: what the device has)")
+        None,
+        gt=0,
+        description="per-device memory the estimate is checked against (default: what the device has)",
+    )
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
     logging_steps: int = Field(1, gt=0)
@@ -115,14 +191,17 @@ class TrainConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _combinations(self) -> "TrainConfig":
+    def _combinations(self) -> TrainConfig:
         if self.method == "qlora" and self.deepspeed in ("zero3", "zero3_offload"):
-            raise ValueError("method qlora cannot use ZeRO-3 (it would partition the quantized weights): "
-                             "use deepspeed zero2 or zero2_offload, or method lora with zero3")
+            raise ValueError(
+                "method qlora cannot use ZeRO-3 (it would partition the quantized weights): "
+                "use deepspeed zero2 or zero2_offload, or method lora with zero3"
+            )
         # only a non-default value is an error, so a dumped config (MLflow's config.yaml) loads again
         if self.quantization_bits != 4 and self.method != "qlora":
-            raise ValueError(f"quantization_bits: {self.quantization_bits} applies to method qlora only, "
-                             f"not {self.method}")
+            raise ValueError(
+                f"quantization_bits: {self.quantization_bits} applies to method qlora only, not {self.method}"
+            )
         if self.method == "qlora" and self.precision == "fp16":
             raise ValueError("method qlora with precision fp16 is unstable; use auto, bf16 or fp32")
         return self
@@ -143,15 +222,23 @@ class TrainConfig(Section):
             return v
         close = difflib.get_close_matches(v, DEEPSPEED_PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown DeepSpeed preset {v!r}{hint}; expected one of {list(DEEPSPEED_PRESETS)} or a .json path")
+        raise ValueError(
+            f"unknown DeepSpeed preset {v!r}{hint}; expected one of {list(DEEPSPEED_PRESETS)} or a .json path"
+        )
 
 
 class MergeConfig(Section):
     base: Literal["dequantized", "original"] = Field(
-        "dequantized", description="QLoRA only: merge onto the dequantized 4-bit base (reproduces training) or the original weights")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU")
+        "dequantized",
+        description="QLoRA only: merge onto the dequantized 4-bit base (reproduces training) or the original weights",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on GPU"
+    )
     max_logit_diff: float = Field(1e-3, gt=0)
-    max_shard_size_mb: int = Field(400, gt=0, description="merged safetensors shards; the merge's peak RAM is about two shards")
+    max_shard_size_mb: int = Field(
+        400, gt=0, description="merged safetensors shards; the merge's peak RAM is about two shards"
+    )
     verify_prompts: int = Field(4, gt=0)
 
 
@@ -159,7 +246,9 @@ SHIPPED_METRICS = ("rouge_l", "exact_match", "bleu")
 
 
 class GateConfig(Section):
-    metric: str = Field("rouge_l", description="eval_loss, perplexity (lower is better) or a generation metric")
+    metric: str = Field(
+        "rouge_l", description="eval_loss, perplexity (lower is better) or a generation metric"
+    )
     min_delta: float = Field(0.0, description="the candidate must beat each reference by more than this")
     against: Literal["base", "champion", "both"] = "both"
 
@@ -168,8 +257,10 @@ class EvalConfig(Section):
     max_samples: int = Field(32, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
-    metrics: list[str] = Field(default_factory=lambda: list(SHIPPED_METRICS),
-                               description="shipped (rouge_l, exact_match, bleu) or paths to local `evaluate` modules")
+    metrics: list[str] = Field(
+        default_factory=lambda: list(SHIPPED_METRICS),
+        description="shipped (rouge_l, exact_match, bleu) or paths to local `evaluate` modules",
+    )
     gate: GateConfig = Field(default_factory=GateConfig)
 
     @field_validator("metrics")
@@ -179,16 +270,20 @@ class EvalConfig(Section):
             if name not in SHIPPED_METRICS and not Path(name).exists():
                 close = difflib.get_close_matches(name, SHIPPED_METRICS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown metric {name!r}{hint}: use {list(SHIPPED_METRICS)} or a path to a local "
-                                 "evaluate module (the hub is not reachable offline)")
+                raise ValueError(
+                    f"unknown metric {name!r}{hint}: use {list(SHIPPED_METRICS)} or a path to a local "
+                    "evaluate module (the hub is not reachable offline)"
+                )
         return v
 
     @model_validator(mode="after")
-    def _gate_metric(self) -> "EvalConfig":
+    def _gate_metric(self) -> EvalConfig:
         custom = any(m not in SHIPPED_METRICS for m in self.metrics)
         if not custom and self.gate.metric not in {"eval_loss", "perplexity", *self.metrics}:
-            raise ValueError(f"gate.metric {self.gate.metric!r} is not computed: choose eval_loss, perplexity "
-                             f"or one of eval.metrics {self.metrics}")
+            raise ValueError(
+                f"gate.metric {self.gate.metric!r} is not computed: choose eval_loss, perplexity "
+                f"or one of eval.metrics {self.metrics}"
+            )
         return self
 
 
@@ -197,20 +292,33 @@ class ServeConfig(Section):
     served_model_name: str | None = Field(None, description="default: run_name")
     dtype: str = "auto"
     max_lora_rank: int = Field(64, gt=0)
-    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (http://host:port/v1) to smoke-test")
-    launch: bool = Field(False, description="start the serving command first and stop it after the smoke test")
-    command: list[str] | None = Field(None, description="server argv when launching (default: the bundle's vllm serve); "
-                                                       "{model} {host} {port} {served_model_name} are filled in")
+    endpoint: str | None = Field(
+        None, description="OpenAI-compatible base URL (http://host:port/v1) to smoke-test"
+    )
+    launch: bool = Field(
+        False, description="start the serving command first and stop it after the smoke test"
+    )
+    command: list[str] | None = Field(
+        None,
+        description="server argv when launching (default: the bundle's vllm serve); "
+        "{model} {host} {port} {served_model_name} are filled in",
+    )
     health_timeout_s: int = Field(600, gt=0)
     smoke_prompts: int = Field(3, gt=0, description="eval prompts sent as chat completions")
     max_tokens: int = Field(256, gt=0)
-    hot_swap: bool = Field(False, description="adapter mode: load a promoted adapter into the running vLLM at endpoint")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's API key")
+    hot_swap: bool = Field(
+        False, description="adapter mode: load a promoted adapter into the running vLLM at endpoint"
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="environment variable holding the endpoint's API key"
+    )
 
     @model_validator(mode="after")
-    def _needs_endpoint(self) -> "ServeConfig":
+    def _needs_endpoint(self) -> ServeConfig:
         if (self.launch or self.hot_swap) and not self.endpoint:
-            raise ValueError("serve.launch and serve.hot_swap need serve.endpoint (e.g. http://127.0.0.1:8000/v1)")
+            raise ValueError(
+                "serve.launch and serve.hot_swap need serve.endpoint (e.g. http://127.0.0.1:8000/v1)"
+            )
         if self.hot_swap and self.mode != "adapter":
             raise ValueError("serve.hot_swap loads a LoRA adapter: it needs serve.mode adapter")
         if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
@@ -225,8 +333,11 @@ class TrackingConfig(Section):
 
 
 class PipelineConfig(Section):
-    run_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                          description="letters, digits, . _ - (it names run directories and the registered model)")
+    run_name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="letters, digits, . _ - (it names run directories and the registered model)",
+    )
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
@@ -237,11 +348,17 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "PipelineConfig":
+    def _cross_checks(self) -> PipelineConfig:
         if self.serve.mode == "adapter" and self.train.method == "full":
-            raise ValueError("serve.mode: adapter needs train.method lora or qlora (full fine-tuning has no adapter)")
-        if self.train.method != "full" and self.train.lora.r > self.serve.max_lora_rank:
-            raise ValueError(f"train.lora.r={self.train.lora.r} exceeds serve.max_lora_rank={self.serve.max_lora_rank}")
+            raise ValueError(
+                "serve.mode: adapter needs train.method lora or qlora (full fine-tuning has no adapter)"
+            )
+        # vLLM sees the rank only when it loads the adapter; a merged model has none
+        if self.serve.mode == "adapter" and self.train.lora.r > self.serve.max_lora_rank:
+            raise ValueError(
+                f"train.lora.r={self.train.lora.r} exceeds serve.max_lora_rank={self.serve.max_lora_rank}"
+                " (vLLM's --max-lora-rank in adapter mode)"
+            )
         return self
 
     # Derived values live here so every stage computes them the same way.
@@ -262,10 +379,6 @@ class PipelineConfig(Section):
         return hash_json({s: data[s] for s in sections} if sections else data)
 
 
-def hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class ConfigError(Exception):
     """A config that cannot be used; the message names every bad field."""
 
@@ -274,7 +387,9 @@ def _suggest(loc: tuple, root: type[BaseModel]) -> str:
     """'did you mean' for an unknown key, searched among the fields at that level."""
     model: Any = root
     for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
         if field is None:
             return ""
         model = field.annotation
@@ -321,7 +436,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}"
+        )
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -338,5 +455,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def deepspeed_config(cfg: PipelineConfig) -> dict:
-    path = PRESET_DIR / f"{cfg.train.deepspeed}.json" if cfg.train.deepspeed in DEEPSPEED_PRESETS else Path(cfg.train.deepspeed)
+    path = (
+        PRESET_DIR / f"{cfg.train.deepspeed}.json"
+        if cfg.train.deepspeed in DEEPSPEED_PRESETS
+        else Path(cfg.train.deepspeed)
+    )
     return json.loads(path.read_text())

@@ -1,10 +1,14 @@
 """Merge stage: adapter + base -> one standalone model, verified before it is put in place.
 
+Reads the train stage's adapter (or full model), the base model and the format stage's eval
+prompts; writes ``<run>/merge/model/`` (safetensors shards, config, tokenizer with the training
+chat template, and a generation config whose EOS covers the end-of-turn token).
+
 The merge runs shard by shard over the base's safetensors files (peak memory near one copy
 of the model). The result is written to a temp folder, reloaded from disk and compared with
 base+adapter on fixed eval prompts; only if the max |logit diff| is within
-``merge.max_logit_diff`` is it renamed to ``<run>/merge/model``. For QLoRA the default base
-is the dequantized 4- or 8-bit one the adapter was trained against (``merge.base: dequantized``).
+``merge.max_logit_diff`` is it renamed into place. For QLoRA the default base is the
+dequantized 4- or 8-bit one the adapter was trained against (``merge.base: dequantized``).
 """
 
 from __future__ import annotations
@@ -14,38 +18,19 @@ import gc
 import json
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
 from tasks.config import PipelineConfig
+from tasks.faults import fault
+from tasks.files import atomic_dir
 from tasks.models import load_tokenizer, pick_dtype, qlora_config, resolve_model
-from tasks.rundir import Manifest, atomic_dir, fault, load_manifest, stage_dir, start_stage
-from tasks.stage import tracked_stage
+from tasks.results import FormatResult, MergeResult, TrainResult
+from tasks.stage import open_stage
+from tasks.templating import stop_token_ids
 
-
-@dataclass
-class MergeResult:
-    run_id: str
-    model_path: str
-    max_logit_diff: float
-    top1_agreement: float
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token(s) that close an assistant turn in the chat template, plus EOS."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    marker = "sftflow-answer"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                         tokenize=False)
-    after = text.split(marker, 1)[-1]
-    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
-    for tid in tokenizer(after, add_special_tokens=False)["input_ids"]:
-        if tid in special:
-            ids.append(tid)
-            break
-    return list(dict.fromkeys(ids))
+SECTIONS = ("model", "train", "merge")
 
 
 def verification_inputs(tokenizer, eval_records: Path, n: int) -> list:
@@ -120,9 +105,15 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple]:
         raise NotImplementedError(f"shard-wise merge does not handle adapter options {unsupported}")
     scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    factors = {key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"):
-               (a, tensors[key.replace(".lora_A.", ".lora_B.")], scale)
-               for key, a in tensors.items() if ".lora_A." in key}
+    factors = {
+        key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (
+            a,
+            tensors[key.replace(".lora_A.", ".lora_B.")],
+            scale,
+        )
+        for key, a in tensors.items()
+        if ".lora_A." in key
+    }
     if not factors:
         raise ValueError(f"{adapter_dir}: the adapter holds no LoRA weights (an empty ZeRO-3 save?)")
     return factors
@@ -133,12 +124,15 @@ def _shard_plan(base_dir: Path, max_mb: int) -> list[list[tuple[str, str]]]:
     from safetensors import safe_open
 
     index = base_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
     sizes = []
     for file in files:
         with safe_open(str(base_dir / file), "pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 sl = f.get_slice(name)
                 sizes.append((name, file, sl.get_shape(), sl.get_dtype()))
     nbytes = [math.prod(shape) * (2 if "16" in dt else 1 if "8" in dt else 4) for _, _, shape, dt in sizes]
@@ -161,8 +155,9 @@ def dequantize(module):
     return dequantize_bnb_weight(module.weight, getattr(module, "state", None))
 
 
-def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_mb: int,
-                 dequantized: dict | None = None) -> None:
+def merge_shards(
+    base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_mb: int, dequantized: dict | None = None
+) -> None:
     """Write the merged model one output shard at a time, so peak memory stays near one shard.
 
     The base files are opened per output shard (safetensors memory-maps them; closing releases
@@ -178,7 +173,9 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
         shard = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         out = {}
         with contextlib.ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(str(base_dir / f), "pt")) for f in {f for _, f in group}}
+            handles = {
+                f: stack.enter_context(safe_open(str(base_dir / f), "pt")) for f in {f for _, f in group}
+            }
             for name, file in group:
                 w = handles[file].get_tensor(name)
                 if dequantized and name in dequantized:
@@ -197,7 +194,8 @@ def merge_shards(base_dir: Path, out_dir: Path, factors: dict, dtype, max_shard_
         raise ValueError(f"adapter weights without a base weight: {sorted(left)[:3]}")
     if len(groups) > 1:
         (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     config = json.loads((base_dir / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
@@ -217,97 +215,164 @@ def dequantized_copy(base_path: Path, quantized: dict, dtype):
     return model
 
 
-def run_merge(cfg: PipelineConfig, run_id: str, log=print) -> MergeResult:
-    """Reference logits first (base+adapter, as trained), then the shard-wise merge, then a reload
-    from disk compared against them: at no point are two full copies of the model in memory."""
+def full_reference(model_dir: Path, out: Path, inputs: list, scratch: Path, dtype, max_shard_mb: int) -> list:
+    """Full fine-tuning: the trained model is the merged model; its logits are the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    reference = spill_logits(model, inputs, scratch, "trained")
+    fault("merge:reference")
+    model.save_pretrained(out, max_shard_size=f"{max_shard_mb}MB")
+    return reference
+
+
+def quantized_reference(
+    cfg: PipelineConfig,
+    base_path: Path,
+    adapter: Path,
+    inputs: list,
+    scratch: Path,
+    dtype,
+    original: list,
+    metrics: dict,
+    log,
+):
+    """QLoRA: base+adapter logits as trained, on the 4-/8-bit base; returns them and the quantized
+    linears by weight name (their dequantized values are what the merge writes)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    bits = cfg.train.quantization_bits
+    qbase = AutoModelForCausalLM.from_pretrained(
+        base_path, quantization_config=qlora_config(dtype, bits), dtype=dtype
+    )
+    quantized = {
+        f"{n}.weight": m
+        for n, m in qbase.named_modules()
+        if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+    }
+    for m in quantized.values():
+        # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode; training used the
+        # plain dequantize + matmul path, so verify against that one.
+        m.support_avx512bf16_for_cpu = False
+    as_trained = spill_logits(PeftModel.from_pretrained(qbase, adapter), inputs, scratch, f"{bits}bit")
+    if bits == 8:
+        # LLM.int8 also rounds the activations to int8, which no float model reproduces: check the
+        # merge against the dequantized weights + adapter in float, and record how much that moves.
+        floats = PeftModel.from_pretrained(dequantized_copy(base_path, quantized, dtype), adapter)
+        as_float = spill_logits(floats, inputs, scratch, "8bit-float")
+        metrics["int8_activation_logit_diff"] = compare_logits(as_float, as_trained)[0]
+        log(
+            f"merge: int8 activation rounding moves the logits by up to {metrics['int8_activation_logit_diff']:.3e}; "
+            "verifying against the dequantized base in float"
+        )
+        as_trained = as_float
+    metrics["base_choice_logit_diff"] = compare_logits(original, as_trained)[0]
+    log(
+        f"merge: {bits}-bit vs original base (with the adapter) differ by up to "
+        f"{metrics['base_choice_logit_diff']:.3e} in the logits; merging onto the {cfg.merge.base} base"
+    )
+    return as_trained, quantized
+
+
+def merge_adapter(
+    cfg: PipelineConfig,
+    base_path: Path,
+    adapter: Path,
+    out: Path,
+    inputs: list,
+    scratch: Path,
+    dtype,
+    metrics: dict,
+    log,
+) -> list:
+    """Reference logits (base+adapter as trained), then the shard-wise merge into ``out``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    fmt = load_manifest(cfg.output_dir, run_id, "format")
-    trained = load_manifest(cfg.output_dir, run_id, "train")
-    out = stage_dir(cfg.output_dir, run_id, "merge")
-    start_stage(out)
-    man = Manifest("merge", run_id, cfg.section_hash("merge"))
-    man.add_input("train_output", Path(trained["outputs"]["model"]))
-    base_path = resolve_model(cfg.model.name_or_path)
-    dtype = pick_dtype(cfg.merge.dtype)
-    tokenizer = load_tokenizer(base_path)
-    tokenizer.chat_template = Path(fmt["outputs"]["chat_template"]).read_text(encoding="utf-8")
-    inputs = verification_inputs(tokenizer, Path(fmt["outputs"]["eval_records"]), cfg.merge.verify_prompts)
-    method, adapter = cfg.train.method, Path(trained["outputs"]["model"])
-    metrics: dict = {}
-
-    with atomic_dir(out / "model") as tmp, tempfile.TemporaryDirectory(dir=out) as scratch_dir:
-        scratch = Path(scratch_dir)
-        if method == "full":
-            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype)
-            reference = spill_logits(model, inputs, scratch, "trained")
-            fault("merge:reference")
-            model.save_pretrained(tmp, max_shard_size=f"{cfg.merge.max_shard_size_mb}MB")
-            del model
+    factors = lora_factors(adapter)
+    original = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    reference = spill_logits(PeftModel.from_pretrained(original, adapter), inputs, scratch, "original")
+    fault("merge:reference")
+    del original
+    release_memory()
+    quantized = None
+    if cfg.train.method == "qlora":
+        as_trained, quantized = quantized_reference(
+            cfg, base_path, adapter, inputs, scratch, dtype, reference, metrics, log
+        )
+        if cfg.merge.base == "dequantized":
+            reference = as_trained
         else:
-            factors = lora_factors(adapter)
-            original = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-            reference = spill_logits(PeftModel.from_pretrained(original, adapter), inputs, scratch, "original")
-            fault("merge:reference")
-            del original
-            release_memory()
-            qbase = quantized = None
-            if method == "qlora":
-                bits = cfg.train.quantization_bits
-                qbase = AutoModelForCausalLM.from_pretrained(
-                    base_path, quantization_config=qlora_config(dtype, bits), dtype=dtype)
-                quantized = {f"{n}.weight": m for n, m in qbase.named_modules()
-                             if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
-                for m in quantized.values():
-                    # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode; training
-                    # used the plain dequantize + matmul path, so verify against that one.
-                    m.support_avx512bf16_for_cpu = False
-                as_trained = spill_logits(PeftModel.from_pretrained(qbase, adapter), inputs, scratch, f"{bits}bit")
-                if bits == 8:
-                    # LLM.int8 also rounds the activations to int8, which no float model reproduces:
-                    # check the merge against the dequantized weights + adapter in float, and record
-                    # how much that rounding moves the logits.
-                    as_float = spill_logits(PeftModel.from_pretrained(dequantized_copy(base_path, quantized, dtype),
-                                                                      adapter), inputs, scratch, "8bit-float")
-                    metrics["int8_activation_logit_diff"] = compare_logits(as_float, as_trained)[0]
-                    log(f"merge: int8 activation rounding moves the logits by up to "
-                        f"{metrics['int8_activation_logit_diff']:.3e}; verifying against the dequantized base in float")
-                    as_trained = as_float
-                metrics["base_choice_logit_diff"] = compare_logits(reference, as_trained)[0]
-                log(f"merge: {bits}-bit vs original base (with the adapter) differ by up to "
-                    f"{metrics['base_choice_logit_diff']:.3e} in the logits; merging onto the {cfg.merge.base} base")
-                if cfg.merge.base == "dequantized":
-                    reference = as_trained
-                else:
-                    quantized = None
-            merge_shards(base_path, tmp, factors, dtype, cfg.merge.max_shard_size_mb, quantized)
-            del qbase, quantized, factors
-            release_memory()
-            GenerationConfig.from_pretrained(base_path).save_pretrained(tmp)
-        gen = GenerationConfig.from_pretrained(tmp)
-        gen.eos_token_id = end_of_turn_ids(tokenizer)
-        gen.pad_token_id = tokenizer.pad_token_id
-        gen.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        fault("merge:written")  # the merged weights are on disk, not yet verified or renamed
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
-        max_diff, top1 = compare_logits(reference, iter_logits(reloaded, inputs))
-        log(f"merge: merged model (from disk) vs {'the trained model' if method == 'full' else 'base+adapter'} "
-            f"on {len(inputs)} prompts: max |logit diff| {max_diff:.2e}, top-1 agreement {top1:.2%}")
-        if max_diff > cfg.merge.max_logit_diff:
-            raise ValueError(f"merge verification failed: max |logit diff| {max_diff:.3e} > merge.max_logit_diff "
-                             f"{cfg.merge.max_logit_diff:.1e}; the merged model is not kept")
-    fault("merge:manifest")  # renamed into place, manifest not yet written
-    man.outputs = {"model": str(out / "model"), "dtype": str(dtype).removeprefix("torch."),
-                   "eos_token_id": gen.eos_token_id, "base": cfg.merge.base if method == "qlora" else "original"}
-    man.metrics = {"max_logit_diff": max_diff, "top1_agreement": top1, "verify_prompts": len(inputs), **metrics}
-    man.finish(out)
-    return MergeResult(run_id, str(out / "model"), max_diff, top1)
+            quantized = None
+    merge_shards(base_path, out, factors, dtype, cfg.merge.max_shard_size_mb, quantized)
+    del quantized, factors
+    release_memory()
+    GenerationConfig.from_pretrained(base_path).save_pretrained(out)
+    return reference
+
+
+def run_merge(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult, log=None, track: bool = False
+) -> MergeResult:
+    """Reads ``trained.output``, the base and ``data.eval_records``; writes ``<run>/merge/model``.
+
+    Reference logits first (base+adapter, as trained), then the shard-wise merge, then a reload
+    from disk compared against them: at no point are two full copies of the model in memory."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with open_stage(cfg, run_id, "merge", SECTIONS, log, track) as stage:
+        out, method, trained_dir = stage.dir, cfg.train.method, Path(trained.output)
+        stage.manifest.add_input("train_output", trained_dir)
+        base_path = resolve_model(cfg.model.name_or_path)
+        dtype = pick_dtype(cfg.merge.dtype)
+        tokenizer = load_tokenizer(base_path)
+        tokenizer.chat_template = data.template()
+        inputs = verification_inputs(tokenizer, Path(data.eval_records), cfg.merge.verify_prompts)
+        metrics: dict = {}
+        with atomic_dir(out / "model") as tmp, tempfile.TemporaryDirectory(dir=out) as scratch:
+            if method == "full":
+                reference = full_reference(
+                    trained_dir, tmp, inputs, Path(scratch), dtype, cfg.merge.max_shard_size_mb
+                )
+            else:
+                reference = merge_adapter(
+                    cfg, base_path, trained_dir, tmp, inputs, Path(scratch), dtype, metrics, stage.log
+                )
+            generation = GenerationConfig.from_pretrained(tmp)
+            generation.eos_token_id = stop_token_ids(tokenizer, data.template())
+            generation.pad_token_id = tokenizer.pad_token_id
+            generation.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            fault("merge:written")  # the merged weights are on disk, not yet verified or renamed
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
+            max_diff, top1 = compare_logits(reference, iter_logits(reloaded, inputs))
+            against = "the trained model" if method == "full" else "base+adapter"
+            stage.log(
+                f"merge: merged model (from disk) vs {against} on {len(inputs)} prompts: "
+                f"max |logit diff| {max_diff:.2e}, top-1 agreement {top1:.2%}"
+            )
+            if max_diff > cfg.merge.max_logit_diff:
+                raise ValueError(
+                    f"merge verification failed: max |logit diff| {max_diff:.3e} > "
+                    f"merge.max_logit_diff {cfg.merge.max_logit_diff:.1e}; the merged model is not kept"
+                )
+        fault("merge:manifest")  # renamed into place, manifest not yet written
+        stage.manifest.outputs = {
+            "model": str(out / "model"),
+            "dtype": str(dtype).removeprefix("torch."),
+            "eos_token_id": generation.eos_token_id,
+            "base": cfg.merge.base if method == "qlora" else "original",
+        }
+        stage.manifest.metrics = {
+            "max_logit_diff": max_diff,
+            "top1_agreement": top1,
+            "verify_prompts": len(inputs),
+            **metrics,
+        }
+        return stage.finish(MergeResult(run_id, str(out / "model"), max_diff, top1))
 
 
 @task(name="merge", retries=1, retry_delay_seconds=5)
-def merge_task(cfg: PipelineConfig, run_id: str) -> MergeResult:
-    with tracked_stage(cfg, run_id, "merge", "merge") as st:
-        result = run_merge(cfg, run_id, log=st.log)
-    return result
+def merge_task(cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult) -> MergeResult:
+    return run_merge(cfg, run_id, data, trained, track=True)

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import re
 import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import orjson
 
+from tasks.config import HUB_NAME, DataConfig
+
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 CANONICAL_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # undecodable bytes, as surrogateescape keeps them
 SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -42,13 +52,17 @@ def resolve_sources(spec: str | list[str], field: str = "data.path") -> list[str
             out += matches
         elif path.is_dir():
             if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
-                raise ValueError(f"{field}: {item} is a folder but not a dataset saved with save_to_disk "
-                                 "(use a glob such as 'folder/*.jsonl' for a folder of files)")
+                raise ValueError(
+                    f"{field}: {item} is a folder but not a dataset saved with save_to_disk "
+                    "(use a glob such as 'folder/*.jsonl' for a folder of files)"
+                )
             out.append(item)
         elif path.is_file():
             if path.suffix not in FILE_TYPES:
-                raise ValueError(f"{field}: {item}: unsupported file type {path.suffix!r} "
-                                 f"(expected one of {', '.join(FILE_TYPES)})")
+                raise ValueError(
+                    f"{field}: {item}: unsupported file type {path.suffix!r} "
+                    f"(expected one of {', '.join(FILE_TYPES)})"
+                )
             out.append(item)
         elif HUB_NAME.match(item) and not path.suffix:
             out.append(f"hub:{item}")
@@ -83,7 +97,12 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
             except json.JSONDecodeError as e:
                 yield i, BadRecord(f"invalid JSON: {e.msg} at column {e.colno}")
                 continue
-            yield i, rec if isinstance(rec, dict) else BadRecord(f"record is a {type(rec).__name__}, not an object")
+            yield (
+                i,
+                rec
+                if isinstance(rec, dict)
+                else BadRecord(f"record is a {type(rec).__name__}, not an object"),
+            )
 
 
 def _json(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
@@ -92,14 +111,19 @@ def _json(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not a valid JSON file: {e.msg} at column {e.colno} "
-                         "(use JSONL to quarantine bad records one by one)") from None
+        raise ValueError(
+            f"{path}:{e.lineno}: not a valid JSON file: {e.msg} at column {e.colno} "
+            "(use JSONL to quarantine bad records one by one)"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records (or {{\"data\": [...]}})")
+        raise ValueError(f'{path}: expected a JSON array of records (or {{"data": [...]}})')
     for i, rec in enumerate(data, 1):
-        yield i, rec if isinstance(rec, dict) else BadRecord(f"record is a {type(rec).__name__}, not an object")
+        yield (
+            i,
+            rec if isinstance(rec, dict) else BadRecord(f"record is a {type(rec).__name__}, not an object"),
+        )
 
 
 def _csv(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
@@ -112,8 +136,13 @@ def _csv(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
                 raise ValueError(f"{path}: the CSV file has no header row")
             for i, row in enumerate(reader, 1):
                 if None in row:
-                    yield i, BadRecord(f"row has {len(reader.fieldnames) + len(row[None])} fields, "
-                                       f"the header has {len(reader.fieldnames)}")
+                    yield (
+                        i,
+                        BadRecord(
+                            f"row has {len(reader.fieldnames) + len(row[None])} fields, "
+                            f"the header has {len(reader.fieldnames)}"
+                        ),
+                    )
                 elif all(v in ("", None) for v in row.values()):
                     continue
                 elif bad := next((k for k, v in row.items() if BAD_BYTES.search(v)), None):
@@ -139,8 +168,10 @@ def iter_source(source: str) -> Iterator[tuple[int, dict | BadRecord]]:
         try:
             ds = load_dataset(source[4:], split="train")
         except Exception as e:  # the hub or the name; either way the user must see the cause
-            raise ValueError(f"data.path: {source[4:]!r} is not a local file and could not be loaded from the "
-                             f"Hugging Face hub: {e}") from None
+            raise ValueError(
+                f"data.path: {source[4:]!r} is not a local file and could not be loaded from the "
+                f"Hugging Face hub: {e}"
+            ) from None
         yield from _rows([r] for r in ds)
         return
     path = Path(source)
@@ -152,7 +183,7 @@ def iter_source(source: str) -> Iterator[tuple[int, dict | BadRecord]]:
             if "train" not in ds:
                 raise ValueError(f"{path}: saved DatasetDict has no 'train' split (it has {list(ds)})")
             ds = ds["train"]
-        yield from _rows(([r] for r in ds))
+        yield from _rows([r] for r in ds)
     elif path.suffix == ".jsonl":
         yield from _jsonl(path)
     elif path.suffix == ".json":
@@ -167,8 +198,9 @@ def iter_source(source: str) -> Iterator[tuple[int, dict | BadRecord]]:
 
 # ---------------------------------------------------------------- shapes
 
+
 def detect_format(record: dict, columns: dict[str, str]) -> str:
-    col = lambda name: columns.get(name, name)  # noqa: E731
+    col = lambda name: columns.get(name, name)
     if col("messages") in record:
         return "messages"
     if col("conversations") in record:
@@ -209,25 +241,34 @@ def _turns(record: dict, key: str) -> list:
     return turns
 
 
-def to_messages(record: dict, fmt: str, columns: dict[str, str], roles: dict[str, str]) -> list[dict]:
+def to_messages(record: dict, shape: str, columns: dict[str, str], roles: dict[str, str]) -> list[dict]:
     """One record in any supported shape -> a list of {role, content} with >= 1 assistant turn.
 
     ``roles`` maps sharegpt ``from`` values onto system/user/assistant.
     """
-    col = lambda name: columns.get(name, name)  # noqa: E731
-    if fmt == "alpaca":
+    col = lambda name: columns.get(name, name)
+    if shape == "alpaca":
         instruction, extra = _text(record, col("instruction")), _text(record, col("input"), required=False)
-        msgs = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction},
-                {"role": "assistant", "content": _text(record, col("output"))}]
+        msgs = [
+            {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction},
+            {"role": "assistant", "content": _text(record, col("output"))},
+        ]
         system = _text(record, col("system"), required=False)
         return ([{"role": "system", "content": system}] if system.strip() else []) + msgs
-    if fmt == "completion":
+    if shape == "completion":
         if col("prompt") not in record and col("text") in record:
             return [{"role": "text", "content": _text(record, col("text"))}]
-        return [{"role": "user", "content": _text(record, col("prompt"))},
-                {"role": "assistant", "content": _text(record, col("completion"))}]
-    if fmt == "messages":
-        key, role_key, text_key, role_map = col("messages"), "role", "content", {r: r for r in CANONICAL_ROLES}
+        return [
+            {"role": "user", "content": _text(record, col("prompt"))},
+            {"role": "assistant", "content": _text(record, col("completion"))},
+        ]
+    if shape == "messages":
+        key, role_key, text_key, role_map = (
+            col("messages"),
+            "role",
+            "content",
+            {r: r for r in CANONICAL_ROLES},
+        )
     else:
         key, role_key, text_key, role_map = col("conversations"), "from", "value", roles
     msgs = []
@@ -241,3 +282,71 @@ def to_messages(record: dict, fmt: str, columns: dict[str, str], roles: dict[str
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord("no assistant turn")
     return msgs
+
+
+# ---------------------------------------------------------------- every source into one Arrow file
+
+
+def read_records(
+    d: DataConfig, sources: list[tuple[str, str]], arrow_path: Path, quarantine_path: Path, log
+) -> tuple[Counter, dict, Counter]:
+    """Stream every record of every source into an Arrow file of accepted, deduplicated
+    conversations (conv, source, line, split); quarantine the rest with file, line and reason."""
+    import pyarrow as pa
+
+    roles = {**SHAREGPT_ROLES, **d.roles}
+    schema = pa.schema(
+        [("conv", pa.string()), ("source", pa.int32()), ("line", pa.int64()), ("split", pa.int8())]
+    )
+    counts = Counter(records_in=0, quarantined=0, duplicates=0)
+    per_source: dict[str, Counter] = {}
+    formats: Counter = Counter()
+    seen: set[int] = set()
+    batch: dict[str, list] = {k: [] for k in schema.names}
+    t0 = time.monotonic()
+    with (
+        pa.OSFile(str(arrow_path), "wb") as sink,
+        pa.ipc.new_stream(sink, schema) as writer,
+        quarantine_path.open("w", encoding="utf-8") as quarantine,
+    ):
+
+        def flush():
+            writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
+            for v in batch.values():
+                v.clear()
+
+        for s, (split, source) in enumerate(sources):
+            src = per_source.setdefault(source, Counter(records_in=0, quarantined=0, duplicates=0))
+            for line, rec in iter_source(source):
+                counts["records_in"] += 1
+                src["records_in"] += 1
+                try:
+                    if isinstance(rec, BadRecord):
+                        raise rec
+                    shape = d.format if d.format != "auto" else detect_format(rec, d.columns)
+                    msgs = to_messages(rec, shape, d.columns, roles)
+                except BadRecord as e:
+                    quarantine.write(
+                        json.dumps({"source": source, "line": line, "reason": str(e)}, ensure_ascii=False)
+                        + "\n"
+                    )
+                    counts["quarantined"] += 1
+                    src["quarantined"] += 1
+                    continue
+                conv = orjson.dumps(msgs).decode()
+                norm = orjson.dumps([(m["role"], " ".join(m["content"].split())) for m in msgs])
+                key = int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "little")
+                if key in seen:
+                    counts["duplicates"] += 1
+                    src["duplicates"] += 1
+                    continue
+                seen.add(key)
+                formats[shape] += 1
+                for k, v in zip(schema.names, (conv, s, line, int(split == "eval"))):
+                    batch[k].append(v)
+                if len(batch["conv"]) >= 10_000:
+                    flush()
+                if counts["records_in"] % 200_000 == 0:
+                    log(f"format: read {counts['records_in']:,} records ({time.monotonic() - t0:.0f}s)")
+        flush()
+    return counts, per_source, formats

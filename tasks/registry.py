@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.tracking import mlflow_client as _client
+
 HISTORY_TAG = "sftflow.champion_history"
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri, uri)
 
 
 def alias_version(uri: str, name: str, alias: str):
@@ -38,13 +34,23 @@ def version_for_run(uri: str, name: str, run_id: str):
 
 
 def register_bundle(uri: str, name: str, source_run_id: str, artifact_path: str, tags: dict):
-    import mlflow
+    """A new version from a run's artifact folder (the registered model is created on first use)."""
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    mv = mlflow.register_model(f"runs:/{source_run_id}/{artifact_path}", name,
-                               tags={k: str(v) for k, v in tags.items()})
-    return mv
+    client = _client(uri)
+    try:  # two runs may register the first version at once: one creates the model, both add a version
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    source = client.get_run(source_run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    return client.create_model_version(
+        name, source, run_id=source_run_id, tags={k: str(v) for k, v in tags.items()}
+    )
+
+
+def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
+    _client(uri).set_registered_model_alias(name, alias, str(version))
 
 
 def promote(uri: str, name: str, version: str | int) -> None:
@@ -85,12 +91,13 @@ def _history(client, name: str) -> list[str]:
 
 def download_bundle(uri: str, name: str, alias: str, dst: Path) -> Path:
     """Fetch ``models:/name@alias`` (a serving bundle) into ``dst``; returns the bundle folder."""
-    import mlflow
+    from mlflow.artifacts import download_artifacts
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    client = _client(uri)
+    mv = client.get_model_version_by_alias(name, alias)
+    source = client.get_model_version_download_uri(name, mv.version)  # resolved here, not by a global URI
     dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{alias}", dst_path=str(dst)))
+    return Path(download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
 
 
 def list_versions(uri: str, name: str) -> list[str]:
@@ -101,7 +108,9 @@ def list_versions(uri: str, name: str) -> list[str]:
     rows = []
     for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
         metrics = {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")}
-        rows.append(f"v{mv.version}  run={mv.tags.get('sftflow.run_id', '?')}  "
-                    f"aliases={','.join(aliases.get(str(mv.version), [])) or '-'}  "
-                    + "  ".join(f"{k}={v}" for k, v in sorted(metrics.items())))
+        rows.append(
+            f"v{mv.version}  run={mv.tags.get('sftflow.run_id', '?')}  "
+            f"aliases={','.join(aliases.get(str(mv.version), [])) or '-'}  "
+            + "  ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
+        )
     return rows

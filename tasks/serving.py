@@ -19,14 +19,39 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tasks.templating import end_of_turn_id
+
 # vLLM's model registry, for when vLLM itself is not installed (it lives in its own image).
 VLLM_ARCHITECTURES = {
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-    "Phi3ForCausalLM", "PhiForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "FalconForCausalLM",
-    "StableLmForCausalLM", "Starcoder2ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "GraniteForCausalLM",
-    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "InternLM2ForCausalLM", "BaichuanForCausalLM",
-    "CohereForCausalLM", "ExaoneForCausalLM", "GPTBigCodeForCausalLM", "OPTForCausalLM", "BloomForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "PhiForCausalLM",
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "FalconForCausalLM",
+    "StableLmForCausalLM",
+    "Starcoder2ForCausalLM",
+    "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+    "GraniteForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "InternLM2ForCausalLM",
+    "BaichuanForCausalLM",
+    "CohereForCausalLM",
+    "ExaoneForCausalLM",
+    "GPTBigCodeForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
 }
 
 
@@ -39,19 +64,9 @@ def supported_architectures() -> set[str]:
         return VLLM_ARCHITECTURES
 
 
-def end_of_turn_token(tokenizer, template: str) -> str | None:
-    """The special token the template puts right after an assistant answer, if any."""
-    marker = "SFTFLOW_ANSWER_END"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                         chat_template=template, tokenize=False)
-    after = text.split(marker, 1)[1]
-    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.added_tokens_encoder), key=len, reverse=True)
-    stripped = after.lstrip()
-    return next((t for t in specials if t and stripped.startswith(t)), None)
-
-
-def preflight(bundle: Path, model_dir: Path, template: str, max_lora_rank: int,
-              adapter_dir: Path | None = None) -> tuple[list[str], list[str]]:
+def preflight(
+    bundle: Path, model_dir: Path, template: str, max_lora_rank: int, adapter_dir: Path | None = None
+) -> tuple[list[str], list[str]]:
     """Refuse (ValueError) what vLLM cannot serve; fix in the bundle what can be fixed.
 
     Returns notes saying what was fixed and extra ``vllm serve`` arguments. Nothing outside
@@ -66,46 +81,61 @@ def preflight(bundle: Path, model_dir: Path, template: str, max_lora_rank: int,
     archs = config.get("architectures") or []
     supported = supported_architectures()
     if not any(a in supported for a in archs):
-        raise ValueError(f"{model_dir}/config.json: architectures {archs} are not served by vLLM "
-                         f"(known: {', '.join(sorted(supported)[:8])}, ...)")
+        raise ValueError(
+            f"{model_dir}/config.json: architectures {archs} are not served by vLLM "
+            f"(known: {', '.join(sorted(supported)[:8])}, ...)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if adapter_dir is not None:
         adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
         if int(adapter.get("r", 0)) > max_lora_rank:
-            raise ValueError(f"adapter rank r={adapter['r']} exceeds serve.max_lora_rank={max_lora_rank} "
-                             "(vLLM's --max-lora-rank)")
+            raise ValueError(
+                f"adapter rank r={adapter['r']} exceeds serve.max_lora_rank={max_lora_rank} "
+                "(vLLM's --max-lora-rank)"
+            )
         if adapter.get("modules_to_save"):
-            raise ValueError(f"the adapter has modules_to_save {adapter['modules_to_save']}, which vLLM's LoRA "
-                             "loader does not serve: use serve.mode merged")
+            raise ValueError(
+                f"the adapter has modules_to_save {adapter['modules_to_save']}, which vLLM's LoRA "
+                "loader does not serve: use serve.mode merged"
+            )
         if (adapter_dir / "tokenizer_config.json").is_file():
             added = len(AutoTokenizer.from_pretrained(adapter_dir)) - len(tokenizer)
             if added > 0:
-                raise ValueError(f"the adapter's tokenizer adds {added} token(s) to the base's: added tokens "
-                                 "need serve.mode merged")
+                raise ValueError(
+                    f"the adapter's tokenizer adds {added} token(s) to the base's: added tokens "
+                    "need serve.mode merged"
+                )
     (bundle / "chat_template.jinja").write_text(template, encoding="utf-8")
     if (tokenizer.chat_template or "").strip() != template.strip():
         extra += ["--chat-template", "chat_template.jinja"]
-        notes.append("the model's tokenizer has no (or another) chat template: vLLM is given the one training used")
-    eot = end_of_turn_token(tokenizer, template)
+        notes.append(
+            "the model's tokenizer has no (or another) chat template: vLLM is given the one training used"
+        )
+    eot_id = end_of_turn_id(tokenizer, template)
     gen_path = model_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if eot is not None and (eot_id := tokenizer.convert_tokens_to_ids(eot)) not in eos_ids:
+    if eot_id is not None and eot_id not in eos_ids:
         gen["eos_token_id"] = eos_ids + [eot_id]
-        if adapter_dir is None:  # the bundle's own copy; replaced, since it may be a hard link to the merge output
+        if (
+            adapter_dir is None
+        ):  # the bundle's own copy; replaced, since it may be a hard link to the merge output
             target = gen_path
         else:
             target, extra = bundle / "generation_config.json", extra + ["--generation-config", "."]
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(gen, indent=2) + "\n")
         os.replace(tmp, target)
-        notes.append(f"generation_config.json: eos_token_id {eos_ids} did not include the end-of-turn token "
-                     f"{eot!r} ({eot_id}); now it does, so generation stops after an answer")
+        notes.append(
+            f"generation_config.json: eos_token_id {eos_ids} did not include the end-of-turn token "
+            f"{tokenizer.convert_ids_to_tokens(eot_id)!r} ({eot_id}); now it does, so generation stops after an answer"
+        )
     return notes, extra
 
 
 # ---------------------------------------------------------------- a running server
+
 
 def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> float:
     """Poll ``/v1/models`` until it answers; fail early if the server process exits."""
@@ -114,7 +144,9 @@ def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None 
     last = ""
     while time.monotonic() - t0 < timeout_s:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the serving process exited with code {proc.returncode} before it was healthy")
+            raise RuntimeError(
+                f"the serving process exited with code {proc.returncode} before it was healthy"
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -125,7 +157,9 @@ def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None 
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s (last error: {last})")
 
 
-def launch(argv: list[str], cwd: Path, base_url: str, timeout_s: float, log_path: Path, log=print) -> subprocess.Popen:
+def launch(
+    argv: list[str], cwd: Path, base_url: str, timeout_s: float, log_path: Path, log=print
+) -> subprocess.Popen:
     exe = shutil.which(argv[0]) or shutil.which(argv[0], path=str(Path(sys.executable).parent))
     if exe is None:
         raise FileNotFoundError(f"serve.command: {argv[0]!r} is not on PATH (nor beside {sys.executable})")
@@ -138,7 +172,9 @@ def launch(argv: list[str], cwd: Path, base_url: str, timeout_s: float, log_path
     except Exception:
         stop(proc)
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the serving command did not become healthy; its log ends with:\n{tail}") from None
+        raise RuntimeError(
+            f"the serving command did not become healthy; its log ends with:\n{tail}"
+        ) from None
     log(f"serve: healthy after {waited:.1f}s")
     return proc
 
@@ -153,7 +189,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def smoke_test(base_url: str, model: str, prompts: list[list[dict]], max_tokens: int, api_key: str = "EMPTY") -> dict:
+def smoke_test(
+    base_url: str, model: str, prompts: list[list[dict]], max_tokens: int, api_key: str = "EMPTY"
+) -> dict:
     """``/v1/models`` plus one chat completion per prompt; every answer must be non-empty and
     end because the model stopped (finish_reason "stop"), not because it ran out of tokens."""
     from openai import OpenAI
@@ -163,31 +201,58 @@ def smoke_test(base_url: str, model: str, prompts: list[list[dict]], max_tokens:
     # vLLM lists exactly its --served-model-name (and LoRA names); a mismatch would only surface
     # as a 404 per request. (transformers serve lists hub-cached models only, often none.)
     if models and model not in models:
-        return {"endpoint": base_url, "models": models, "answers": [], "passed": False,
-                "failures": [f"the endpoint serves {models}, not {model!r} (check serve.served_model_name)"]}
+        return {
+            "endpoint": base_url,
+            "models": models,
+            "answers": [],
+            "passed": False,
+            "failures": [f"the endpoint serves {models}, not {model!r} (check serve.served_model_name)"],
+        }
     answers, failures = [], []
     for messages in prompts:
         t0 = time.monotonic()
-        r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0
+        )
         choice = r.choices[0]
         text = choice.message.content or ""
-        answers.append({"prompt": messages[-1]["content"][:200], "answer": text[:500],
-                        "finish_reason": choice.finish_reason, "seconds": round(time.monotonic() - t0, 2)})
+        answers.append(
+            {
+                "prompt": messages[-1]["content"][:200],
+                "answer": text[:500],
+                "finish_reason": choice.finish_reason,
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+        )
         if not text.strip():
             failures.append(f"empty answer to {messages[-1]['content'][:60]!r}")
         elif choice.finish_reason != "stop":
-            failures.append(f"finish_reason {choice.finish_reason!r} (not 'stop') for "
-                            f"{messages[-1]['content'][:60]!r}: the model did not end its turn within {max_tokens} tokens")
-    return {"endpoint": base_url, "models": models, "answers": answers, "passed": not failures, "failures": failures}
+            failures.append(
+                f"finish_reason {choice.finish_reason!r} (not 'stop') for "
+                f"{messages[-1]['content'][:60]!r}: the model did not end its turn within {max_tokens} tokens"
+            )
+    return {
+        "endpoint": base_url,
+        "models": models,
+        "answers": answers,
+        "passed": not failures,
+        "failures": failures,
+    }
 
 
 def hot_swap(base_url: str, lora_name: str, lora_path: str, api_key: str = "EMPTY") -> None:
     """Load a new adapter into a running vLLM (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True there)."""
     root = base_url.rstrip("/")
-    for path, body in (("/unload_lora_adapter", {"lora_name": lora_name}),
-                       ("/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path})):
-        req = urllib.request.Request(root + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+    for path, body in (
+        ("/unload_lora_adapter", {"lora_name": lora_name}),
+        ("/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path}),
+    ):
+        req = urllib.request.Request(
+            root + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+        )
         try:
             urllib.request.urlopen(req, timeout=60).read()
         except urllib.error.HTTPError as e:

@@ -1,19 +1,34 @@
-"""What every stage's @task wrapper shares: a logger, its MLflow child run, its manifest upload."""
+"""The one scaffold every stage runs in: its folder, its manifest, its MLflow child run, its log.
+
+    with open_stage(cfg, run_id, "merge", SECTIONS, log, track) as stage:
+        ...                                   # the stage's own work, in stage.dir
+        return stage.finish(MergeResult(...))  # the manifest, written last, carries the result
+
+On entry the stage's old manifest is dropped (a stage that starts again is not complete until
+it finishes again). With ``track`` the stage logs into its MLflow child run: the config
+sections it declares as params, and on success the manifest's metrics, the manifest and the
+artifacts it named. Outside a Prefect run the log goes to stderr.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, TypeVar
 
 from tasks.config import PipelineConfig
-from tasks.rundir import read_json, stage_dir
-from tasks.tracking import StageRun, Tracker
+from tasks.manifest import Manifest
+from tasks.paths import stage_dir
+from tasks.quiet import quiet_libraries
 
-# Outside a Prefect run (`sftflow format`, `sftflow train`, ...) stage lines go to stderr; Prefect
-# configures the root logger when imported, so this logger gets a handler of its own.
+R = TypeVar("R")
+
+# Prefect configures the root logger when imported, so the plain logger has a handler of its own.
 _plain = logging.getLogger("sftflow")
 if not _plain.handlers:
     _handler = logging.StreamHandler()
@@ -35,33 +50,72 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 @dataclass
-class StageContext:
-    run: StageRun
-    log: Callable[[str], None]
+class Stage:
+    name: str
     dir: Path
+    manifest: Manifest
+    log: Callable[[str], None]
+    run: Any = None  # tasks.tracking.StageRun when tracked
+    artifacts: list[Path] = field(default_factory=list)
+    finished: bool = False
+
+    def artifact(self, *paths: Path) -> None:
+        """Logged to MLflow once the stage has finished (files that exist; others are skipped)."""
+        self.artifacts += [Path(p) for p in paths]
+
+    def tags(self, tags: dict) -> None:
+        if self.run is not None:
+            self.run.tags(tags)
+
+    def finish(self, result: R) -> R:
+        self.manifest.finish(self.dir, result)
+        self.finished = True
+        return result
 
 
 @contextlib.contextmanager
-def tracked_stage(cfg: PipelineConfig, run_id: str, stage: str, *sections: str) -> Iterator[StageContext]:
-    """Open the stage's MLflow child run; on success log the manifest's metrics and the manifest itself."""
-    logger = stage_logger()
-    tracker = Tracker(cfg, run_id)
+def open_stage(
+    cfg: PipelineConfig,
+    run_id: str,
+    name: str,
+    sections: tuple[str, ...],
+    log: Callable[[str], None] | None = None,
+    track: bool = False,
+    fresh: bool = False,
+) -> Iterator[Stage]:
+    """``fresh``: start from an empty folder (nothing of a failed attempt is reused)."""
+    quiet_libraries()
+    folder = stage_dir(cfg.output_dir, run_id, name)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    (folder / "manifest.json").unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Stage(
+        name, folder, Manifest(name, run_id, cfg.section_hash(*sections)), log or stage_logger().info
+    )
+    if not track:
+        yield stage
+        return
+    from tasks.tracking import Tracker
+
     params = {s: getattr(cfg, s).model_dump(mode="json") for s in sections}
-    folder = stage_dir(cfg.output_dir, run_id, stage)
-    with tracker.stage(stage, params) as run:
-        yield StageContext(run, logger.info, folder)
-        manifest = folder / "manifest.json"
-        run.metrics(read_json(manifest).get("metrics", {}))
-        run.artifact(manifest)
+    with Tracker(cfg, run_id).stage(name, params) as run:
+        stage.run = run
+        yield stage
+        if not stage.finished:
+            raise RuntimeError(f"the {name} stage ended without finishing its manifest")
+        run.metrics(stage.manifest.metrics)
+        for path in [folder / "manifest.json", *stage.artifacts]:
+            if path.exists():
+                run.artifact(path)
 
 
 def prefect_markdown(key: str, markdown: str, description: str) -> None:
     """A Prefect markdown artifact when running inside a flow; nothing outside one."""
-    import re
-
     from prefect.artifacts import create_markdown_artifact
-    from prefect.context import TaskRunContext, FlowRunContext
+    from prefect.context import FlowRunContext, TaskRunContext
 
     if TaskRunContext.get() or FlowRunContext.get():
-        create_markdown_artifact(markdown=markdown, key=re.sub(r"[^a-z0-9-]", "-", key.lower()),
-                                 description=description)
+        create_markdown_artifact(
+            markdown=markdown, key=re.sub(r"[^a-z0-9-]", "-", key.lower()), description=description
+        )

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tasks.config import PipelineConfig
-from tasks.rundir import code_version, read_json, run_dir, write_json
+from tasks.files import read_json, write_json
+from tasks.hashing import code_version
+from tasks.paths import run_dir
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -86,27 +89,34 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
         yield
 
 
+def mlflow_client(uri: str):
+    """The one way sftflow talks to MLflow: an explicit client for tracking and registry alike.
+    Prefect may run tasks on other threads, where MLflow's fluent "active run" is not shared."""
+    _quiet_env(uri)
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri, uri)
+
+
 class Tracker:
     def __init__(self, cfg: PipelineConfig, run_id: str):
-        _quiet_env(cfg.mlflow_uri)
-        import mlflow
-        from mlflow import MlflowClient
-
         self.cfg, self.run_id, self.uri = cfg, run_id, cfg.mlflow_uri
         check_reachable(self.uri)
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         with sqlite_init_lock(self.uri):  # two runs starting at once must not both create the schema
-            self.client = MlflowClient(self.uri, self.uri)
+            self.client = mlflow_client(self.uri)
             try:
                 exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-            except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
-                raise ConnectionError(f"tracking.mlflow_uri: cannot reach MLflow at {redact(self.uri)}: {e}") from None
+            except Exception as e:
+                raise ConnectionError(
+                    f"tracking.mlflow_uri: cannot reach MLflow at {redact(self.uri)}: {e}"
+                ) from None
             if exp is None:
                 location = None
                 if not self.uri.startswith(("http://", "https://", "databricks")):
                     location = (cfg.output_dir.resolve() / "mlartifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    cfg.tracking.experiment, artifact_location=location
+                )
             else:
                 self.experiment_id = exp.experiment_id
         self._ids_path = run_dir(cfg.output_dir, run_id) / "mlflow.json"
@@ -117,9 +127,15 @@ class Tracker:
     def parent_run_id(self) -> str:
         ids = self._ids()
         if not ids.get("parent"):
-            run = self.client.create_run(self.experiment_id, run_name=self.run_id, tags={
-                "sftflow.run_id": self.run_id, "sftflow.config_hash": self.cfg.section_hash(),
-                "sftflow.code_version": code_version()})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.run_id,
+                tags={
+                    "sftflow.run_id": self.run_id,
+                    "sftflow.config_hash": self.cfg.section_hash(),
+                    "sftflow.code_version": code_version(),
+                },
+            )
             ids["parent"] = run.info.run_id
             write_json(self._ids_path, ids)
             config = redact(self.cfg.model_dump(mode="json"))
@@ -131,8 +147,11 @@ class Tracker:
         parent = self.parent_run_id()
         ids = self._ids()
         if not ids["stages"].get(stage):
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.run_id}/{stage}", tags={
-                "mlflow.parentRunId": parent, "sftflow.run_id": self.run_id, "sftflow.stage": stage})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.run_id}/{stage}",
+                tags={"mlflow.parentRunId": parent, "sftflow.run_id": self.run_id, "sftflow.stage": stage},
+            )
             ids["stages"][stage] = run.info.run_id
             write_json(self._ids_path, ids)
         else:
@@ -140,7 +159,7 @@ class Tracker:
         return ids["stages"][stage]
 
     @contextlib.contextmanager
-    def stage(self, stage: str, params: dict | None = None) -> Iterator["StageRun"]:
+    def stage(self, stage: str, params: dict | None = None) -> Iterator[StageRun]:
         run = StageRun(self.client, self.stage_run_id(stage))
         if params:
             run.params(params)
@@ -150,10 +169,6 @@ class Tracker:
             self.client.set_terminated(run.id, status="FAILED")
             raise
         self.client.set_terminated(run.id, status="FINISHED")
-
-    def tag(self, tags: dict) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.parent_run_id(), k, str(v))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id(), status=status)

@@ -1,9 +1,14 @@
 """Train stage: starts the ``deepspeed`` launcher in its own process group and supervises it.
 
+Reads the format stage's packed ``train/`` dataset and the base model; writes ``<run>/train/``:
+``adapter/`` (lora, qlora) or ``model/`` (full), ``checkpoints/``, ``train.log``, ``loss.png``,
+the resolved DeepSpeed config and ``ranks/`` (what each rank trained on).
+
 The Prefect task never imports torch for training; the worker processes do the work
 (``tasks/train_worker.py``). Rank 0's lines are streamed into the log, the full log is kept
-in ``<run>/train/train.log``, and a failure raises with the log's tail. A retry resumes from
-the newest complete checkpoint.
+in ``train.log``, and a failure raises with the log's tail. ``train.timeout_s`` bounds the
+whole launch, output or not: a hung rank is killed with its process group. A retry resumes
+from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -19,25 +24,21 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 
 from prefect import task
 
 from tasks import memory
 from tasks.config import PipelineConfig, deepspeed_config
+from tasks.files import read_json, write_json
+from tasks.hashing import file_sha256
 from tasks.models import resolve_model, sftflow_home
-from tasks.rundir import CODE_ROOT, Manifest, file_sha256, load_manifest, read_json, stage_dir, start_stage, write_json
-from tasks.stage import tracked_stage
+from tasks.paths import CODE_ROOT
+from tasks.results import FormatResult, TrainResult
+from tasks.stage import open_stage
 
-
-@dataclass
-class TrainResult:
-    run_id: str
-    output: str
-    method: str
-    train_loss: float
-    global_step: int
+SECTIONS = ("model", "train")
 
 
 def free_port() -> int:
@@ -50,22 +51,45 @@ def launch_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
     t = cfg.train
     port = str(t.master_port or free_port())
     if t.hostfile:  # the `deepspeed` runner reaches the other nodes (pdsh) and starts launch.py on each
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", t.hostfile,
-               "--num_gpus", str(t.num_processes), "--master_addr", t.master_addr, "--master_port", port]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            t.hostfile,
+            "--num_gpus",
+            str(t.num_processes),
+            "--master_addr",
+            t.master_addr,
+            "--master_port",
+            port,
+        ]
     else:  # one node: the per-node launcher the runner would start, without the runner's own interpreter (~3 s)
-        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(t.num_processes))}).encode()).decode()
-        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
-               f"--master_addr={t.master_addr}", f"--master_port={port}"]
+        world = base64.urlsafe_b64encode(
+            json.dumps({"localhost": list(range(t.num_processes))}).encode()
+        ).decode()
+        cmd = [
+            sys.executable,
+            "-u",
+            "-m",
+            "deepspeed.launcher.launch",
+            f"--world_info={world}",
+            f"--master_addr={t.master_addr}",
+            f"--master_port={port}",
+        ]
     return cmd + ["--module", "tasks.train_worker", "--spec", str(spec_path)]
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(mlflow_uri: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     # DeepSpeed JIT-builds its CPU ops once (~40 s); keep them across runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(sftflow_home() / "torch_extensions"))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["SFTFLOW_MLFLOW_URI"] = mlflow_uri  # may hold credentials: by environment, never in a file
+    # an outage costs a step seconds, not minutes of MLflow's own retries
+    env |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     return env
 
 
@@ -94,67 +118,128 @@ def loss_curve(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-def run_train(cfg: PipelineConfig, run_id: str, log=print, mlflow_run_id: str | None = None,
-              resume: bool = True) -> TrainResult:
-    """``resume``: continue from the newest complete checkpoint (retries); otherwise start over."""
-    fmt = load_manifest(cfg.output_dir, run_id, "format")
-    out = stage_dir(cfg.output_dir, run_id, "train")
-    if not resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-    start_stage(out)
-    out.mkdir(parents=True, exist_ok=True)
-    man = Manifest("train", run_id, cfg.section_hash("model", "train"))
-    man.add_input("format_manifest", out.parent / "format" / "manifest.json")
-    model_path = resolve_model(cfg.model.name_or_path)
-    memory.check(cfg, model_path, log)
-    spec = {"model_path": str(model_path), "train_path": fmt["outputs"]["train"], "output_dir": str(out),
-            "train": cfg.train.model_dump(mode="json"), "deepspeed": deepspeed_config(cfg),
-            "mlflow_run_id": mlflow_run_id}  # the URI may hold credentials: it goes by environment, not file
-    spec_path = out / "spec.json"
-    write_json(spec_path, spec)
-    write_json(out / "deepspeed.json", spec["deepspeed"])
-    cmd = launch_command(cfg, spec_path)
-    log(f"train: {cfg.train.method} with DeepSpeed {cfg.train.deepspeed}, {cfg.train.num_processes} process(es): "
-        + " ".join(cmd[2:]))
-
-    shm_before = set(glob.glob("/dev/shm/*deepspeed*"))
+def supervise(cmd: list[str], env: dict, log_path: Path, timeout_s: float, log) -> None:
+    """Run the launcher in its own process group, streaming its output into ``log_path`` (rank 0's
+    ``[train]`` lines also into the stage log). The deadline counts whether or not anything is
+    printed; past it, or on any error here, the whole group is killed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    with open(out / "train.log", "a", encoding="utf-8", buffering=1) as logfile:  # line-buffered: tail -f works
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=CODE_ROOT,
-                                env={**worker_env(), "SFTFLOW_MLFLOW_URI": cfg.mlflow_uri,
-                                     # an outage costs a step seconds, not minutes of MLflow's own retries
-                                     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"},
-                                start_new_session=True,
-                                bufsize=1)
-        try:
+    shm_before = set(glob.glob("/dev/shm/*deepspeed*"))
+    with open(log_path, "a", encoding="utf-8", buffering=1) as logfile:  # line-buffered: tail -f works
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=CODE_ROOT,
+            env=env,
+            start_new_session=True,
+            bufsize=1,
+        )
+
+        def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 logfile.write(line)
                 tail.append(line.rstrip())
-                # the launcher prefixes rank output with "[rank]"/timestamps; our worker tags its own lines
+                # the launcher prefixes rank output; our worker tags its own lines
                 if "[train]" in line or "Error" in line:
                     log(line.rstrip()[-400:])
-            code = proc.wait(timeout=cfg.train.timeout_s)
+
+        reader = threading.Thread(target=pump, name="train-log", daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reader.join(10)
+            message = (
+                f"training exceeded train.timeout_s={timeout_s:g}s; killed the launcher and every rank "
+                f"(process group {proc.pid}). Last lines of {log_path}:\n" + "\n".join(list(tail)[-15:])
+            )
+            logfile.write(f"[sftflow] {message.splitlines()[0]}\n")
+            raise TimeoutError(message) from None
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)  # never leave orphaned ranks behind
             proc.wait()
             raise
         finally:
             _clean_shm(shm_before)
+        reader.join()
     if code != 0:
-        raise RuntimeError(f"training failed (exit {code}); last lines of {out / 'train.log'}:\n" + "\n".join(tail))
+        raise RuntimeError(f"training failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
 
-    result = read_json(out / "result.json")
-    if result["losses"]:
-        loss_curve(result["losses"], out / "loss.png")
-    man.outputs = {"model": result["output"], "checkpoints": str(out / "checkpoints"),
-                   "deepspeed_config": str(out / "deepspeed.json"), "log": str(out / "train.log")}
-    man.add_input("model", model_path, sha256=_model_id(model_path))
-    man.metrics = {k: result[k] for k in ("train_loss", "global_step", "world_size", "real_token_fraction",
-                                          "train_runtime_s")}
-    man.metrics["resumed_from"] = result["resumed_from"]
-    man.finish(out)
-    return TrainResult(run_id, result["output"], cfg.train.method, result["train_loss"], result["global_step"])
+
+def run_train(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, log=None, track: bool = False, resume: bool = True
+) -> TrainResult:
+    """Reads ``data.train_path`` and the base model; writes ``<run>/train/`` (see the module docstring).
+
+    ``resume``: continue from the newest complete checkpoint (retries); otherwise start over.
+    """
+    with open_stage(cfg, run_id, "train", SECTIONS, log, track) as stage:
+        out = stage.dir
+        if not resume and (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+        stage.manifest.add_input("train_data", Path(data.train_path))
+        model_path = resolve_model(cfg.model.name_or_path)
+        memory.check(cfg, model_path, stage.log)
+        spec = {
+            "model_path": str(model_path),
+            "train_path": data.train_path,
+            "output_dir": str(out),
+            "train": cfg.train.model_dump(mode="json"),
+            "deepspeed": deepspeed_config(cfg),
+            "mlflow_run_id": stage.run.id if stage.run else None,
+        }
+        write_json(out / "spec.json", spec)
+        write_json(out / "deepspeed.json", spec["deepspeed"])
+        cmd = launch_command(cfg, out / "spec.json")
+        stage.log(
+            f"train: {cfg.train.method} with DeepSpeed {cfg.train.deepspeed}, {cfg.train.num_processes} "
+            "process(es): " + " ".join(cmd[2:])
+        )
+        supervise(cmd, worker_env(cfg.mlflow_uri), out / "train.log", cfg.train.timeout_s, stage.log)
+
+        result = read_json(out / "result.json")
+        if result["losses"]:
+            loss_curve(result["losses"], out / "loss.png")
+        stage.manifest.outputs = {
+            "model": result["output"],
+            "checkpoints": str(out / "checkpoints"),
+            "deepspeed_config": str(out / "deepspeed.json"),
+            "log": str(out / "train.log"),
+        }
+        stage.manifest.add_input("model", model_path, sha256=_model_id(model_path))
+        stage.manifest.metrics = {
+            k: result[k]
+            for k in ("train_loss", "global_step", "world_size", "real_token_fraction", "train_runtime_s")
+        }
+        stage.manifest.metrics["resumed_from"] = result["resumed_from"]
+        if stage.run is not None:
+            send_pending_metrics(stage)
+        stage.artifact(
+            *(out / n for n in ("deepspeed_resolved.json", "training_args.json", "train.log", "loss.png"))
+        )
+        return stage.finish(
+            TrainResult(
+                run_id, result["output"], cfg.train.method, result["train_loss"], result["global_step"]
+            )
+        )
+
+
+def send_pending_metrics(stage) -> None:
+    """Metric values the workers kept through an MLflow outage, sent now that it answers."""
+    pending = stage.dir / "pending_metrics.json"
+    if not pending.is_file():
+        return
+    from mlflow.entities import Metric
+
+    values = [Metric(*m) for m in read_json(pending)]
+    for i in range(0, len(values), 1000):
+        stage.run.client.log_batch(stage.run.id, metrics=values[i : i + 1000])
+    pending.unlink()
+    stage.log(f"train: logged {len(values)} metric values kept while MLflow was unreachable")
 
 
 def _model_id(path: Path) -> str:
@@ -167,19 +252,6 @@ def _model_id(path: Path) -> str:
 
 
 @task(name="train", retries=1, retry_delay_seconds=10, tags=["gpu"])
-def train_task(cfg: PipelineConfig, run_id: str, resume: bool = True) -> TrainResult:
+def train_task(cfg: PipelineConfig, run_id: str, data: FormatResult, resume: bool = True) -> TrainResult:
     """A retry resumes from the newest complete checkpoint, into the same MLflow run."""
-    with tracked_stage(cfg, run_id, "train", "train") as st:
-        result = run_train(cfg, run_id, log=st.log, mlflow_run_id=st.run.id, resume=resume)
-        for name in ("deepspeed_resolved.json", "training_args.json", "train.log", "loss.png"):
-            if (st.dir / name).is_file():
-                st.run.artifact(st.dir / name)
-        if (pending := st.dir / "pending_metrics.json").is_file():  # kept through an MLflow outage
-            from mlflow.entities import Metric
-
-            values = [Metric(*m) for m in read_json(pending)]
-            for i in range(0, len(values), 1000):
-                st.run.client.log_batch(st.run.id, metrics=values[i:i + 1000])
-            pending.unlink()
-            st.log(f"train: logged {len(values)} metric values kept while MLflow was unreachable")
-    return result
+    return run_train(cfg, run_id, data, track=True, resume=resume)

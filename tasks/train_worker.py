@@ -19,8 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.batching import Collator
-from tasks.rundir import fault, write_json
+from tasks.quiet import quiet_libraries
+
+quiet_libraries()  # before transformers brings in bitsandbytes, which warns on import
+
+from transformers import TrainerCallback  # noqa: E402
+
+from tasks.batching import Collator  # noqa: E402
+from tasks.faults import fault  # noqa: E402
+from tasks.files import write_json  # noqa: E402
 
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
 
@@ -62,8 +69,13 @@ def build_model(spec: dict, dtype):
     if t["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = t["lora"]
-    peft_cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, peft_cfg)
     if dtype != torch.float32:  # trainable LoRA weights stay fp32 for stable updates
         for p in model.parameters():
@@ -72,82 +84,88 @@ def build_model(spec: dict, dtype):
     return model
 
 
-def make_callbacks(spec: dict, collator):
-    from transformers import TrainerCallback
+class Guard(TrainerCallback):
+    """Stops on a NaN/inf loss, prints progress, streams metrics, marks complete checkpoints."""
 
-    class Guard(TrainerCallback):
-        """Stops on a NaN/inf loss, prints progress, streams metrics, marks complete checkpoints."""
+    def __init__(self, spec: dict, collator: Collator):
+        self.spec, self.collator = spec, collator
+        self.t0 = time.monotonic()
+        self.tokens0 = 0
+        self.client = None
+        self.pending: list = []
+        if spec.get("mlflow_run_id") and int(os.environ.get("RANK", "0")) == 0:
+            from tasks.tracking import mlflow_client
 
-        def __init__(self):
-            self.t0 = time.monotonic()
-            self.tokens0 = 0
-            self.client = None
-            self.pending: list = []
-            if spec.get("mlflow_run_id") and int(os.environ.get("RANK", "0")) == 0:
-                from mlflow import MlflowClient
+            self.client = mlflow_client(os.environ["SFTFLOW_MLFLOW_URI"])
 
-                self.client = MlflowClient(os.environ["SFTFLOW_MLFLOW_URI"])
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.tokens0 = time.monotonic(), self.collator.real_tokens
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0, self.tokens0 = time.monotonic(), collator.real_tokens
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss} at step {state.global_step}: stopping "
+                "(lower train.learning_rate, or check the data for empty answers)"
+            )
+        if not state.is_world_process_zero:
+            return
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        logs["tokens_per_second"] = (self.collator.real_tokens - self.tokens0) * world / elapsed
+        logs["real_token_fraction"] = self.collator.real_fraction
+        logs["peak_memory_gb"] = _peak_memory_gb()
+        shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)))
+        print(f"[train] step {state.global_step}/{state.max_steps} {shown}", flush=True)
+        if self.client is not None:
+            from mlflow.entities import Metric
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
-            loss = logs.get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {state.global_step}: stopping "
-                                         "(lower train.learning_rate, or check the data for empty answers)")
-            if not state.is_world_process_zero:
-                return
-            elapsed = max(time.monotonic() - self.t0, 1e-9)
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            logs["tokens_per_second"] = (collator.real_tokens - self.tokens0) * world / elapsed
-            logs["real_token_fraction"] = collator.real_fraction
-            logs["peak_memory_gb"] = _peak_memory_gb()
-            shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)))
-            print(f"[train] step {state.global_step}/{state.max_steps} {shown}", flush=True)
-            if self.client is not None:
-                from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            self.pending += [
+                Metric(k, float(v), now, state.global_step)
+                for k, v in logs.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            ]
+            self.flush()
 
-                now = int(time.time() * 1000)
-                self.pending += [Metric(k, float(v), now, state.global_step) for k, v in logs.items()
-                                 if isinstance(v, (int, float)) and math.isfinite(v)]
-                self.flush()
+    def flush(self) -> None:
+        """Send what MLflow has not got yet. An outage must not stop training: what cannot be sent
+        is kept and sent later (at the end, what is still pending goes to a file the train stage
+        logs once MLflow is back)."""
+        try:
+            while self.pending:
+                self.client.log_batch(self.spec["mlflow_run_id"], metrics=self.pending[:1000])
+                del self.pending[:1000]
+        except Exception as e:
+            print(
+                f"[train] MLflow unreachable ({type(e).__name__}); keeping {len(self.pending)} metric "
+                "values to send later",
+                flush=True,
+            )
 
-        def flush(self) -> None:
-            """Send what MLflow has not got yet; an outage must not stop training, so what cannot be
-            sent is kept and sent later (at the end, what is still pending goes to a file the
-            train task logs once MLflow is back)."""
-            try:
-                while self.pending:
-                    self.client.log_batch(spec["mlflow_run_id"], metrics=self.pending[:1000])
-                    del self.pending[:1000]
-            except Exception as e:  # noqa: BLE001 - any transport or server error
-                print(f"[train] MLflow unreachable ({type(e).__name__}); keeping {len(self.pending)} metric "
-                      "values to send later", flush=True)
+    def on_train_end(self, args, state, control, **kw):
+        if self.client is not None and self.pending:
+            self.flush()
+            if self.pending:
+                write_json(
+                    Path(self.spec["output_dir"]) / "pending_metrics.json",
+                    [[m.key, m.value, m.timestamp, m.step] for m in self.pending],
+                )
 
-        def on_train_end(self, args, state, control, **kw):
-            if self.client is not None and self.pending:
-                self.flush()
-                if self.pending:
-                    write_json(Path(spec["output_dir"]) / "pending_metrics.json",
-                               [[m.key, m.value, m.timestamp, m.step] for m in self.pending])
+    def on_step_end(self, args, state, control, **kw):
+        # fault-injection hooks: a delay per step lets tests kill a run mid-way
+        if os.environ.get("SFTFLOW_STEP_DELAY_S"):
+            time.sleep(float(os.environ["SFTFLOW_STEP_DELAY_S"]))
+        if state.global_step > args.save_steps:
+            fault("train:step")
 
-        def on_step_end(self, args, state, control, **kw):
-            # a fault-injection hook: slows every step so tests can kill a run mid-way
-            if os.environ.get("SFTFLOW_STEP_DELAY_S"):
-                time.sleep(float(os.environ["SFTFLOW_STEP_DELAY_S"]))
-            if state.global_step > args.save_steps:
-                fault("train:step")
-
-        def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    fault("train:checkpoint")  # written, not yet marked complete
-                    (ckpt / COMPLETE).write_text(str(state.global_step))
-
-    return [Guard()]
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                fault("train:checkpoint")  # written, not yet marked complete
+                (ckpt / COMPLETE).write_text(str(state.global_step))
 
 
 def rank_report(out: Path, collator, model) -> None:
@@ -159,9 +177,15 @@ def rank_report(out: Path, collator, model) -> None:
             h.update(p.detach().float().cpu().numpy().tobytes())
     rank = int(os.environ.get("RANK", "0"))
     (out / "ranks").mkdir(exist_ok=True)
-    write_json(out / "ranks" / f"rank{rank}.json", {
-        "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "first_batches": collator.seen[:8],
-        "trainable_sha256": h.hexdigest()})
+    write_json(
+        out / "ranks" / f"rank{rank}.json",
+        {
+            "rank": rank,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "first_batches": collator.seen[:8],
+            "trainable_sha256": h.hexdigest(),
+        },
+    )
 
 
 def _peak_memory_gb() -> float:
@@ -174,76 +198,128 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
-    args = parser.parse_args(argv)
-    spec = json.loads(Path(args.spec).read_text())
-
+def training_args(spec: dict, dtype):
     import torch
-    import torch.distributed as dist
-    from datasets import load_from_disk
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    from tasks.models import load_tokenizer, pick_dtype
-
-    t = spec["train"]
-    set_seed(t["seed"])
-    dtype = pick_dtype(t["precision"])
-    tok = load_tokenizer(spec["model_path"])
-    model = build_model(spec, dtype)
-    train_ds = load_from_disk(spec["train_path"])
-    collator = RecordingCollator(tok.pad_token_id)
-    out = Path(spec["output_dir"])
-    targs = TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=t["micro_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
-        num_train_epochs=t["epochs"], max_steps=t["max_steps"], lr_scheduler_type=t["lr_scheduler"],
-        warmup_steps=t["warmup_ratio"], weight_decay=t["weight_decay"], logging_steps=t["logging_steps"],
-        save_strategy="steps", save_steps=t["save_steps"], save_total_limit=t["save_total_limit"],
-        seed=t["seed"], data_seed=t["seed"], report_to=[], deepspeed=spec["deepspeed"],
-        use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, logging_nan_inf_filter=False,
+    t, out = spec["train"], Path(spec["output_dir"])
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t["micro_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        learning_rate=t["learning_rate"],
+        num_train_epochs=t["epochs"],
+        max_steps=t["max_steps"],
+        lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_ratio"],
+        weight_decay=t["weight_decay"],
+        logging_steps=t["logging_steps"],
+        save_strategy="steps",
+        save_steps=t["save_steps"],
+        save_total_limit=t["save_total_limit"],
+        seed=t["seed"],
+        data_seed=t["seed"],
+        report_to=[],
+        deepspeed=spec["deepspeed"],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_nan_inf_filter=False,
         ddp_backend=None if torch.cuda.is_available() else "gloo",
-        train_sampling_strategy="group_by_length" if t["group_by_length"] else "random", length_column_name="length")
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=collator,
-                      processing_class=tok, callbacks=make_callbacks(spec, collator))
-    resume = latest_checkpoint(out / "checkpoints")
-    if resume and trainer.is_world_process_zero():
-        print(f"[train] resuming from {resume}", flush=True)
-    if trainer.is_world_process_zero():
-        write_json(out / "training_args.json", targs.to_dict())
+        train_sampling_strategy="group_by_length" if t["group_by_length"] else "random",
+        length_column_name="length",
+    )
+
+
+def train(trainer, resume: Path | None):
+    """``trainer.train``, with an out-of-memory step reported as one line plus the estimate's advice."""
+    import torch
+
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (RuntimeError, MemoryError) as e:
         # CUDA raises OutOfMemoryError; the CPU allocator a plain RuntimeError that only its text marks
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise
         from tasks.memory import ADVICE
 
-        raise SystemExit(f"[train] out of memory at step {trainer.state.global_step}: {e}\n[train] try {ADVICE}")
-    if trainer.is_world_process_zero():
-        resolved = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
-        write_json(out / "deepspeed_resolved.json", resolved)
-    rank_report(out, collator, model)
+        raise SystemExit(
+            f"[train] out of memory at step {trainer.state.global_step}: {e}\n[train] try {ADVICE}"
+        ) from None
 
-    final = out / ("adapter" if t["method"] != "full" else "model")
+
+def save_final(trainer, tok, out: Path, method: str, result, resume: Path | None, collator: Collator) -> None:
+    """The adapter (or model) renamed into place once complete, and result.json beside it."""
+    final = out / ("adapter" if method != "full" else "model")
     tmp = out / f".{final.name}.tmp"
     trainer.save_model(str(tmp))  # every rank takes part (ZeRO-3 gathers the weights)
     fault("train:final")
+    if not trainer.is_world_process_zero():
+        return
+    tok.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    write_json(
+        out / "result.json",
+        {
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "losses": losses,
+            "resumed_from": str(resume) if resume else None,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "real_token_fraction": collator.real_fraction,
+            "real_tokens": collator.real_tokens,
+            "total_tokens": collator.total_tokens,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "output": str(final),
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
+    spec = json.loads(Path(parser.parse_args(argv).spec).read_text())
+
+    import torch.distributed as dist
+    from datasets import load_from_disk
+    from transformers import Trainer, set_seed
+
+    from tasks.models import load_tokenizer, pick_dtype
+
+    t, out = spec["train"], Path(spec["output_dir"])
+    set_seed(t["seed"])
+    dtype = pick_dtype(t["precision"])
+    tok = load_tokenizer(spec["model_path"])
+    collator = RecordingCollator(tok.pad_token_id)
+    args = training_args(spec, dtype)
+    model = build_model(spec, dtype)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=load_from_disk(spec["train_path"]),
+        data_collator=collator,
+        processing_class=tok,
+        callbacks=[Guard(spec, collator)],
+    )
+    resume = latest_checkpoint(out / "checkpoints")
     if trainer.is_world_process_zero():
-        tok.save_pretrained(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        write_json(out / "result.json", {
-            "global_step": trainer.state.global_step, "train_loss": result.training_loss,
-            "losses": losses, "resumed_from": str(resume) if resume else None,
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "real_token_fraction": collator.real_fraction,
-            "real_tokens": collator.real_tokens, "total_tokens": collator.total_tokens,
-            "train_runtime_s": result.metrics.get("train_runtime"), "output": str(final)})
+        if resume:
+            print(f"[train] resuming from {resume}", flush=True)
+        write_json(out / "training_args.json", args.to_dict())
+    result = train(trainer, resume)
+    if trainer.is_world_process_zero():
+        write_json(
+            out / "deepspeed_resolved.json", trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+        )
+    rank_report(out, collator, model)
+    save_final(trainer, tok, out, t["method"], result, resume, collator)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -33,7 +33,7 @@ def prefect_server(tmp_path_factory):
     fall back to those temporary servers (or fail, under SFTFLOW_REQUIRE_SERVICES=1)."""
     import subprocess as sp
 
-    from services import fresh_database, free_port, postgres_error, stop, wait_http
+    from services import free_port, fresh_database, postgres_error, stop, wait_http
 
     if (error := postgres_error()) is not None:
         if os.environ.get("SFTFLOW_REQUIRE_SERVICES") == "1":
@@ -43,24 +43,35 @@ def prefect_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefect-server")
     with fresh_database("sftflow_prefect_tests") as db:
         port = free_port()
-        env = {**os.environ, "PREFECT_HOME": str(tmp), "PREFECT_UI_ENABLED": "false",
-               "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1)}
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(tmp),
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
+        }
         log = tmp / "server.log"
-        proc = sp.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                        env=env, stdout=open(log, "w"), stderr=sp.STDOUT, start_new_session=True)
+        proc = sp.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=open(log, "w"),
+            stderr=sp.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"  # for `sftflow run` subprocesses
-            with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):  # for flows run in here
+            with temporary_settings(
+                {PREFECT_API_URL: os.environ["PREFECT_API_URL"]}
+            ):  # for flows run in here
                 yield os.environ["PREFECT_API_URL"]
         finally:
             from prefect.logging.handlers import APILogWorker
 
             try:  # logs of in-process flows go out while the server is still up
                 APILogWorker.drain_all(timeout=10)
-            except Exception as e:  # noqa: BLE001 - never keep the server (and its database) from stopping
+            except Exception as e:
                 print(f"could not flush Prefect logs: {e}", file=sys.stderr)
             os.environ.pop("PREFECT_API_URL", None)
             stop(proc)
@@ -74,8 +85,14 @@ def tiny_model() -> Path:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -87,8 +104,12 @@ def make_config(tmp_path: Path, data_path, **sections):
     """A PipelineConfig on the tiny model with its output under tmp_path."""
     from tasks.config import PipelineConfig
 
-    raw = {"run_name": "t", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": "tiny-llama"},
-           "data": {"path": data_path if isinstance(data_path, list) else str(data_path), "max_seq_len": 256}}
+    raw = {
+        "run_name": "t",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": "tiny-llama"},
+        "data": {"path": data_path if isinstance(data_path, list) else str(data_path), "max_seq_len": 256},
+    }
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
     return PipelineConfig.model_validate(raw)
@@ -97,5 +118,7 @@ def make_config(tmp_path: Path, data_path, **sections):
 def write_jsonl(path: Path, records: list) -> Path:
     import json
 
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8"
+    )
     return path

@@ -16,8 +16,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -92,11 +92,26 @@ def mlflow_server(tmp: Path, port: int | None = None, db_url: str | None = None)
 def start_mlflow(tmp: Path, db_url: str, port: int) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / f"mlflow-server-{port}.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", db_url.replace("postgresql://", "postgresql+psycopg://", 1),
-           "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        db_url.replace("postgresql://", "postgresql+psycopg://", 1),
+        "--artifacts-destination",
+        str(tmp / "mlartifacts"),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     uri = f"http://127.0.0.1:{port}"
     wait_http(uri + "/health", 180, proc, log)
     return {"uri": uri, "proc": proc, "db_url": db_url, "port": port, "log": log}

@@ -26,7 +26,9 @@ def test_a_dumped_config_loads_again(tmp_path, path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("configs/tiny.yaml", ["train.lora.r=4", "train.learning_rate=1e-5", "data.packing=false"])
+    cfg = load_config(
+        "configs/tiny.yaml", ["train.lora.r=4", "train.learning_rate=1e-5", "data.packing=false"]
+    )
     assert cfg.train.lora.r == 4 and cfg.train.learning_rate == 1e-5 and cfg.data.packing is False
 
 
@@ -49,12 +51,40 @@ BAD = {
     "zero_steps": ("train: {max_steps: 0}\n", "train.max_steps"),
     "missing_ds_json": ("train: {deepspeed: nope/ds.json}\n", "nope/ds.json does not exist"),
     "unknown_metric": ("eval: {metrics: [rouge]}\n", "unknown metric 'rouge' (did you mean 'rouge_l'?)"),
-    "gate_metric": ("eval: {metrics: [bleu], gate: {metric: rouge_l}}\n", "gate.metric 'rouge_l' is not computed"),
+    "gate_metric": (
+        "eval: {metrics: [bleu], gate: {metric: rouge_l}}\n",
+        "gate.metric 'rouge_l' is not computed",
+    ),
     "merge_base": ("merge: {base: quantized}\n", "merge.base"),
     "qlora_zero3": ("train: {method: qlora, deepspeed: zero3}\n", "method qlora cannot use ZeRO-3"),
-    "bits_without_qlora": ("train: {method: lora, quantization_bits: 8}\n", "quantization_bits: 8 applies to method qlora only, not lora"),
+    "bits_without_qlora": (
+        "train: {method: lora, quantization_bits: 8}\n",
+        "quantization_bits: 8 applies to method qlora only, not lora",
+    ),
     "bits_not_4_or_8": ("train: {method: qlora, quantization_bits: 3}\n", "quantization_bits"),
     "missing_hostfile": ("train: {hostfile: nope/hosts}\n", "hostfile nope/hosts does not exist"),
+    # a data path that is plainly local is checked by validate, before `run` starts any server
+    "missing_data_file": (
+        "data: {path: data/demo/nope.jsonl}\n",
+        "data.path: data/demo/nope.jsonl does not exist",
+    ),
+    "missing_absolute": (
+        "data: {path: /nonexistent/train.jsonl}\n",
+        "/nonexistent/train.jsonl does not exist",
+    ),
+    "missing_relative": ("data: {path: ./nope}\n", "data.path: ./nope does not exist"),
+    "missing_in_list": ("data: {path: [data/demo/train.jsonl, more.csv]}\n", "more.csv does not exist"),
+    "missing_eval_file": (
+        "data: {path: data/demo/train.jsonl, eval_path: held_out.jsonl}\n",
+        "data.eval_path: held_out.jsonl does not exist",
+    ),
+    "empty_glob": ("data: {path: 'data/demo/*.parquet'}\n", "matches no file"),
+    "hub_name_offline": ("data: {path: someorg/somedata}\n", "HF_HUB_OFFLINE is set"),
+    "no_eval_split": ("data: {path: data/demo/train.jsonl, eval_fraction: 0}\n", "eval_fraction must be > 0"),
+    "adapter_rank": (
+        "train: {lora: {r: 128}}\nserve: {mode: adapter}\n",
+        "train.lora.r=128 exceeds serve.max_lora_rank",
+    ),
 }
 
 
@@ -73,7 +103,9 @@ def test_bad_config_exits_2_naming_the_field(cli, tmp_path, case):
 
 def test_several_errors_are_all_reported(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("run_name: t\ndata: {path: x.jsonl, packing: maybe}\ntrain: {epochs: 0, lora: {alpha: -2}}\n")
+    path.write_text(
+        "run_name: t\ndata: {path: x.jsonl, packing: maybe}\ntrain: {epochs: 0, lora: {alpha: -2}}\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_config(path)
     msg = str(e.value)
@@ -81,8 +113,14 @@ def test_several_errors_are_all_reported(tmp_path):
         assert field in msg
 
 
-@pytest.mark.parametrize("text,expected", [("", "the file is empty"), ("run_name: [unclosed\n", "YAML syntax error"),
-                                           ("- a\n- b\n", "expected a mapping")])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("", "the file is empty"),
+        ("run_name: [unclosed\n", "YAML syntax error"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
 def test_unreadable_files(tmp_path, text, expected):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -102,3 +140,28 @@ def test_schema_command_prints_json_schema(cli):
     assert res.returncode == 0
     schema = json.loads(res.stdout)
     assert {"run_name", "data", "train", "eval", "tracking"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "data: {path: data/demo/train.jsonl, eval_path: data/demo/train.jsonl, eval_fraction: 0}\n",  # no split needed
+        "train: {lora: {r: 128}}\nserve: {mode: merged}\n",  # vLLM never sees a merged model's rank
+    ],
+)
+def test_valid_edge_cases(cli, tmp_path, body):
+    path = tmp_path / "ok.yaml"
+    path.write_text("run_name: t\ndata: {path: data/demo/train.jsonl}\n" + body)
+    res = cli("validate", str(path))
+    assert res.returncode == 0, res.stderr
+
+
+def test_hub_names_follow_the_environment_not_the_entry_point(cli, tmp_path):
+    """The CLI no longer forces HF_HUB_OFFLINE (a deployment never did): the environment decides
+    for both. Offline, a hub name is a validation error; online, it is accepted."""
+    path = tmp_path / "hub.yaml"
+    path.write_text("run_name: t\ndata: {path: someorg/somedata}\n")
+    offline = cli("validate", str(path), env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 2 and "data.path: 'someorg/somedata'" in offline.stderr
+    online = cli("validate", str(path), env={"HF_HUB_OFFLINE": "0"})
+    assert online.returncode == 0, online.stderr

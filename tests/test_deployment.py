@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import ROOT
-from services import fresh_database, free_port, stop, wait_http
+from services import free_port, fresh_database, stop, wait_http
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -24,20 +24,33 @@ def prefect_stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefect")
     with fresh_database("sftflow_prefect") as db:
         port = free_port()
-        env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-               "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(tmp / "home"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        }
         env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
         server_log = tmp / "server.log"
-        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                  stdout=open(server_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=open(server_log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         worker = None
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, server_log)
 
             def prefect(*args, check=True):
-                res = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                res = subprocess.run(
+                    [PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+                )
                 assert not check or res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
                 return res
 
@@ -46,8 +59,14 @@ def prefect_stack(tmp_path_factory):
             prefect("concurrency-limit", "create", "gpu", "1")
             prefect("--no-prompt", "deploy", "--all")
             worker_log = tmp / "worker.log"
-            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "sftflow-process"], cwd=ROOT, env=env,
-                                      stdout=open(worker_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            worker = subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "sftflow-process"],
+                cwd=ROOT,
+                env=env,
+                stdout=open(worker_log, "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             yield {"api": env["PREFECT_API_URL"], "prefect": prefect, "tmp": tmp, "worker_log": worker_log}
         finally:
             if worker is not None:
@@ -65,12 +84,17 @@ def wait_final(api: str, flow_run_id: str, timeout: float) -> dict:
     raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout}s")
 
 
-def run_deployment(stack, *params: str) -> tuple[dict, float]:
-    t0 = time.monotonic()
+def finished_run(stack, *params: str, timeout: float = 600) -> dict:
+    """`prefect deployment run` of the on-demand deployment, waited on to its final state."""
     args = [x for p in params for x in ("-p", p)]
     res = stack["prefect"]("deployment", "run", "sft-pipeline/on-demand", *args)
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout).group(1)
-    run = wait_final(stack["api"], flow_run_id, 600)
+    return wait_final(stack["api"], flow_run_id, timeout)
+
+
+def run_deployment(stack, *params: str) -> tuple[dict, float]:
+    t0 = time.monotonic()
+    run = finished_run(stack, *params)
     assert run["state"]["type"] == "COMPLETED", (run["state"], stack["worker_log"].read_text()[-4000:])
     return run, time.monotonic() - t0
 
@@ -91,8 +115,10 @@ def test_deployment_run_completes_then_an_unchanged_rerun_is_cheap(prefect_stack
 
     client = MlflowClient(f"sqlite:///{out}/mlflow.db", f"sqlite:///{out}/mlflow.db")
     assert [str(v.version) for v in client.search_model_versions("name = 'tiny'")] == ["1"]
-    print(f"\ndeployment run: {wall:.1f}s wall (flow {first['total_run_time']:.1f}s); unchanged rerun flow "
-          f"{second['total_run_time']:.1f}s")
+    print(
+        f"\ndeployment run: {wall:.1f}s wall (flow {first['total_run_time']:.1f}s); unchanged rerun flow "
+        f"{second['total_run_time']:.1f}s"
+    )
     deployments = httpx.post(f"{prefect_stack['api']}/deployments/filter", json={}).json()
     nightly = next(d for d in deployments if d["name"] == "nightly")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
@@ -102,10 +128,30 @@ def test_deployment_run_completes_then_an_unchanged_rerun_is_cheap(prefect_stack
 
 
 def test_a_bad_parameter_is_rejected_when_the_run_is_created(prefect_stack):
-    res = prefect_stack["prefect"]("deployment", "run", "sft-pipeline/on-demand", "-p", "config_path=configs/tiny.yaml",
-                                   "-p", "epochs_typo=3", check=False)
+    res = prefect_stack["prefect"](
+        "deployment",
+        "run",
+        "sft-pipeline/on-demand",
+        "-p",
+        "config_path=configs/tiny.yaml",
+        "-p",
+        "epochs_typo=3",
+        check=False,
+    )
     assert res.returncode != 0
     assert "epochs_typo" in res.stdout + res.stderr
+
+
+def test_a_hub_dataset_name_fails_the_same_way_as_on_the_cli(prefect_stack):
+    """Same config, same environment (HF_HUB_OFFLINE=1 here), same behaviour from both entry points."""
+    from conftest import run_cli
+
+    override = "data.path=someorg/somedata"
+    run = finished_run(prefect_stack, "config_path=configs/tiny.yaml", f"overrides={json.dumps([override])}")
+    cli = run_cli("validate", "configs/tiny.yaml", "--set", override)
+    assert cli.returncode == 2 and "HF_HUB_OFFLINE is set" in cli.stderr
+    state = run["state"]
+    assert state["type"] == "FAILED" and "HF_HUB_OFFLINE is set" in state["message"], state
 
 
 @pytest.mark.reliability
@@ -115,12 +161,35 @@ def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_
     import datetime as dt
 
     out = prefect_stack["tmp"] / "shared"
-    env = {**os.environ, "PREFECT_API_URL": prefect_stack["api"], "PREFECT_HOME": str(prefect_stack["tmp"] / "home"),
-           "PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "configs/tiny.yaml", "--set", f"output_dir={out}",
-                               "--set", f"train.seed={seed}", "--summary-json", str(out.parent / f"two-{seed}.json")],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for seed in (1, 2)]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_stack["api"],
+        "PREFECT_HOME": str(prefect_stack["tmp"] / "home"),
+        "PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "run",
+                "configs/tiny.yaml",
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                f"train.seed={seed}",
+                "--summary-json",
+                str(out.parent / f"two-{seed}.json"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
     summaries = [json.loads((out.parent / f"two-{seed}.json").read_text()) for seed in (1, 2)]
@@ -129,7 +198,9 @@ def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_
     for s in summaries:
         train = json.loads((Path(s["run_dir"]) / "train/manifest.json").read_text())
         assert train["status"] == "completed" and train["run_id"] == s["run_id"]
-        spans.append((dt.datetime.fromisoformat(train["started_at"]), dt.datetime.fromisoformat(train["ended_at"])))
+        spans.append(
+            (dt.datetime.fromisoformat(train["started_at"]), dt.datetime.fromisoformat(train["ended_at"]))
+        )
     (a0, a1), (b0, b1) = sorted(spans)
     assert a1 <= b0, f"train stages overlapped: {spans}"
     assert sorted(s["version"] for s in summaries) == ["1", "2"]

@@ -17,15 +17,16 @@ PINS = dict(re.findall(r"^([a-z0-9_.-]+)==([^\s+]+)", (ROOT / "constraints.txt")
 def test_dockerfiles_pass_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     for dockerfile in sorted(DOCKER.glob("Dockerfile.*")):
-        res = subprocess.run([str(hadolint), "--failure-threshold", "warning", str(dockerfile)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [str(hadolint), "--failure-threshold", "warning", str(dockerfile)], capture_output=True, text=True
+        )
         assert res.returncode == 0, f"{dockerfile.name}:\n{res.stdout}{res.stderr}"
 
 
 def test_images_are_pinned_and_match_the_project():
     train = (DOCKER / "Dockerfile.train").read_text()
     serve = (DOCKER / "Dockerfile.serve").read_text()
-    assert f'deepspeed=={PINS["deepspeed"]}' in train and "DS_BUILD_CPU_ADAM=1" in train
+    assert f"deepspeed=={PINS['deepspeed']}" in train and "DS_BUILD_CPU_ADAM=1" in train
     assert re.search(r"^FROM vllm/vllm-openai:v\d+\.\d+\.\d+$", serve, re.M)
     from tasks.handoff import VLLM_IMAGE
 

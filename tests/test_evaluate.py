@@ -2,31 +2,61 @@
 
 import pytest
 
-from conftest import make_config
 from tasks.evaluate import bar_chart, gate, report_markdown
 
-SCORES = {"base": {"eval_loss": 2.0, "rouge_l": 0.40}, "candidate": {"eval_loss": 1.5, "rouge_l": 0.60},
-          "champion": {"eval_loss": 1.4, "rouge_l": 0.55}}
+from conftest import make_config
+
+SCORES = {
+    "base": {"eval_loss": 2.0, "rouge_l": 0.40},
+    "candidate": {"eval_loss": 1.5, "rouge_l": 0.60},
+    "champion": {"eval_loss": 1.4, "rouge_l": 0.55},
+}
 
 
 def cfg_with(tmp_path, **gate_cfg):
     return make_config(tmp_path, "data/demo/train.jsonl", eval={"metrics": ["rouge_l"], "gate": gate_cfg})
 
 
-@pytest.mark.parametrize("gate_cfg,scores,passed,fragment", [
-    ({"metric": "rouge_l", "min_delta": 0.0, "against": "both"}, SCORES, True, "vs champion 0.5500: improvement +0.0500"),
-    ({"metric": "rouge_l", "min_delta": 0.1, "against": "both"}, SCORES, False, "<= min_delta 0.1"),
-    ({"metric": "rouge_l", "min_delta": 0.1, "against": "base"}, SCORES, True, "vs base 0.4000: improvement +0.2000"),
-    # lower is better for loss: 1.5 loses to the champion's 1.4
-    ({"metric": "eval_loss", "against": "both"}, SCORES, False, "vs champion 1.4000: improvement -0.1000"),
-    ({"metric": "eval_loss", "against": "base"}, SCORES, True, "improvement +0.5000"),
-    # no champion yet: only the base counts
-    ({"metric": "rouge_l", "against": "both"}, {k: SCORES[k] for k in ("base", "candidate")}, True,
-     "no champion to compare with"),
-    # an equal score is not an improvement
-    ({"metric": "rouge_l", "against": "base"}, {"base": SCORES["candidate"], "candidate": SCORES["candidate"]},
-     False, "improvement +0.0000 <= min_delta 0.0"),
-])
+@pytest.mark.parametrize(
+    "gate_cfg,scores,passed,fragment",
+    [
+        (
+            {"metric": "rouge_l", "min_delta": 0.0, "against": "both"},
+            SCORES,
+            True,
+            "vs champion 0.5500: improvement +0.0500",
+        ),
+        ({"metric": "rouge_l", "min_delta": 0.1, "against": "both"}, SCORES, False, "<= min_delta 0.1"),
+        (
+            {"metric": "rouge_l", "min_delta": 0.1, "against": "base"},
+            SCORES,
+            True,
+            "vs base 0.4000: improvement +0.2000",
+        ),
+        # lower is better for loss: 1.5 loses to the champion's 1.4
+        (
+            {"metric": "eval_loss", "against": "both"},
+            SCORES,
+            False,
+            "vs champion 1.4000: improvement -0.1000",
+        ),
+        ({"metric": "eval_loss", "against": "base"}, SCORES, True, "improvement +0.5000"),
+        # no champion yet: only the base counts
+        (
+            {"metric": "rouge_l", "against": "both"},
+            {k: SCORES[k] for k in ("base", "candidate")},
+            True,
+            "no champion to compare with",
+        ),
+        # an equal score is not an improvement
+        (
+            {"metric": "rouge_l", "against": "base"},
+            {"base": SCORES["candidate"], "candidate": SCORES["candidate"]},
+            False,
+            "improvement +0.0000 <= min_delta 0.0",
+        ),
+    ],
+)
 def test_gate(tmp_path, gate_cfg, scores, passed, fragment):
     ok, reason = gate(cfg_with(tmp_path, **gate_cfg), scores)
     assert ok is passed
@@ -34,14 +64,22 @@ def test_gate(tmp_path, gate_cfg, scores, passed, fragment):
 
 
 def test_report_has_the_table_and_five_samples_side_by_side(tmp_path):
-    records = [{"messages": [{"role": "user", "content": f"question {i} | with a pipe"}], "reference": f"ref {i}"}
-               for i in range(8)]
+    records = [
+        {"messages": [{"role": "user", "content": f"question {i} | with a pipe"}], "reference": f"ref {i}"}
+        for i in range(8)
+    ]
     preds = {name: [f"{name} answer {i}" for i in range(8)] for name in SCORES}
     text = report_markdown("run-1", SCORES, records, preds, False, "rouge_l 0.6 vs champion 0.55")
     assert "**NOT PROMOTED**: rouge_l 0.6 vs champion 0.55" in text
-    assert "| metric | base | candidate | champion |" in text and "| rouge_l | 0.4000 | 0.6000 | 0.5500 |" in text
+    assert (
+        "| metric | base | candidate | champion |" in text
+        and "| rouge_l | 0.4000 | 0.6000 | 0.5500 |" in text
+    )
     sample_rows = [line for line in text.splitlines() if line.startswith("| question")]
     assert len(sample_rows) == 5
-    assert sample_rows[0] == "| question 0 \\| with a pipe | ref 0 | base answer 0 | candidate answer 0 | champion answer 0 |"
+    assert (
+        sample_rows[0]
+        == "| question 0 \\| with a pipe | ref 0 | base answer 0 | candidate answer 0 | champion answer 0 |"
+    )
     bar_chart(SCORES, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

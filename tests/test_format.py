@@ -1,22 +1,38 @@
 """Format stage on the tiny model: masking, quarantine accounting, packing without cross-talk."""
 
 import json
+import os
 
 import pytest
 import torch
 from datasets import load_from_disk
 
-from conftest import make_config, write_jsonl
 from tasks.batching import IGNORE, Collator
 from tasks.format import run_format
 from tasks.models import load_model, load_tokenizer
 
-ALPACA = [{"instruction": f"Say the number {i} in words.", "input": "" if i % 2 else f"Context {i}",
-           "output": f"Answer number {i}."} for i in range(30)]
-CHAT = [{"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}!"},
-                      {"role": "user", "content": "And again?"}, {"role": "assistant", "content": f"Again {i}."}]}
-        for i in range(30)]
+from conftest import make_config, write_jsonl
+
+ALPACA = [
+    {
+        "instruction": f"Say the number {i} in words.",
+        "input": "" if i % 2 else f"Context {i}",
+        "output": f"Answer number {i}.",
+    }
+    for i in range(30)
+]
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Hi {i}"},
+            {"role": "assistant", "content": f"Hello {i}!"},
+            {"role": "user", "content": "And again?"},
+            {"role": "assistant", "content": f"Again {i}."},
+        ]
+    }
+    for i in range(30)
+]
 
 
 def trained_text(tok, row) -> list[str]:
@@ -33,10 +49,13 @@ def trained_text(tok, row) -> list[str]:
     return runs
 
 
-@pytest.mark.parametrize("records,answers", [
-    (ALPACA, lambda r: [r["output"]]),
-    (CHAT, lambda r: [m["content"] for m in r["messages"] if m["role"] == "assistant"]),
-])
+@pytest.mark.parametrize(
+    "records,answers",
+    [
+        (ALPACA, lambda r: [r["output"]]),
+        (CHAT, lambda r: [m["content"] for m in r["messages"] if m["role"] == "assistant"]),
+    ],
+)
 def test_only_answers_and_end_of_turn_are_trained(tmp_path, tiny_model, records, answers):
     data = write_jsonl(tmp_path / "d.jsonl", records)
     cfg = make_config(tmp_path, data, data={"packing": False, "eval_fraction": 0.1})
@@ -58,9 +77,15 @@ def test_train_on_inputs_trains_everything(tmp_path, tiny_model):
 
 def test_bad_records_are_quarantined_with_line_and_reason(tmp_path, tiny_model):
     good = [json.dumps(r) for r in ALPACA]
-    bad = ['{"instruction": "x", "output": ', '[1, 2]', '{"instruction": "x"}', '{"instruction": "x", "output": 3}',
-           '{"instruction": "x", "output": "   "}', '{"messages": [{"role": "robot", "content": "x"}]}',
-           '{"messages": [{"role": "user", "content": "only a question"}]}']
+    bad = [
+        '{"instruction": "x", "output": ',
+        "[1, 2]",
+        '{"instruction": "x"}',
+        '{"instruction": "x", "output": 3}',
+        '{"instruction": "x", "output": "   "}',
+        '{"messages": [{"role": "robot", "content": "x"}]}',
+        '{"messages": [{"role": "user", "content": "only a question"}]}',
+    ]
     lines = good[:10] + bad + [""] + good[10:] + [good[0]]  # a blank line and a duplicate
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -69,8 +94,15 @@ def test_bad_records_are_quarantined_with_line_and_reason(tmp_path, tiny_model):
     q = [json.loads(x) for x in (tmp_path / "runs/r1/format/quarantine.jsonl").read_text().splitlines()]
     assert [e["line"] for e in q] == list(range(11, 18))
     reasons = " | ".join(e["reason"] for e in q)
-    for fragment in ("invalid JSON", "not an object", "missing field 'output'", "is a int, not a string",
-                     "is empty", "unknown role 'robot'", "no assistant turn"):
+    for fragment in (
+        "invalid JSON",
+        "not an object",
+        "missing field 'output'",
+        "is a int, not a string",
+        "is empty",
+        "unknown role 'robot'",
+        "no assistant turn",
+    ):
         assert fragment in reasons
     c = res.counts
     assert c["records_in"] == 38 and c["quarantined"] == 7 and c["duplicates"] == 1
@@ -106,19 +138,23 @@ def test_packed_losses_equal_unpacked(tmp_path, tiny_model):
 
     def per_token_loss(batch):
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none",
-                                                 ignore_index=IGNORE)
+            logits = model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            ).logits
+        return torch.nn.functional.cross_entropy(
+            logits[0, :-1], batch["labels"][0, 1:], reduction="none", ignore_index=IGNORE
+        )
 
     packed = per_token_loss(collate([row]))
     for a, b in zip(starts, starts[1:]):
         alone = per_token_loss(collate([{k: row[k][a:b] for k in ("input_ids", "labels", "position_ids")}]))
-        labels = torch.tensor(row["labels"][a + 1:b])
+        labels = torch.tensor(row["labels"][a + 1 : b])
         mask = labels != IGNORE
-        assert torch.allclose(packed[a:b - 1][mask], alone[: b - a - 1][mask], atol=1e-5)
+        assert torch.allclose(packed[a : b - 1][mask], alone[: b - a - 1][mask], atol=1e-5)
 
 
 # ---------------------------------------------------------------- sources and shapes
+
 
 def _run(tmp_path, data, run="r1", **data_cfg):
     cfg = make_config(tmp_path, data, data={"packing": False, **data_cfg})
@@ -129,7 +165,9 @@ def test_csv_parquet_json_glob_and_saved_dataset_give_the_same_examples(tmp_path
     import pandas as pd
     from datasets import Dataset
 
-    records = [{**r, "output": r["output"] + "\nsecond line, \"quoted\""} for r in ALPACA]  # CSV quoted newlines
+    records = [
+        {**r, "output": r["output"] + '\nsecond line, "quoted"'} for r in ALPACA
+    ]  # CSV quoted newlines
     frame = pd.DataFrame(records)
     (tmp_path / "in").mkdir()
     frame.to_csv(tmp_path / "in/a.csv", index=False)
@@ -138,8 +176,13 @@ def test_csv_parquet_json_glob_and_saved_dataset_give_the_same_examples(tmp_path
     write_jsonl(tmp_path / "in/a.jsonl", records)
     Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
     results = {}
-    for name, path in [("csv", "in/a.csv"), ("parquet", "in/a.parquet"), ("json", "in/a.json"),
-                       ("jsonl", "in/a.jsonl"), ("saved", "saved")]:
+    for name, path in [
+        ("csv", "in/a.csv"),
+        ("parquet", "in/a.parquet"),
+        ("json", "in/a.json"),
+        ("jsonl", "in/a.jsonl"),
+        ("saved", "saved"),
+    ]:
         _, res = _run(tmp_path, str(tmp_path / path), run=name, cache=False)
         results[name] = sorted(map(tuple, load_from_disk(res.train_path)["input_ids"]))
         assert res.counts["records_in"] == 30 and res.counts["accepted"] == 30, (name, res.counts)
@@ -149,18 +192,27 @@ def test_csv_parquet_json_glob_and_saved_dataset_give_the_same_examples(tmp_path
     assert res.counts["records_in"] == 120 and res.counts["duplicates"] == 90 and res.counts["accepted"] == 30
     stats = json.loads((tmp_path / "runs/glob/format/stats.json").read_text())
     assert stats["per_source"][str(tmp_path / "in/a.parquet")] == {
-        "records_in": 30, "quarantined": 0, "duplicates": 30, "too_long": 0, "accepted": 0}
+        "records_in": 30,
+        "quarantined": 0,
+        "duplicates": 30,
+        "too_long": 0,
+        "accepted": 0,
+    }
 
 
 def test_worker_processes_change_nothing(tmp_path, tiny_model):
     """num_proc=2 (each split tokenized in two worker processes) gives the same rows as one process,
     the too-long record left out and counted either way."""
-    records = [{"instruction": f"Question {i}: " + "word " * (i % 40), "input": "", "output": f"Answer {i}."}
-               for i in range(1200)] + [{"instruction": "long " * 400, "input": "", "output": "x"}]
+    records = [
+        {"instruction": f"Question {i}: " + "word " * (i % 40), "input": "", "output": f"Answer {i}."}
+        for i in range(1200)
+    ] + [{"instruction": "long " * 400, "input": "", "output": "x"}]
     write_jsonl(tmp_path / "d.jsonl", records)
     rows = {}
     for procs in (1, 2):
-        cfg = make_config(tmp_path, tmp_path / "d.jsonl", data={"packing": True, "num_proc": procs, "cache": False})
+        cfg = make_config(
+            tmp_path, tmp_path / "d.jsonl", data={"packing": True, "num_proc": procs, "cache": False}
+        )
         res = run_format(cfg, f"p{procs}", log=lambda *_: None)
         assert res.counts["too_long"] == 1 and res.counts["accepted"] == 1200, res.counts
         assert json.loads((tmp_path / f"runs/p{procs}/format/stats.json").read_text())["num_proc"] == procs
@@ -173,8 +225,8 @@ def test_worker_processes_change_nothing(tmp_path, tiny_model):
 def test_csv_bad_rows_are_quarantined_by_row(tmp_path, tiny_model):
     path = tmp_path / "d.csv"
     rows = ["instruction,input,output"] + [f"q{i},,a{i}" for i in range(20)]
-    rows[5] = "q,,"            # data row 5: empty output
-    rows[7] = "q,x,y,extra"    # data row 7: too many fields
+    rows[5] = "q,,"  # data row 5: empty output
+    rows[7] = "q,x,y,extra"  # data row 7: too many fields
     path.write_bytes(("\n".join(rows) + "\n").encode() + b"bad \xff byte,,answer\n")
     _, res = _run(tmp_path, str(path), max_bad_fraction=0.5)
     q = [json.loads(x) for x in (tmp_path / "runs/r1/format/quarantine.jsonl").read_text().splitlines()]
@@ -184,13 +236,22 @@ def test_csv_bad_rows_are_quarantined_by_row(tmp_path, tiny_model):
 
 
 def test_dolly_columns_eval_file_and_sharegpt_role_map(tmp_path, tiny_model):
-    dolly = [{"instruction": f"Q{i}", "context": f"C{i}", "response": f"R{i}", "category": "qa"} for i in range(20)]
-    share = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "bot", "value": f"yo {i}"}]}
-             for i in range(10)]
+    dolly = [
+        {"instruction": f"Q{i}", "context": f"C{i}", "response": f"R{i}", "category": "qa"} for i in range(20)
+    ]
+    share = [
+        {"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "bot", "value": f"yo {i}"}]}
+        for i in range(10)
+    ]
     train = write_jsonl(tmp_path / "dolly.jsonl", dolly)
     evals = write_jsonl(tmp_path / "share.jsonl", share)
-    cfg, res = _run(tmp_path, str(train), eval_path=str(evals), roles={"bot": "assistant"},
-                    columns={"instruction": "instruction", "input": "context", "output": "response"})
+    cfg, res = _run(
+        tmp_path,
+        str(train),
+        eval_path=str(evals),
+        roles={"bot": "assistant"},
+        columns={"instruction": "instruction", "input": "context", "output": "response"},
+    )
     assert res.counts["train"] == 20 and res.counts["eval"] == 10
     evals_out = [json.loads(x) for x in open(res.eval_records)]
     assert evals_out[0] == {"messages": [{"role": "user", "content": "hi 0"}], "reference": "yo 0"}
@@ -199,8 +260,13 @@ def test_dolly_columns_eval_file_and_sharegpt_role_map(tmp_path, tiny_model):
     assert tok.decode(first["input_ids"]).count("C0") == 1 and trained_text(tok, first) == ["R0<|im_end|>\n"]
     # without the role map, 'bot' is an unknown role: the eval file is all quarantined
     with pytest.raises(ValueError, match="unknown role 'bot'"):
-        _run(tmp_path, str(train), run="r2", eval_path=str(evals),
-             columns={"instruction": "instruction", "input": "context", "output": "response"})
+        _run(
+            tmp_path,
+            str(train),
+            run="r2",
+            eval_path=str(evals),
+            columns={"instruction": "instruction", "input": "context", "output": "response"},
+        )
 
 
 def test_truncate_and_error_modes(tmp_path, tiny_model):
@@ -208,7 +274,9 @@ def test_truncate_and_error_modes(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", records)
     _, res = _run(tmp_path, str(data), excess_length="truncate", train_on_inputs=True)
     assert res.counts["truncated"] == 1 and res.counts["too_long"] == 0 and res.counts["accepted"] == 31
-    rows = list(load_from_disk(res.train_path)["input_ids"]) + list(load_from_disk(res.eval_path)["input_ids"])
+    rows = list(load_from_disk(res.train_path)["input_ids"]) + list(
+        load_from_disk(res.eval_path)["input_ids"]
+    )
     assert max(len(x) for x in rows) == 256
     with pytest.raises(ValueError, match=r"d.jsonl:31: \d+ tokens > data.max_seq_len=256"):
         _run(tmp_path, str(data), run="r2", excess_length="error")
@@ -218,21 +286,61 @@ def test_template_fast_path_matches_the_real_renderer(tiny_model):
     from tasks.templating import Renderer
 
     tok = load_tokenizer(tiny_model)
-    trimming = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + '\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-    convs = [r["messages"] for r in CHAT] + [[{"role": "user", "content": "  padded  "},
-                                              {"role": "assistant", "content": " answer "}]]
+    trimming = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    convs = [r["messages"] for r in CHAT] + [
+        [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": " answer "}]
+    ]
     for template in (tok.chat_template, trimming):
         renderer = Renderer(tok, template)
         assert [renderer.pieces(c) for c in convs] == [renderer.slow_pieces(c) for c in convs]
-        assert (renderer.slow == 0) == (template == tok.chat_template)
+        assert renderer.fast == (template == tok.chat_template)
 
 
 # ---------------------------------------------------------------- cache
 
-def test_cache_hit_and_each_invalidation(tmp_path, tiny_model, monkeypatch):
-    import tasks.format as fmt
 
+def format_from_edited_copy(tmp_path, data, module: str | None, run: str) -> bool:
+    """Copy the code, append a line to ``module`` (one format imports, not one it names), run the
+    format stage from the copy on the same cache; returns whether it was a cache hit."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    code = tmp_path / f"code-{run.replace('/', '-')}"
+    for part in ("tasks", "flows", "configs", "data"):
+        shutil.copytree(ROOT / part, code / part)
+    if module:
+        with open(code / module, "a") as f:
+            f.write("\n# an edit\n")
+    cfg = make_config(tmp_path, str(data), data={"packing": False})
+    (code / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    script = (
+        "import json, tasks; from tasks.config import load_config; from tasks.format import run_format; "
+        f"r = run_format(load_config('c.yaml'), {run!r}, log=lambda *_: None); "
+        "print(json.dumps({'hit': r.cache_hit, 'code': tasks.__path__[0]}))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=code,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(code)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["code"] == str(code / "tasks")  # the edited copy ran, not the checkout
+    return out["hit"]
+
+
+def test_cache_hit_and_each_invalidation(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     first = _run(tmp_path, str(data), run="a")[1]
     again = _run(tmp_path, str(data), run="b")[1]
@@ -242,15 +350,15 @@ def test_cache_hit_and_each_invalidation(tmp_path, tiny_model, monkeypatch):
     assert manifest["outputs"]["cache"]["hit"] and "cache hit" in manifest["notes"][0]
     assert manifest["metrics"]["counts"] == first.counts
 
-    write_jsonl(tmp_path / "d.jsonl", ALPACA[:-1])                              # the data
+    write_jsonl(tmp_path / "d.jsonl", ALPACA[:-1])  # the data
     assert not _run(tmp_path, str(data), run="c")[1].cache_hit
     assert not _run(tmp_path, str(data), run="d", template="alpaca")[1].cache_hit  # the template
-    assert not _run(tmp_path, str(data), run="e", max_seq_len=200)[1].cache_hit    # a setting
+    assert not _run(tmp_path, str(data), run="e", max_seq_len=200)[1].cache_hit  # a setting
     assert not _run(tmp_path, str(data), run="f", train_on_inputs=True)[1].cache_hit
-    monkeypatch.setattr(fmt, "code_hash", lambda: "another-version")               # the code
-    assert not _run(tmp_path, str(data), run="g")[1].cache_hit
-    monkeypatch.undo()
-    tok = load_tokenizer(tiny_model)                                              # the tokenizer
+    assert format_from_edited_copy(tmp_path, data, None, run="g0")  # an unedited copy hits,
+    for module in ("tasks/models.py", "tasks/batching.py"):  # an edit of the code misses
+        assert not format_from_edited_copy(tmp_path, data, module, run=f"g-{module[6:-3]}")
+    tok = load_tokenizer(tiny_model)  # the tokenizer
     tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     tok.save_pretrained(tmp_path / "tok2")
     import shutil
@@ -258,6 +366,8 @@ def test_cache_hit_and_each_invalidation(tmp_path, tiny_model, monkeypatch):
     for f in tiny_model.iterdir():
         if not (tmp_path / "tok2" / f.name).exists():
             shutil.copy(f, tmp_path / "tok2" / f.name)
-    cfg = make_config(tmp_path, str(data), model={"name_or_path": str(tmp_path / "tok2")}, data={"packing": False})
+    cfg = make_config(
+        tmp_path, str(data), model={"name_or_path": str(tmp_path / "tok2")}, data={"packing": False}
+    )
     assert not run_format(cfg, "h", log=lambda *_: None).cache_hit
-    assert _run(tmp_path, str(data), run="i")[1].cache_hit                        # and back to a hit
+    assert _run(tmp_path, str(data), run="i")[1].cache_hit  # and back to a hit

@@ -25,8 +25,17 @@ def two_runs(server, tmp_path_factory):
     summaries = []
     for i, extra in enumerate([[], ["--set", "train.learning_rate=0"]]):
         path = out.parent / f"summary{i}.json"
-        res = run_cli("run", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set",
-                      f"tracking.mlflow_uri={server['uri']}", *extra, "--summary-json", str(path))
+        res = run_cli(
+            "run",
+            "configs/tiny.yaml",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"tracking.mlflow_uri={server['uri']}",
+            *extra,
+            "--summary-json",
+            str(path),
+        )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
         summaries.append((json.loads(path.read_text()), res.stdout))
     return summaries
@@ -53,9 +62,13 @@ def test_worse_candidate_is_refused_with_the_numbers(server, two_runs):
     v2 = client.get_model_version_by_alias("tiny", "candidate")
     assert str(v2.version) == "2" and v2.tags["sftflow.promoted"] == "False"
     assert "vs base" in v2.tags["sftflow.gate"] and "vs champion" in v2.tags["sftflow.gate"]
-    report = (second["run_dir"] + "/evaluate/report.md")
+    report = second["run_dir"] + "/evaluate/report.md"
     text = open(report).read()
-    assert "NOT PROMOTED" in text and "vs champion" in text and "| metric | base | candidate | champion |" in text
+    assert (
+        "NOT PROMOTED" in text
+        and "vs champion" in text
+        and "| metric | base | candidate | champion |" in text
+    )
 
 
 def test_promote_and_rollback_through_the_cli(server, two_runs, cli):

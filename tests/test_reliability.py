@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_config, run_cli
-from services import free_port
 from tasks.format import run_format
 from tasks.train_worker import COMPLETE
+
+from conftest import ROOT, make_config, run_cli
+from services import free_port
 
 pytestmark = pytest.mark.reliability
 GOOD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
@@ -26,20 +27,20 @@ def good(i: int) -> dict:
 # ---------------------------------------------------------------- bad data: record by record
 
 JSONL_CASES = [  # (line bytes, reason fragment)
-    (b'{"instruction": "x", "output": ', "invalid JSON"),                              # truncated JSON
-    (b'[1, 2]', "not an object"),                                                     # a non-object
+    (b'{"instruction": "x", "output": ', "invalid JSON"),  # truncated JSON
+    (b"[1, 2]", "not an object"),  # a non-object
     (b'"just a string"', "not an object"),
-    (b'{"instruction": "x"}', "missing field 'output'"),                              # missing field
-    (b'{"instruction": "x", "output": null}', "field 'output' is null"),              # null field
-    (b'{"instruction": "x", "output": 3}', "is a int, not a string"),                 # wrong type
+    (b'{"instruction": "x"}', "missing field 'output'"),  # missing field
+    (b'{"instruction": "x", "output": null}', "field 'output' is null"),  # null field
+    (b'{"instruction": "x", "output": 3}', "is a int, not a string"),  # wrong type
     (b'{"instruction": "x", "output": ["a"]}', "is a list, not a string"),
-    (b'{"instruction": "x", "output": ""}', "is empty"),                              # empty answer
-    (b'{"instruction": "x", "output": " \\t\\n "}', "is empty"),                      # whitespace-only
-    (b'{"instruction": "x\\u0000y", "output": "z"}', "NUL character"),                # NUL
-    (b'{"instruction": "caf\xe9", "output": "z"}', "invalid UTF-8"),                  # invalid UTF-8
-    (b'{"instruction": "x\\ud800y", "output": "z"}', "unpaired surrogate"),         # escaped invalid Unicode
-    (b'{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),   # bad role
-    (b'{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),       # no assistant
+    (b'{"instruction": "x", "output": ""}', "is empty"),  # empty answer
+    (b'{"instruction": "x", "output": " \\t\\n "}', "is empty"),  # whitespace-only
+    (b'{"instruction": "x\\u0000y", "output": "z"}', "NUL character"),  # NUL
+    (b'{"instruction": "caf\xe9", "output": "z"}', "invalid UTF-8"),  # invalid UTF-8
+    (b'{"instruction": "x\\ud800y", "output": "z"}', "unpaired surrogate"),  # escaped invalid Unicode
+    (b'{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),  # bad role
+    (b'{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),  # no assistant
     (b'{"messages": []}', "non-empty list of turns"),
     (b'{"messages": ["hi"]}', "is not an object"),
     (b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 5}]}', "not a string"),
@@ -48,13 +49,13 @@ JSONL_CASES = [  # (line bytes, reason fragment)
 
 
 def test_jsonl_bad_records_are_quarantined_with_line_and_exact_counts(tmp_path, tiny_model):
-    lines = [b"\xef\xbb\xbf" + json.dumps(good(0)).encode()]                         # a BOM on line 1
-    lines += [json.dumps(good(i)).encode() + b"\r" for i in range(1, 40)]             # CRLF line endings
+    lines = [b"\xef\xbb\xbf" + json.dumps(good(0)).encode()]  # a BOM on line 1
+    lines += [json.dumps(good(i)).encode() + b"\r" for i in range(1, 40)]  # CRLF line endings
     lines += [case for case, _ in JSONL_CASES]
-    lines += [b"", b"   "]                                                             # blank lines: skipped
+    lines += [b"", b"   "]  # blank lines: skipped
     lines += [json.dumps(good(1)).encode(), json.dumps({**good(2), "output": " 2. "}).encode()]  # duplicates
-    lines += [json.dumps({"instruction": "long " * 2000, "output": "x"}).encode()]    # huge: too long
-    lines += [json.dumps({**good(99), "extra": {"ignored": True}}).encode()]          # unknown fields: ignored
+    lines += [json.dumps({"instruction": "long " * 2000, "output": "x"}).encode()]  # huge: too long
+    lines += [json.dumps({**good(99), "extra": {"ignored": True}}).encode()]  # unknown fields: ignored
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     res = run_format(make_config(tmp_path, path, data={"max_bad_fraction": 0.5}), "r", log=lambda *_: None)
@@ -63,41 +64,66 @@ def test_jsonl_bad_records_are_quarantined_with_line_and_exact_counts(tmp_path, 
     for entry, (_, fragment) in zip(q, JSONL_CASES):
         assert fragment in entry["reason"], (entry, fragment)
     c = res.counts
-    assert (c["records_in"], c["quarantined"], c["duplicates"], c["too_long"]) == (40 + len(JSONL_CASES) + 4,
-                                                                                len(JSONL_CASES), 2, 1)
-    assert c["records_in"] == c["accepted"] + c["quarantined"] + c["duplicates"] + c["too_long"] and c["accepted"] == 41
+    assert (c["records_in"], c["quarantined"], c["duplicates"], c["too_long"]) == (
+        40 + len(JSONL_CASES) + 4,
+        len(JSONL_CASES),
+        2,
+        1,
+    )
+    assert (
+        c["records_in"] == c["accepted"] + c["quarantined"] + c["duplicates"] + c["too_long"]
+        and c["accepted"] == 41
+    )
 
 
 def test_csv_json_and_parquet_bad_records(tmp_path, tiny_model):
     import pandas as pd
 
     csv = tmp_path / "d.csv"
-    csv.write_bytes(b"instruction,input,output\r\n" + b"".join(f"q{i},,a{i}\r\n".encode() for i in range(20))
-                    + b'"multi\nline",,"answer, with comma"\r\n'   # quoted newline: one good row (21)
-                    + b"q,,\r\n"                                  # row 22: empty answer
-                    + b"q,x,y,z\r\n")                             # row 23: too many fields
+    csv.write_bytes(
+        b"instruction,input,output\r\n"
+        + b"".join(f"q{i},,a{i}\r\n".encode() for i in range(20))
+        + b'"multi\nline",,"answer, with comma"\r\n'  # quoted newline: one good row (21)
+        + b"q,,\r\n"  # row 22: empty answer
+        + b"q,x,y,z\r\n"
+    )  # row 23: too many fields
     arr = tmp_path / "d.json"
     arr.write_text(json.dumps([good(i) for i in range(100, 120)] + [7, {"instruction": "q", "output": None}]))
     pq = tmp_path / "d.parquet"
-    pd.DataFrame([good(i) for i in range(200, 220)] + [{"instruction": "q", "input": "", "output": "  "}]).to_parquet(pq)
-    res = run_format(make_config(tmp_path, [str(csv), str(arr), str(pq)], data={"max_bad_fraction": 0.5}), "r",
-                     log=lambda *_: None)
-    q = [(Path(e["source"]).name, e["line"], e["reason"]) for e in
-         map(json.loads, (tmp_path / "runs/r/format/quarantine.jsonl").read_text().splitlines())]
-    assert [(n, line) for n, line, _ in q] == [("d.csv", 22), ("d.csv", 23), ("d.json", 21), ("d.json", 22),
-                                               ("d.parquet", 21)]
+    pd.DataFrame(
+        [good(i) for i in range(200, 220)] + [{"instruction": "q", "input": "", "output": "  "}]
+    ).to_parquet(pq)
+    res = run_format(
+        make_config(tmp_path, [str(csv), str(arr), str(pq)], data={"max_bad_fraction": 0.5}),
+        "r",
+        log=lambda *_: None,
+    )
+    q = [
+        (Path(e["source"]).name, e["line"], e["reason"])
+        for e in map(json.loads, (tmp_path / "runs/r/format/quarantine.jsonl").read_text().splitlines())
+    ]
+    assert [(n, line) for n, line, _ in q] == [
+        ("d.csv", 22),
+        ("d.csv", 23),
+        ("d.json", 21),
+        ("d.json", 22),
+        ("d.parquet", 21),
+    ]
     assert "is empty" in q[0][2] and "fields" in q[1][2] and "not an object" in q[2][2] and "null" in q[3][2]
     assert res.counts["accepted"] == 61 and res.counts["quarantined"] == 5
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("broken.json", b'[{"instruction": "x", "output": "y"},', "broken.json:1: not a valid JSON file"),
-    ("object.json", b'{"instruction": "x"}', "expected a JSON array"),
-    ("latin1.csv", "instruction,output\nq,caf\xe9\n".encode("latin-1"), "100.0% of 1 records are bad"),
-    ("data.txt", b"hello", "unsupported file type '.txt'"),
-    ("missing.jsonl", None, "missing.jsonl does not exist"),
-    ("allbad.jsonl", b"nope\n" * 10, "100.0% of 10 records are bad"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("broken.json", b'[{"instruction": "x", "output": "y"},', "broken.json:1: not a valid JSON file"),
+        ("object.json", b'{"instruction": "x"}', "expected a JSON array"),
+        ("latin1.csv", "instruction,output\nq,caf\xe9\n".encode("latin-1"), "100.0% of 1 records are bad"),
+        ("data.txt", b"hello", "unsupported file type '.txt'"),
+        ("missing.jsonl", None, "missing.jsonl does not exist"),
+        ("allbad.jsonl", b"nope\n" * 10, "100.0% of 10 records are bad"),
+    ],
+)
 def test_whole_file_problems_are_one_clear_error(tmp_path, tiny_model, name, content, message):
     path = tmp_path / name
     if content is not None:
@@ -110,8 +136,10 @@ def test_the_user_sees_the_message_not_a_traceback(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"instruction": "x", "output": "y"},')
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"run_name: t\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name_or_path: tiny-llama}}\n"
-                   f"data: {{path: {path}}}\n")
+    cfg.write_text(
+        f"run_name: t\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name_or_path: tiny-llama}}\n"
+        f"data: {{path: {path}}}\n"
+    )
     res = run_cli("format", str(cfg), "--run-id", "r")
     assert res.returncode == 1 and "broken.json:1: not a valid JSON file" in res.stderr
     assert "Traceback" not in res.stderr
@@ -119,17 +147,24 @@ def test_the_user_sees_the_message_not_a_traceback(tmp_path):
 
 # ---------------------------------------------------------------- bad configs: exit 2 before a model loads
 
-@pytest.mark.parametrize("body,message", [
-    ("", "the file is empty"),
-    ("run_name: t\ndata: [unclosed\n", "YAML syntax error"),
-    ("- just\n- a list\n", "expected a mapping"),
-    ("run_name: ../escape\ndata: {path: data/demo/train.jsonl}\n", "run_name"),
-    ("run_name: t\n", "data: required key is missing"),
-    ("run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {launch: true}\n", "need serve.endpoint"),
-    ("run_name: t\ndata: {path: data/demo/train.jsonl, roles: {bot: robot}}\n", "data.roles"),
-    ("run_name: t\ndata: {path: data/demo/train.jsonl, num_proc: 0}\n", "data.num_proc"),
-    ("run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {endpoint: localhost:8000}\n", "must start with http"),
-])
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("", "the file is empty"),
+        ("run_name: t\ndata: [unclosed\n", "YAML syntax error"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("run_name: ../escape\ndata: {path: data/demo/train.jsonl}\n", "run_name"),
+        ("run_name: t\n", "data: required key is missing"),
+        ("run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {launch: true}\n", "need serve.endpoint"),
+        ("run_name: t\ndata: {path: data/demo/train.jsonl, roles: {bot: robot}}\n", "data.roles"),
+        ("run_name: t\ndata: {path: data/demo/train.jsonl, num_proc: 0}\n", "data.num_proc"),
+        (
+            "run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {endpoint: localhost:8000}\n",
+            "must start with http",
+        ),
+    ],
+)
 def test_more_bad_configs_exit_2(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
     path.write_text(body)
@@ -146,13 +181,22 @@ def test_non_utf8_config_exits_2(tmp_path):
 
 # ---------------------------------------------------------------- outages and resources
 
+
 def test_unreachable_mlflow_fails_fast_with_a_clear_message(tmp_path):
     import time
 
     t0 = time.monotonic()
-    res = run_cli("run", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}",
-                  "--set", f"tracking.mlflow_uri=http://user:s3cret@127.0.0.1:{free_port()}")
-    assert res.returncode == 1 and "cannot reach MLflow at http://***@127.0.0.1:" in res.stderr, res.stderr[-2000:]
+    res = run_cli(
+        "run",
+        "configs/tiny.yaml",
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        f"tracking.mlflow_uri=http://user:s3cret@127.0.0.1:{free_port()}",
+    )
+    assert res.returncode == 1 and "cannot reach MLflow at http://***@127.0.0.1:" in res.stderr, res.stderr[
+        -2000:
+    ]
     assert "s3cret" not in res.stdout + res.stderr and "Traceback" not in res.stderr
     assert time.monotonic() - t0 < 120
 
@@ -161,8 +205,11 @@ def test_unreachable_mlflow_fails_fast_with_a_clear_message(tmp_path):
 # One pipeline run against a real `mlflow server` (PostgreSQL) whose URI carries credentials,
 # with secrets in the environment; then every stage is SIGKILLed at three points and rerun.
 
-SECRETS = {"HF_TOKEN": "hf_SECRETtoken0123456789", "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw42",
-           "AWS_SECRET_ACCESS_KEY": "awsSECRETkey/abc+XYZ"}
+SECRETS = {
+    "HF_TOKEN": "hf_SECRETtoken0123456789",
+    "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw42",
+    "AWS_SECRET_ACCESS_KEY": "awsSECRETkey/abc+XYZ",
+}
 URI_PASSWORD = "uriSECRETpass77"
 
 
@@ -193,7 +240,13 @@ def crash_run(tmp_path_factory):
         summary = tmp / "summary.json"
         res = cli("run", str(path), "--summary-json", str(summary))
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
-        yield {"tmp": tmp, "config": str(path), "cli": cli, "server": server, "summary": json.loads(summary.read_text())}
+        yield {
+            "tmp": tmp,
+            "config": str(path),
+            "cli": cli,
+            "server": server,
+            "summary": json.loads(summary.read_text()),
+        }
 
 
 def _manifest(run: Path, stage: str):
@@ -208,7 +261,11 @@ def test_train_killed_three_times_resumes_to_the_same_weights(crash_run):
     run = Path(crash_run["summary"]["run_dir"])
     original = {k: v.clone() for k, v in load_file(run / "train/adapter/adapter_model.safetensors").items()}
     cli, cfg, rid = crash_run["cli"], crash_run["config"], crash_run["summary"]["run_id"]
-    for fault, resume in (("train:step", []), ("train:checkpoint", ["--resume"]), ("train:final", ["--resume"])):
+    for fault, resume in (
+        ("train:step", []),
+        ("train:checkpoint", ["--resume"]),
+        ("train:final", ["--resume"]),
+    ):
         res = cli("train", cfg, "--run-id", rid, *resume, fault=fault)
         assert res.returncode == 1 and "training failed" in res.stderr, (fault, res.stderr[-2000:])
         assert _manifest(run, "train") is None, fault  # never marked complete
@@ -219,7 +276,9 @@ def test_train_killed_three_times_resumes_to_the_same_weights(crash_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert _manifest(run, "train")["status"] == "completed"
     final = load_file(run / "train/adapter/adapter_model.safetensors")
-    assert all(torch.equal(original[k], final[k]) for k in original), "resumed weights differ from the unbroken run"
+    assert all(torch.equal(original[k], final[k]) for k in original), (
+        "resumed weights differ from the unbroken run"
+    )
 
 
 def test_merge_killed_three_times_then_completes_verified(crash_run):
@@ -265,11 +324,15 @@ def test_handoff_killed_three_times_registers_exactly_one_version(crash_run):
 
 def test_disk_full_during_the_merge_save_is_a_clear_error(crash_run):
     run = Path(crash_run["summary"]["run_dir"])
-    res = crash_run["cli"]("merge", crash_run["config"], "--run-id", crash_run["summary"]["run_id"],
-                           fault="enospc@merge:written")
+    res = crash_run["cli"](
+        "merge", crash_run["config"], "--run-id", crash_run["summary"]["run_id"], fault="enospc@merge:written"
+    )
     assert res.returncode == 1 and "No space left on device" in res.stderr and "Traceback" not in res.stderr
     assert _manifest(run, "merge") is None and not list((run / "merge").glob(".model.tmp-*"))
-    assert crash_run["cli"]("merge", crash_run["config"], "--run-id", crash_run["summary"]["run_id"]).returncode == 0
+    assert (
+        crash_run["cli"]("merge", crash_run["config"], "--run-id", crash_run["summary"]["run_id"]).returncode
+        == 0
+    )
 
 
 def test_secrets_never_reach_files_logs_or_mlflow(crash_run):
@@ -323,25 +386,51 @@ def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
     with fresh_database("sftflow_outage") as db:
         port = free_port()
         servers = [start_mlflow(tmp_path / "mlflow", db, port)]
-        args = ["configs/tiny.yaml", "--run-id", "outage", "--set", f"output_dir={tmp_path / 'runs'}",
-                "--set", f"tracking.mlflow_uri={servers[0]['uri']}"]
+        args = [
+            "configs/tiny.yaml",
+            "--run-id",
+            "outage",
+            "--set",
+            f"output_dir={tmp_path / 'runs'}",
+            "--set",
+            f"tracking.mlflow_uri={servers[0]['uri']}",
+        ]
         assert run_cli("format", *args).returncode == 0
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", *args], cwd=ROOT,
-                                env={**os.environ, "SFTFLOW_STEP_DELAY_S": "1"}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "train", *args],
+            cwd=ROOT,
+            env={**os.environ, "SFTFLOW_STEP_DELAY_S": "1"},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for_step(2)
             os.killpg(servers[0]["proc"].pid, signal.SIGKILL)  # an outage is abrupt
             servers[0]["proc"].wait()
-            down_at = max(int(x) for x in re.findall(r"\[train\] step (\d+)/", next(
-                (tmp_path / "runs").glob("*/train/train.log")).read_text()))
+            down_at = max(
+                int(x)
+                for x in re.findall(
+                    r"\[train\] step (\d+)/", next((tmp_path / "runs").glob("*/train/train.log")).read_text()
+                )
+            )
             pending = tmp_path / "runs/outage/train/pending_metrics.json"
             deadline = time.monotonic() + 300
             while not pending.is_file():  # the worker finished with MLflow still down
-                assert time.monotonic() < deadline and proc.poll() is None, "the worker never kept its metrics"
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "the worker never kept its metrics"
+                )
                 time.sleep(0.3)
-            assert max(int(x) for x in re.findall(r"\[train\] step (\d+)/", next(
-                (tmp_path / "runs").glob("*/train/train.log")).read_text())) >= down_at + 3
+            assert (
+                max(
+                    int(x)
+                    for x in re.findall(
+                        r"\[train\] step (\d+)/",
+                        next((tmp_path / "runs").glob("*/train/train.log")).read_text(),
+                    )
+                )
+                >= down_at + 3
+            )
             servers.append(start_mlflow(tmp_path / "mlflow", db, port))
             log = proc.communicate(timeout=600)[0]
             assert proc.returncode == 0, log[-4000:]
@@ -351,7 +440,10 @@ def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
             ids = json.loads((tmp_path / "runs/outage/mlflow.json").read_text())["stages"]
             losses = MlflowClient(servers[-1]["uri"]).get_metric_history(ids["train"], "loss")
             assert sorted(m.step for m in losses) == list(range(1, 13)), "metric values were lost"
-            assert json.loads((tmp_path / "runs/outage/train/manifest.json").read_text())["status"] == "completed"
+            assert (
+                json.loads((tmp_path / "runs/outage/train/manifest.json").read_text())["status"]
+                == "completed"
+            )
             logged = {a.path for a in MlflowClient(servers[-1]["uri"]).list_artifacts(ids["train"])}
             assert {"loss.png", "train.log", "manifest.json"} <= logged, logged
         finally:

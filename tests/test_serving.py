@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.serving import preflight, smoke_test
+
 from conftest import ROOT, run_cli
 from services import free_port, stop, wait_http
-from tasks.serving import preflight, smoke_test
 
 SERVE = ["transformers", "serve", "model", "--host", "{host}", "--port", "{port}", "--device", "cpu"]
 
@@ -26,10 +27,11 @@ def _template():
 
 # ---------------------------------------------------------------- pre-flight (no server needed)
 
+
 @pytest.fixture
 def bundle(tmp_path, tiny_model):
     """A bundle folder whose model/ is hard-linked to a copy of the tiny model, as handoff builds it."""
-    from tasks.rundir import copy_tree
+    from tasks.files import copy_tree
 
     source = tmp_path / "merged"
     shutil.copytree(tiny_model, source)
@@ -81,6 +83,7 @@ def test_preflight_gives_vllm_the_training_template_when_the_tokenizer_has_none(
 
 # ---------------------------------------------------------------- a real server
 
+
 @pytest.fixture(scope="module")
 def served_run(tmp_path_factory):
     """One pipeline run (full fine-tuning long enough to learn to end its turns) whose handoff
@@ -88,16 +91,41 @@ def served_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     data = tmp / "train.jsonl"
     shutil.copy(ROOT / "data/demo/train.jsonl", data)
-    Path(os.environ["HF_HOME"], "hub").mkdir(parents=True, exist_ok=True)  # `transformers serve` lists this cache
-    args = ["--set", f"output_dir={tmp / 'runs'}", "--set", f"data.path={data}", "--set", "train.method=full",
-            "--set", "train.max_steps=80", "--set", "train.learning_rate=1e-2", "--set", "train.save_steps=100",
-            "--set", f"serve.endpoint=http://127.0.0.1:{free_port()}/v1", "--set", "serve.launch=true",
-            "--set", "serve.served_model_name=model", "--set", f"serve.command={json.dumps(SERVE)}"]
+    Path(os.environ["HF_HOME"], "hub").mkdir(
+        parents=True, exist_ok=True
+    )  # `transformers serve` lists this cache
+    args = [
+        "--set",
+        f"output_dir={tmp / 'runs'}",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "train.method=full",
+        "--set",
+        "train.max_steps=80",
+        "--set",
+        "train.learning_rate=1e-2",
+        "--set",
+        "train.save_steps=100",
+        "--set",
+        f"serve.endpoint=http://127.0.0.1:{free_port()}/v1",
+        "--set",
+        "serve.launch=true",
+        "--set",
+        "serve.served_model_name=model",
+        "--set",
+        f"serve.command={json.dumps(SERVE)}",
+    ]
     t0 = time.monotonic()
     res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp / "summary.json"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return {"tmp": tmp, "args": args, "data": data, "seconds": time.monotonic() - t0,
-            "summary": json.loads((tmp / "summary.json").read_text())}
+    return {
+        "tmp": tmp,
+        "args": args,
+        "data": data,
+        "seconds": time.monotonic() - t0,
+        "summary": json.loads((tmp / "summary.json").read_text()),
+    }
 
 
 @pytest.mark.slow
@@ -117,12 +145,19 @@ def test_smoke_test_against_a_server_the_test_started(served_run):
     port = free_port()
     log = bundle.parent / "test-server.log"
     exe = str(Path(sys.executable).parent / "transformers")
-    proc = subprocess.Popen([exe, "serve", "model", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            cwd=bundle, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, "serve", "model", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        cwd=bundle,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 180, proc, log)
-        prompts = [json.loads(x)["messages"] for x in open(Path(served_run["summary"]["run_dir"]) /
-                                                         "format/eval_records.jsonl")][:3]
+        prompts = [
+            json.loads(x)["messages"]
+            for x in open(Path(served_run["summary"]["run_dir"]) / "format/eval_records.jsonl")
+        ][:3]
         ok = smoke_test(f"http://127.0.0.1:{port}/v1", "model", prompts, max_tokens=128)
         assert ok["passed"] and [a["finish_reason"] for a in ok["answers"]] == ["stop"] * 3
         cut = smoke_test(f"http://127.0.0.1:{port}/v1", "model", prompts, max_tokens=2)
@@ -148,16 +183,23 @@ def test_unchanged_nightly_rerun_is_a_no_op_and_new_data_is_not(served_run):
     from tasks.fingerprint import find_unchanged
 
     t0 = time.monotonic()
-    res = run_cli("run", "configs/tiny.yaml", *served_run["args"], "--summary-json", str(served_run["tmp"] / "s2.json"))
+    res = run_cli(
+        "run", "configs/tiny.yaml", *served_run["args"], "--summary-json", str(served_run["tmp"] / "s2.json")
+    )
     rerun = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]
-    full_flow, rerun_flow = served_run["summary"]["seconds"], json.loads((served_run["tmp"] / "s2.json").read_text())["seconds"]
+    full_flow, rerun_flow = (
+        served_run["summary"]["seconds"],
+        json.loads((served_run["tmp"] / "s2.json").read_text())["seconds"],
+    )
     assert "UNCHANGED: same data, config and code as version 1" in res.stdout
     assert "no retraining and no new registry version" in res.stdout + res.stderr
     uri = served_run["summary"]["mlflow_uri"]
     assert len(MlflowClient(uri, uri).search_model_versions("name = 'tiny'")) == 1
-    print(f"\nflow: full {full_flow:.1f}s, unchanged rerun {rerun_flow:.1f}s ({rerun_flow / full_flow:.1%}); "
-          f"command wall time: {served_run['seconds']:.1f}s vs {rerun:.1f}s ({rerun / served_run['seconds']:.1%})")
+    print(
+        f"\nflow: full {full_flow:.1f}s, unchanged rerun {rerun_flow:.1f}s ({rerun_flow / full_flow:.1%}); "
+        f"command wall time: {served_run['seconds']:.1f}s vs {rerun:.1f}s ({rerun / served_run['seconds']:.1%})"
+    )
     assert rerun_flow < 0.2 * full_flow
     with open(served_run["data"], "a") as f:  # new data: the fingerprint no longer matches, so it retrains
         f.write(json.dumps({"instruction": "A new question?", "input": "", "output": "A new answer."}) + "\n")
@@ -176,10 +218,14 @@ def test_smoke_test_fails_clearly_when_the_endpoint_serves_another_name():
     paths = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
+        def do_GET(self):
             paths.append(self.path)
-            body = json.dumps({"object": "list", "data": [{"id": "other", "object": "model", "created": 0,
-                                                           "owned_by": "vllm"}]}).encode()
+            body = json.dumps(
+                {
+                    "object": "list",
+                    "data": [{"id": "other", "object": "model", "created": 0, "owned_by": "vllm"}],
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -192,8 +238,12 @@ def test_smoke_test_fails_clearly_when_the_endpoint_serves_another_name():
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = smoke_test(f"http://127.0.0.1:{server.server_port}/v1", "tiny",
-                            [[{"role": "user", "content": "hi"}]], max_tokens=8)
+        result = smoke_test(
+            f"http://127.0.0.1:{server.server_port}/v1",
+            "tiny",
+            [[{"role": "user", "content": "hi"}]],
+            max_tokens=8,
+        )
     finally:
         server.shutdown()
     assert not result["passed"] and result["models"] == ["other"]
@@ -212,7 +262,7 @@ def test_hot_swap_unloads_then_loads_the_adapter_by_name():
     seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.path, body, self.headers["Authorization"]))
             self.send_response(404 if self.path.endswith("unload_lora_adapter") and len(seen) == 1 else 200)
@@ -226,7 +276,7 @@ def test_hot_swap_unloads_then_loads_the_adapter_by_name():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_port}/v1"
-        hot_swap(base, "tiny", "/bundles/v2/adapter", api_key="k")   # first time: nothing loaded yet
+        hot_swap(base, "tiny", "/bundles/v2/adapter", api_key="k")  # first time: nothing loaded yet
         hot_swap(base, "tiny", "/bundles/v3/adapter", api_key="k")
     finally:
         server.shutdown()
@@ -234,16 +284,23 @@ def test_hot_swap_unloads_then_loads_the_adapter_by_name():
         ("/v1/unload_lora_adapter", {"lora_name": "tiny"}),
         ("/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": "/bundles/v2/adapter"}),
         ("/v1/unload_lora_adapter", {"lora_name": "tiny"}),
-        ("/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": "/bundles/v3/adapter"})]
+        ("/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": "/bundles/v3/adapter"}),
+    ]
     assert all(auth == "Bearer k" for _, _, auth in seen)
 
 
 def test_adapter_mode_serves_the_adapter_on_the_base():
-    from conftest import make_config
     from tasks.handoff import serve_argv
 
-    cfg = make_config(Path("/tmp"), ROOT / "data/demo/train.jsonl", serve={"mode": "adapter", "max_lora_rank": 16})
+    from conftest import make_config
+
+    cfg = make_config(
+        Path("/tmp"), ROOT / "data/demo/train.jsonl", serve={"mode": "adapter", "max_lora_rank": 16}
+    )
     argv = serve_argv(cfg, "/models/base", "adapter")
     assert argv[:3] == ["vllm", "serve", "/models/base"]
-    assert argv[argv.index("--lora-modules") + 1] == "t=adapter" and argv[argv.index("--max-lora-rank") + 1] == "16"
+    assert (
+        argv[argv.index("--lora-modules") + 1] == "t=adapter"
+        and argv[argv.index("--max-lora-rank") + 1] == "16"
+    )
     assert "--enable-lora" in argv and argv[argv.index("--max-model-len") + 1] == "256"

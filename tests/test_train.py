@@ -12,14 +12,16 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import make_config
 from tasks.format import run_format
+from tasks.results import FormatResult
 from tasks.train import run_train
 from tasks.train_worker import COMPLETE, latest_checkpoint
 
+from conftest import make_config
+
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "data/demo/train.jsonl"
-quiet = lambda *_: None  # noqa: E731
+quiet = lambda *_: None
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +34,36 @@ def formatted(tmp_path_factory):
 
 
 def new_run(root: Path, run_id: str, **train):
-    cfg = make_config(root, DATA, train={"max_steps": 4, "learning_rate": 3e-3, "save_steps": 2,
-                                        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **train})
+    cfg = make_config(
+        root,
+        DATA,
+        train={
+            "max_steps": 4,
+            "learning_rate": 3e-3,
+            "save_steps": 2,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            **train,
+        },
+    )
     shutil.copytree(root / "runs/base/format", root / f"runs/{run_id}/format")
     return cfg
 
 
-@pytest.mark.parametrize("preset,method", [("zero0", "lora"), ("zero1", "full"), ("zero2", "qlora"),
-                                           ("zero3", "lora"), ("zero2_offload", "lora"), ("zero3_offload", "full")])
+@pytest.mark.parametrize(
+    "preset,method",
+    [
+        ("zero0", "lora"),
+        ("zero1", "full"),
+        ("zero2", "qlora"),
+        ("zero3", "lora"),
+        ("zero2_offload", "lora"),
+        ("zero3_offload", "full"),
+    ],
+)
 def test_every_preset_and_method_trains(formatted, preset, method):
     run_id = f"{preset}-{method}"
     cfg = new_run(formatted, run_id, deepspeed=preset, method=method)
-    res = run_train(cfg, run_id, log=quiet)
+    res = run_train(cfg, run_id, FormatResult.from_manifest(cfg, run_id), log=quiet)
     out = formatted / f"runs/{run_id}/train"
     result = json.loads((out / "result.json").read_text())
     assert res.global_step == 4 and result["world_size"] == 1 and len(result["losses"]) == 4
@@ -62,23 +82,27 @@ def test_every_preset_and_method_trains(formatted, preset, method):
 
 def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
     cfg = new_run(formatted, "ddp", num_processes=2, deepspeed="zero2")
-    run_train(cfg, "ddp", log=quiet)
-    ranks = [json.loads(p.read_text()) for p in sorted((formatted / "runs/ddp/train/ranks").glob("rank*.json"))]
+    run_train(cfg, "ddp", FormatResult.from_manifest(cfg, "ddp"), log=quiet)
+    ranks = [
+        json.loads(p.read_text()) for p in sorted((formatted / "runs/ddp/train/ranks").glob("rank*.json"))
+    ]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
-    assert not set(ranks[0]["first_batches"]) & set(ranks[1]["first_batches"]), "both ranks saw the same batches"
+    assert not set(ranks[0]["first_batches"]) & set(ranks[1]["first_batches"]), (
+        "both ranks saw the same batches"
+    )
     assert ranks[0]["trainable_sha256"] == ranks[1]["trainable_sha256"]
 
 
 def test_nan_loss_stops_the_run_naming_the_step(formatted):
     cfg = new_run(formatted, "nan", method="full", learning_rate=float("inf"), max_steps=8)
     with pytest.raises(RuntimeError, match=r"training loss is (nan|inf) at step \d+"):
-        run_train(cfg, "nan", log=quiet)
+        run_train(cfg, "nan", FormatResult.from_manifest(cfg, "nan"), log=quiet)
 
 
 def test_memory_estimate_refuses_before_launching(formatted):
     cfg = new_run(formatted, "oom", method="full", memory_budget_gb=0.001)
     with pytest.raises(MemoryError, match="lower train.micro_batch_size.*zero3.*offload.*qlora"):
-        run_train(cfg, "oom", log=quiet)
+        run_train(cfg, "oom", FormatResult.from_manifest(cfg, "oom"), log=quiet)
     assert not (formatted / "runs/oom/train/train.log").exists()
 
 
@@ -90,9 +114,18 @@ def wide_vocab_model(target: Path) -> Path:
     from tasks.models import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
-    config = LlamaConfig(vocab_size=1 << 21, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=1 << 21,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(target)
     tok.save_pretrained(target)
     return target
@@ -107,15 +140,25 @@ def test_out_of_memory_in_a_step_is_reported_with_advice(tmp_path):
 
     import yaml
 
-    cfg = make_config(tmp_path, DATA, model={"name_or_path": str(wide_vocab_model(tmp_path / "wide"))},
-                      data={"max_seq_len": 1024}, train={"max_steps": 1, "memory_budget_gb": 10000})
+    cfg = make_config(
+        tmp_path,
+        DATA,
+        model={"name_or_path": str(wide_vocab_model(tmp_path / "wide"))},
+        data={"max_seq_len": 1024},
+        train={"max_steps": 1, "memory_budget_gb": 10000},
+    )
     run_format(cfg, "oom", log=quiet)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     limit = 8 << 30
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config), "--run-id", "oom"],
-                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
-                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", str(config), "--run-id", "oom"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     assert "out of memory at step 0" in res.stderr and "can't allocate memory" in res.stderr
     assert "lower train.micro_batch_size" in res.stderr and "Traceback" not in res.stderr
@@ -152,19 +195,23 @@ def test_killed_training_resumes_exactly_on_retry(formatted, monkeypatch):
     monkeypatch.setenv("SFTFLOW_STEP_DELAY_S", "0.4")
     steps = {"max_steps": 8, "save_steps": 3}
     unbroken_cfg = new_run(formatted, "unbroken", **steps)
-    run_train(unbroken_cfg, "unbroken", log=quiet)
+    run_train(unbroken_cfg, "unbroken", FormatResult.from_manifest(unbroken_cfg, "unbroken"), log=quiet)
     expected = json.loads((formatted / "runs/unbroken/train/result.json").read_text())["losses"]
 
     cfg = new_run(formatted, "killed", **steps)
     out = formatted / "runs/killed/train"
     killed: list[int] = []
-    killer = threading.Thread(target=kill_workers_after,
-                              args=(out / "checkpoints/checkpoint-3" / COMPLETE, out / "spec.json", killed))
+    killer = threading.Thread(
+        target=kill_workers_after,
+        args=(out / "checkpoints/checkpoint-3" / COMPLETE, out / "spec.json", killed),
+    )
     killer.start()
 
     @flow
     def train_only():
-        return train_task.with_options(retries=1, retry_delay_seconds=1)(cfg, "killed")
+        return train_task.with_options(retries=1, retry_delay_seconds=1)(
+            cfg, "killed", FormatResult.from_manifest(cfg, "killed")
+        )
 
     result = train_only()
     killer.join()
@@ -174,5 +221,64 @@ def test_killed_training_resumes_exactly_on_retry(formatted, monkeypatch):
     assert final["losses"] == expected and result.global_step == 8
     client = MlflowClient(cfg.mlflow_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`sftflow.stage` = 'train' and tags.`sftflow.run_id` = 'killed'")
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`sftflow.stage` = 'train' and tags.`sftflow.run_id` = 'killed'"
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_a_silent_hang_is_killed_at_the_timeout_and_the_retry_resumes(formatted, tmp_path, monkeypatch):
+    """A rank that stops without printing anything (a fault hook) is killed with the launcher's
+    whole process group at train.timeout_s; the Prefect retry resumes from the last checkpoint."""
+    from prefect import flow
+
+    from tasks.train import train_task
+
+    monkeypatch.setenv("SFTFLOW_FAULT", "hang@train:step")  # after step 3, once the step-2 checkpoint is done
+    monkeypatch.setenv("SFTFLOW_FAULT_ONCE", str(tmp_path / "hung"))
+    cfg = new_run(formatted, "hung", max_steps=6, save_steps=2, timeout_s=50)
+    out = formatted / "runs/hung/train"
+
+    @flow
+    def train_only():
+        return train_task.with_options(retries=1, retry_delay_seconds=1)(
+            cfg, "hung", FormatResult.from_manifest(cfg, "hung")
+        )
+
+    t0 = time.monotonic()
+    result = train_only()
+    assert (tmp_path / "hung").exists(), "the hang never happened"
+    assert (
+        "training exceeded train.timeout_s=50s; killed the launcher and every rank"
+        in (out / "train.log").read_text()
+    )
+    final = json.loads((out / "result.json").read_text())
+    assert final["resumed_from"].endswith("checkpoint-2") and result.global_step == 6
+    assert time.monotonic() - t0 < 50 + 120
+    orphans = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if str(out / "spec.json") in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not orphans, orphans
+
+
+def test_activation_estimate_is_korthikanti_in_16bit_and_twice_that_in_fp32(formatted):
+    """Korthikanti et al.: s*b*h*(34 + 5*a*s/h) bytes per layer with 16-bit activations."""
+    from transformers import AutoConfig
+
+    from tasks.memory import estimate
+    from tasks.models import resolve_model
+
+    model = resolve_model("tiny-llama")
+    mcfg = AutoConfig.from_pretrained(model)
+    per_value = {}
+    for precision in ("bf16", "fp32"):
+        cfg = new_run(formatted, f"estimate-{precision}", precision=precision)
+        tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+        logits = tokens * mcfg.vocab_size * 4 * 2
+        per_value[precision] = (estimate(cfg, model).activations - logits) / (
+            tokens * mcfg.hidden_size * mcfg.num_hidden_layers
+        )
+    bf16 = 34 + 5 * mcfg.num_attention_heads * 256 / mcfg.hidden_size  # max_seq_len 256
+    assert per_value == {"bf16": pytest.approx(bf16), "fp32": pytest.approx(2 * bf16)}

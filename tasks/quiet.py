@@ -1,0 +1,27 @@
+"""Library noise off at its source, so what a person reads is the pipeline's own log.
+
+Each line names one message and why it says nothing to an sftflow user; nothing else is
+hidden (warnings and errors of every other kind still show).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def quiet_libraries() -> None:
+    # bitsandbytes looks for the optional `kernels` package (a hub download) for a faster CPU
+    # 4-bit matmul and warns at import when it is missing; its own kernel is used instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    # "Loading weights" / "Writing model shards" bars on every model load and save (tiny files
+    # here, seconds on a real model); the stages log what they load. Inherited by train workers.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -1,0 +1,81 @@
+"""What one stage hands the next: small records of paths and figures, never tensors.
+
+The flow passes them along (so Prefect draws the edges); each can be rebuilt from its
+stage's manifest, which is how ``sftflow <stage> --run-id`` runs one stage alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+from tasks.manifest import load_manifest
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
+
+
+class StageResult:
+    stage: str
+
+    @classmethod
+    def from_manifest(cls, cfg: PipelineConfig, run_id: str) -> Self:
+        return cls(**load_manifest(cfg.output_dir, run_id, cls.stage)["result"])
+
+
+@dataclass
+class FormatResult(StageResult):
+    stage = "format"
+    run_id: str
+    train_path: str
+    eval_path: str
+    eval_records: str  # JSONL of {messages, reference}: the prompts every later stage asks
+    chat_template: str  # the template training used, as a file
+    data_hash: str
+    cache_key: str
+    counts: dict
+    cache_hit: bool = False
+
+    def template(self) -> str:
+        return Path(self.chat_template).read_text(encoding="utf-8")
+
+
+@dataclass
+class TrainResult(StageResult):
+    stage = "train"
+    run_id: str
+    output: str  # the adapter folder (lora, qlora) or the full model folder
+    method: str
+    train_loss: float
+    global_step: int
+
+
+@dataclass
+class MergeResult(StageResult):
+    stage = "merge"
+    run_id: str
+    model_path: str
+    max_logit_diff: float
+    top1_agreement: float
+
+
+@dataclass
+class EvalResult(StageResult):
+    stage = "evaluate"
+    run_id: str
+    scores: dict[str, dict[str, float]]
+    gate_passed: bool
+    reason: str
+    report: str = ""
+
+
+@dataclass
+class HandoffResult(StageResult):
+    stage = "handoff"
+    run_id: str
+    bundle: str
+    registered_model: str
+    version: str
+    aliases: list[str]
+    serve_script: str  # the shell line that serves the bundle
