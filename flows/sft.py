@@ -29,6 +29,7 @@ from tasks.handoff import handoff_task
 from tasks.merge import merge_task
 from tasks.paths import new_run_id, run_dir
 from tasks.quiet import quiet_libraries
+from tasks.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
 from tasks.stage import stage_logger
 from tasks.tracking import Tracker, redact
 from tasks.train import train_task
@@ -46,17 +47,10 @@ def sft_pipeline(
     # A nightly run with the same data, config and code has nothing to train: say so and stop
     # (Prefect records it as "Unchanged"; MLflow gets no empty run).
     if not force and (same := unchanged_task(cfg)):
-        summary = {
-            "run_id": run_id,
-            "unchanged": True,
-            "same_as": dataclasses.asdict(same),
-            "seconds": round(time.monotonic() - t0, 2),
-        }
-        return Completed(
-            name="Unchanged",
-            message=f"unchanged since version {same.version} (run {same.run_id})",
-            data=summary,
-        )
+        summary = {"run_id": run_id, "unchanged": True, "same_as": dataclasses.asdict(same),
+                   "seconds": round(time.monotonic() - t0, 2)}  # fmt: skip
+        message = f"unchanged since version {same.version} (run {same.run_id})"
+        return Completed(name="Unchanged", message=message, data=summary)
     tracker = Tracker(cfg, run_id)  # fails fast when MLflow cannot be reached
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
@@ -70,29 +64,33 @@ def sft_pipeline(
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    summary = {
-        "run_id": run_id,
-        "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()),
-        "counts": data.counts,
-        "train_loss": trained.train_loss,
-        "steps": trained.global_step,
-        "merge_max_logit_diff": merged.max_logit_diff,
-        "scores": scores.scores,
-        "promoted": scores.gate_passed,
-        "gate": scores.reason,
-        "registered_model": bundle.registered_model,
-        "version": bundle.version,
-        "aliases": bundle.aliases,
-        "bundle": bundle.bundle,
-        "serve_script": bundle.serve_script,
-        "mlflow_uri": redact(cfg.mlflow_uri),
-        "mlflow_run_id": parent,
-        "prefect_flow_run_id": flow_run.id,
-        "seconds": round(time.monotonic() - t0, 2),
-    }
+    summary = run_summary(cfg, run_id, parent, t0, data, trained, merged, scores, bundle)
     # A refused candidate is an outcome, not a crash: the run completes in a state that says so.
     if scores.gate_passed:
         return Completed(
             message=f"promoted: {bundle.registered_model}@champion = v{bundle.version}", data=summary
         )
     return Completed(name="Not promoted", message=f"not promoted: {scores.reason}", data=summary)
+
+
+def run_summary(
+    cfg,
+    run_id: str,
+    mlflow_run_id: str,
+    t0: float,
+    data: FormatResult,
+    trained: TrainResult,
+    merged: MergeResult,
+    scores: EvalResult,
+    bundle: HandoffResult,
+) -> dict:
+    """What `sftflow run` prints and `--summary-json` writes."""
+    return {
+        "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()), "counts": data.counts,
+        "train_loss": trained.train_loss, "steps": trained.global_step,
+        "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores,
+        "promoted": scores.gate_passed, "gate": scores.reason, "registered_model": bundle.registered_model,
+        "version": bundle.version, "aliases": bundle.aliases, "bundle": bundle.bundle,
+        "serve_script": bundle.serve_script, "mlflow_uri": redact(cfg.mlflow_uri), "mlflow_run_id": mlflow_run_id,
+        "prefect_flow_run_id": flow_run.id, "seconds": round(time.monotonic() - t0, 2),
+    }  # fmt: skip

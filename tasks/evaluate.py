@@ -163,23 +163,33 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(scores: dict, path: Path) -> None:
+def bar_chart(scores: dict, path: Path) -> dict[str, dict[str, float]]:
+    """One panel per metric, each on its own scale (BLEU runs to 100, exact match to 1), with the
+    value on every bar. Returns the heights as drawn, read back from the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = [m for m in next(iter(scores.values())) if m != "perplexity"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(metrics), 3.2))
-    width = 0.8 / len(scores)
-    for k, (name, s) in enumerate(scores.items()):
-        ax.bar([i + k * width for i in range(len(metrics))], [s[m] for m in metrics], width, label=name)
-    ax.set_xticks([i + width * (len(scores) - 1) / 2 for i in range(len(metrics))], metrics)
-    ax.legend()
-    ax.set_title("base vs candidate" + (" vs champion" if "champion" in scores else ""))
+    names = list(scores)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics) + 0.6, 3.2), squeeze=False)
+    drawn: dict[str, dict[str, float]] = {name: {} for name in names}
+    for ax, metric in zip(axes[0], metrics):
+        bars = ax.bar(
+            names, [scores[n][metric] for n in names], color=["#9aa5b1", "#3b75af", "#e08a3c"][: len(names)]
+        )
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""), fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.margins(y=0.15)
+        for name, bar in zip(names, bars):
+            drawn[name][metric] = bar.get_height()
+    fig.suptitle("base vs candidate" + (" vs champion" if "champion" in scores else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return drawn
 
 
 def write_generations(path: Path, records: list[dict], preds: dict[str, list[str]]) -> None:

@@ -83,3 +83,14 @@ def test_report_has_the_table_and_five_samples_side_by_side(tmp_path):
     )
     bar_chart(SCORES, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_draws_what_the_scores_say_each_metric_on_its_own_scale(tmp_path):
+    scores = {"base": {"eval_loss": 0.69, "perplexity": 1.99, "exact_match": 0.0, "bleu": 76.0},
+              "candidate": {"eval_loss": 0.03, "perplexity": 1.03, "exact_match": 0.85, "bleu": 98.9}}  # fmt: skip
+    drawn = bar_chart(scores, tmp_path / "metrics.png")
+    assert drawn == {name: {m: v for m, v in s.items() if m != "perplexity"} for name, s in scores.items()}
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "metrics.png").size
+    assert width > height  # three panels side by side, so 0.85 is not flattened against 98.9

@@ -18,17 +18,11 @@ DATA = Path(__file__).resolve().parent.parent / "data/demo/train.jsonl"
 quiet = lambda *_: None
 
 
-def trained(tmp_path, method: str, **train):
+def trained(tmp_path, method: str, merge=None, model=None, **train):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    train = {"method": method, "max_steps": 3, "learning_rate": 1e-2, "lora": lora, **train}
     cfg = make_config(
-        tmp_path,
-        DATA,
-        train={
-            "method": method,
-            "max_steps": 3,
-            "learning_rate": 1e-2,
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            **train,
-        },
+        tmp_path, DATA, train=train, merge=merge or {}, model=model or {"name_or_path": "tiny-llama"}
     )
     run_train(cfg, "r", run_format(cfg, "r", log=quiet), log=quiet)
     return cfg
@@ -101,3 +95,80 @@ def test_full_fine_tuning_is_copied_and_verified(tmp_path):
     assert res.max_logit_diff == 0.0
     gen = json.loads((Path(res.model_path) / "generation_config.json").read_text())
     assert 2 in gen["eos_token_id"]
+
+
+def small_llama(target: Path) -> Path:
+    """tiny-llama's tokenizer on a 4-layer, 256-wide Llama: about 10 MB of fp32 weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(target)
+    tok.save_pretrained(target)
+    return target
+
+
+def test_a_sharded_merge_equals_peft_computed_independently(tmp_path):
+    """The merged shards, loaded by transformers, against PeftModel(base, adapter) logits this test
+    computes itself (not the stage's own figure)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks.files import read_jsonl
+    from tasks.merge import verification_inputs
+    from tasks.models import load_tokenizer
+
+    base = small_llama(tmp_path / "small")
+    cfg = trained(tmp_path, "lora", merge={"max_shard_size_mb": 1}, model={"name_or_path": str(base)})
+    merged = Path(merge(cfg).model_path)
+    shards = sorted(merged.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (merged / "model.safetensors.index.json").is_file()
+    tokenizer = load_tokenizer(merged)
+    inputs = verification_inputs(tokenizer, cfg.output_dir / "r/format/eval_records.jsonl", 3)
+    assert len(read_jsonl(cfg.output_dir / "r/format/eval_records.jsonl")) >= 3
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), cfg.output_dir / "r/train/adapter"
+    )
+    candidate = AutoModelForCausalLM.from_pretrained(merged)
+    with torch.no_grad():
+        for x in inputs:
+            expected = reference(input_ids=x).logits
+            got = candidate(input_ids=x).logits
+            assert (expected - got).abs().max().item() < 1e-4
+            assert torch.equal(expected.argmax(-1), got.argmax(-1))
+
+
+def test_zero3_full_fine_tuning_saves_trained_weights(tmp_path):
+    """ZeRO-3 partitions the weights across ranks; what it saves must be the gathered, trained ones."""
+    from safetensors.torch import load_file
+
+    from tasks.models import resolve_model
+
+    cfg = trained(tmp_path, "full", deepspeed="zero3")
+    saved = load_file(str(cfg.output_dir / "r/train/model/model.safetensors"))
+    base = load_file(str(resolve_model("tiny-llama") / "model.safetensors"))
+    assert set(saved) == set(base) and all(saved[k].shape == base[k].shape for k in base)
+    changed = [k for k in base if not torch_equal(saved[k], base[k])]
+    assert len(changed) > len(base) // 2, f"only {len(changed)} of {len(base)} tensors changed"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.float(), b.float())

@@ -185,3 +185,78 @@ def test_the_log_is_the_pipelines_not_the_libraries(first_run):
     ):
         assert noise not in output, noise
     assert "format: 360 train / 40 eval records" in output and "merge: merged model (from disk)" in output
+
+
+def test_force_registers_a_new_version_and_a_refused_gate_ends_not_promoted(first_run, prefect_server):
+    """`--force` retrains on unchanged data. The same seed trains the same model, which does not
+    beat the champion it equals, so the flow run ends in the "Not promoted" state (read back from
+    the Prefect API) with version 2 registered as candidate only."""
+    import httpx
+
+    from conftest import run_cli
+
+    out, first, _ = first_run
+    summary = out.parent / "forced.json"
+    res = run_cli(
+        "run", "configs/tiny.yaml", "--set", f"output_dir={out}", "--force", "--summary-json", str(summary)
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    forced = json.loads(summary.read_text())
+    assert forced["run_id"] != first["run_id"] and forced["version"] == "2"
+    assert forced["promoted"] is False and forced["aliases"] == ["candidate"] and "NOT PROMOTED" in res.stdout
+    uri = first["mlflow_uri"]
+    assert str(MlflowClient(uri, uri).get_model_version_by_alias("tiny", "champion").version) == "1"
+    if prefect_server is None:
+        pytest.skip("no Prefect server to read the state from (PostgreSQL unreachable)")
+    state = httpx.get(f"{prefect_server}/flow_runs/{forced['prefect_flow_run_id']}").json()["state"]
+    assert state["type"] == "COMPLETED" and state["name"] == "Not promoted", state
+
+
+def test_a_run_without_a_prefect_server_is_what_make_demo_does(tmp_path):
+    """No PREFECT_API_URL: the CLI starts Prefect's temporary server under the output dir."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    summary = tmp_path / "summary.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "configs/tiny.yaml", "--set", f"output_dir={tmp_path / 'runs'}",
+         "--set", "train.max_steps=2", "--summary-json", str(summary)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Starting temporary server" in res.stdout + res.stderr
+    assert (tmp_path / "runs/.prefect").is_dir() and json.loads(summary.read_text())["version"] == "1"
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(first_run):
+    from tasks.evaluate import generate
+    from tasks.files import read_jsonl
+    from tasks.models import load_model, load_tokenizer
+    from tasks.templating import stop_token_ids
+
+    _, summary, _ = first_run
+    run = Path(summary["run_dir"])
+    model_dir = run / "merge/model"
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    template = (run / "format/chat_template.jinja").read_text()
+    tokenizer.chat_template = template
+    prompts = [r["messages"] for r in read_jsonl(run / "format/eval_records.jsonl", 8)]
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts}
+    assert len(lengths) > 1, "the prompts must differ in length for padding to matter"
+    eos = stop_token_ids(tokenizer, template)
+    batched = generate(model, tokenizer, prompts, eos, 24, batch_size=8)
+    single = generate(model, tokenizer, prompts, eos, 24, batch_size=1)
+    assert batched == single
+
+
+def test_perplexity_is_exp_of_the_eval_loss(first_run):
+    import math
+
+    _, summary, _ = first_run
+    for name, scores in summary["scores"].items():
+        assert scores["perplexity"] == pytest.approx(math.exp(scores["eval_loss"]), rel=1e-9), name

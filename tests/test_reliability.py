@@ -254,6 +254,7 @@ def _manifest(run: Path, stage: str):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@pytest.mark.slow  # trains a model
 def test_train_killed_three_times_resumes_to_the_same_weights(crash_run):
     import torch
     from safetensors.torch import load_file
@@ -281,6 +282,7 @@ def test_train_killed_three_times_resumes_to_the_same_weights(crash_run):
     )
 
 
+@pytest.mark.slow  # trains a model
 def test_merge_killed_three_times_then_completes_verified(crash_run):
     run = Path(crash_run["summary"]["run_dir"])
     cli, cfg, rid = crash_run["cli"], crash_run["config"], crash_run["summary"]["run_id"]
@@ -294,6 +296,7 @@ def test_merge_killed_three_times_then_completes_verified(crash_run):
     assert not list((run / "merge").glob(".model.tmp-*")), "a killed attempt's temp folder was left behind"
 
 
+@pytest.mark.slow  # trains a model
 def test_handoff_killed_three_times_registers_exactly_one_version(crash_run):
     from mlflow import MlflowClient
 
@@ -322,6 +325,7 @@ def test_handoff_killed_three_times_registers_exactly_one_version(crash_run):
     assert [c.data.tags["sftflow.stage"] for c in children] == ["handoff"]  # one MLflow run per stage
 
 
+@pytest.mark.slow  # trains a model
 def test_disk_full_during_the_merge_save_is_a_clear_error(crash_run):
     run = Path(crash_run["summary"]["run_dir"])
     res = crash_run["cli"](
@@ -335,7 +339,8 @@ def test_disk_full_during_the_merge_save_is_a_clear_error(crash_run):
     )
 
 
-def test_secrets_never_reach_files_logs_or_mlflow(crash_run):
+@pytest.mark.slow  # trains a model
+def test_secrets_never_reach_files_logs_or_mlflow(crash_run, prefect_server):
     from mlflow import MlflowClient
 
     needles = [v.encode() for v in SECRETS.values()] + [URI_PASSWORD.encode()]
@@ -356,8 +361,18 @@ def test_secrets_never_reach_files_logs_or_mlflow(crash_run):
             assert not any(n.decode() in text for n in needles), r.info.run_id
     for mv in client.search_model_versions("name = 'tiny'"):
         assert not any(n.decode() in json.dumps(mv.tags) for n in needles)
+    if prefect_server is not None:  # the flow and task logs and the artifacts the Prefect server keeps
+        import httpx
+
+        flow_run = {"flow_run_id": {"any_": [crash_run["summary"]["prefect_flow_run_id"]]}}
+        logs = httpx.post(f"{prefect_server}/logs/filter", json={"logs": flow_run, "limit": 200}).json()
+        artifacts = httpx.post(f"{prefect_server}/artifacts/filter", json={"artifacts": flow_run}).json()
+        assert logs and artifacts
+        text = json.dumps([logs, artifacts])
+        assert not any(n.decode() in text for n in needles), "a secret leaked into the Prefect server"
 
 
+@pytest.mark.slow  # trains a model
 def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
     """The MLflow server goes away during training and stays away until the worker is done:
     training goes on, the metric values it could not send are kept in a file, and the stage's own

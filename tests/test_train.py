@@ -282,3 +282,21 @@ def test_activation_estimate_is_korthikanti_in_16bit_and_twice_that_in_fp32(form
         )
     bf16 = 34 + 5 * mcfg.num_attention_heads * 256 / mcfg.hidden_size  # max_seq_len 256
     assert per_value == {"bf16": pytest.approx(bf16), "fp32": pytest.approx(2 * bf16)}
+
+
+def test_group_by_length_lowers_padding(tmp_path):
+    """Unpacked rows of mixed length: batching rows of similar length pads less than random batches."""
+    from conftest import write_jsonl
+
+    records = [{"instruction": "Repeat the words.", "input": "", "output": " ".join(["word"] * (2 + (i * 7) % 90))}
+               for i in range(160)]  # fmt: skip
+    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    fractions = {}
+    for grouped in (True, False):
+        cfg = make_config(tmp_path / str(grouped), data, data={"packing": False},
+                          train={"max_steps": 8, "group_by_length": grouped, "save_steps": 100})  # fmt: skip
+        run_train(cfg, "g", run_format(cfg, "g", log=quiet), log=quiet)
+        fractions[grouped] = json.loads((tmp_path / str(grouped) / "runs/g/train/result.json").read_text())[
+            "real_token_fraction"
+        ]
+    assert fractions[True] > fractions[False] + 0.1, fractions
