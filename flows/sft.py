@@ -88,7 +88,8 @@ def run_summary(
     return {
         "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()), "counts": data.counts,
         "train_loss": trained.train_loss, "steps": trained.global_step,
-        "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores,
+        "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores, "intervals": scores.intervals,
+        "slices": scores.slices,
         "promoted": scores.gate_passed, "gate": scores.reason, "registered_model": bundle.registered_model,
         "version": bundle.version, "aliases": bundle.aliases, "bundle": bundle.bundle,
         "serve_script": bundle.serve_script, "mlflow_uri": redact(cfg.mlflow_uri), "mlflow_run_id": mlflow_run_id,

@@ -62,6 +62,9 @@ class DataConfig(Section):
         None, gt=0, description="tokenizing processes (default: 1 below 20k records, else the CPUs)"
     )
     cache: bool = Field(True, description="reuse the output of an identical earlier format run")
+    slice_column: str | None = Field(
+        None, description="a column of the raw records naming each one's slice (e.g. Dolly's category)"
+    )
 
     @field_validator("path", "eval_path")
     @classmethod
@@ -249,8 +252,24 @@ class GateConfig(Section):
     metric: str = Field(
         "rouge_l", description="eval_loss, perplexity (lower is better) or a generation metric"
     )
-    min_delta: float = Field(0.0, description="the candidate must beat each reference by more than this")
+    min_delta: float = Field(
+        0.0,
+        description="the lower bound of the improvement's interval must clear this (the point, without one)",
+    )
     against: Literal["base", "champion", "both"] = "both"
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the paired-bootstrap interval")
+    bootstrap_samples: int = Field(
+        1000, ge=0, description="paired resamples (seeded); 0: compare point values"
+    )
+    seed: int = 0
+    slice_metric: str | None = Field(
+        None,
+        description="scored per data.slice_column slice (default: the gate metric if a generation metric)",
+    )
+    slice_min_samples: int = Field(10, gt=0, description="slices with fewer samples are reported, not gated")
+    max_slice_regression: float = Field(
+        0.05, ge=0, description="refuse if the candidate falls this far behind a reference on any slice"
+    )
 
 
 class EvalConfig(Section):
@@ -284,6 +303,9 @@ class EvalConfig(Section):
                 f"gate.metric {self.gate.metric!r} is not computed: choose eval_loss, perplexity "
                 f"or one of eval.metrics {self.metrics}"
             )
+        slice_metric = self.gate.slice_metric
+        if slice_metric is not None and not custom and slice_metric not in self.metrics:
+            raise ValueError(f"gate.slice_metric {slice_metric!r} must be one of eval.metrics {self.metrics}")
         return self
 
 

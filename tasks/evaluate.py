@@ -13,13 +13,13 @@ decides whether the candidate may become the champion.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from prefect import task
 
 from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.files import read_jsonl, write_json
+from tasks.gate import LOWER_IS_BETTER, SampleStats, gate, intervals, slice_failures, slice_scores
 from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.paths import stage_dir
 from tasks.results import EvalResult, FormatResult, MergeResult
@@ -28,26 +28,27 @@ from tasks.templating import stop_token_ids
 
 SECTIONS = ("eval", "merge")
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 
 
-def eval_loss(model, dataset, pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean loss over every trained token of the eval split."""
+def row_losses(model, dataset, pad_id: int, batch_size: int):
+    """Per eval row: the summed loss of its trained tokens and their count (eval loss is the
+    sum over rows divided by the count, as a token-weighted mean)."""
+    import numpy as np
     import torch
+    import torch.nn.functional as F
 
-    from tasks.batching import Collator
+    from tasks.batching import IGNORE, Collator
 
     collate = Collator(pad_id)
-    total, count = 0.0, 0
+    rows = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            if n == 0:
-                continue
-            total += model(**batch, use_cache=False).loss.item() * n
-            count += n
-    return total / max(count, 1)
+            labels = batch.pop("labels")[:, 1:]
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+            rows += zip(losses.sum(1).tolist(), (labels != IGNORE).sum(1).tolist())
+    return np.array(rows, dtype=np.float64).reshape(-1, 2)
 
 
 def generate(
@@ -78,88 +79,78 @@ def generate(
     return out
 
 
-def score_model(
-    path: Path,
-    cfg: PipelineConfig,
-    template: str,
-    records: list[dict],
-    eval_ds,
-    eos_ids: list[int],
-    log=print,
-) -> tuple[dict[str, float], list[str]]:
+def metric_stats(name: str, module, preds: list[str], refs: list[str], corpus: dict) -> dict:
+    """Per-sample statistics for each value a metric module returns, where the corpus value can
+    be rebuilt from them: a mean of per-sample values, or sacrebleu's n-gram counts for BLEU."""
+    import numpy as np
+
+    if name == "bleu" and name in SHIPPED_METRICS:
+        from sacrebleu.metrics import BLEU
+
+        return {
+            "bleu": ("bleu", np.array(BLEU()._extract_corpus_statistics(preds, [refs]), dtype=np.float64))
+        }
+    singles = [module.compute(predictions=[p], references=[r]) for p, r in zip(preds, refs)]
+    out = {}
+    for key, value in corpus.items():
+        per = np.array([s[key] for s in singles], dtype=np.float64)
+        if abs(per.mean() - value) < 1e-9:  # decomposable: a resample's value is its mean
+            out[key] = ("mean", per)
+    return out
+
+
+def score_model(path: Path, cfg: PipelineConfig, template: str, records: list[dict], eval_ds, eos_ids: list[int],
+                log=print) -> tuple[dict[str, float], list[str], SampleStats]:  # fmt: skip
+    """Loss, perplexity and the generation metrics of one model, with per-sample statistics."""
     import evaluate as hf_evaluate  # the Hugging Face library, not this stage
 
     tokenizer = load_tokenizer(path)
     tokenizer.chat_template = template
     model = load_model(path, pick_dtype(cfg.merge.dtype))
-    loss = eval_loss(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
-    preds = generate(
-        model,
-        tokenizer,
-        [r["messages"] for r in records],
-        eos_ids,
-        cfg.eval.max_new_tokens,
-        cfg.eval.batch_size,
-    )
+    losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
+    prompts = [r["messages"] for r in records]
+    preds = generate(model, tokenizer, prompts, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     refs = [r["reference"] for r in records]
-    scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+    stats = SampleStats({"eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})
+    scores = {"eval_loss": stats.value("eval_loss"), "perplexity": stats.value("perplexity")}
     for name in cfg.eval.metrics:
-        module = str(METRICS_DIR / name) if name in SHIPPED_METRICS else name
-        scores |= hf_evaluate.load(module).compute(predictions=preds, references=refs)
+        module = hf_evaluate.load(str(METRICS_DIR / name) if name in SHIPPED_METRICS else name)
+        corpus = module.compute(predictions=preds, references=refs)
+        scores |= corpus
+        stats.stats |= metric_stats(name, module, preds, refs, corpus)
     log(f"evaluate: {path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    return scores, preds
+    return scores, preds, stats
 
 
-def gate(cfg: PipelineConfig, scores: dict[str, dict[str, float]]) -> tuple[bool, str]:
-    """The candidate must beat each reference by min_delta on the gate metric."""
-    g = cfg.eval.gate
-    against = ["base", "champion"] if g.against == "both" else [g.against]
-    cand = scores["candidate"][g.metric]
-    reasons, ok = [], True
-    for ref in against:
-        if ref not in scores:
-            reasons.append(f"no {ref} to compare with")
-            continue
-        other = scores[ref][g.metric]
-        better = (other - cand) if g.metric in LOWER_IS_BETTER else (cand - other)
-        passed = better > g.min_delta
-        ok &= passed
-        reasons.append(
-            f"{g.metric} {cand:.4f} vs {ref} {other:.4f}: improvement {better:+.4f} "
-            f"{'>' if passed else '<='} min_delta {g.min_delta}"
-        )
-    return ok, "; ".join(reasons)
-
-
-def report_markdown(
-    run_id: str, scores: dict, records: list[dict], preds: dict[str, list[str]], passed: bool, reason: str
-) -> str:
+def report_markdown(run_id: str, scores: dict, records: list[dict], preds: dict[str, list[str]], passed: bool,
+                    reason: str, bounds: dict | None = None, by_slice: dict | None = None,
+                    cfg: PipelineConfig | None = None) -> str:  # fmt: skip
     names = list(scores)
     metrics = list(scores[names[0]])
-    lines = [
-        f"# Evaluation of `{run_id}`",
-        "",
-        f"**{'PROMOTED' if passed else 'NOT PROMOTED'}**: {reason}",
-        "",
-        "| metric | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
+    lines = [f"# Evaluation of `{run_id}`", "", f"**{'PROMOTED' if passed else 'NOT PROMOTED'}**: {reason}", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
     lines += [f"| {m} | " + " | ".join(f"{scores[n][m]:.4f}" for n in names) + " |" for m in metrics]
-    lines += [
-        "",
-        "## Sample generations",
-        "",
-        "| prompt | reference | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
-    ]
+    if bounds:
+        refs = list(bounds)
+        level = f"{cfg.eval.gate.confidence:.0%}" if cfg else "95%"
+        lines += ["", f"## Improvement of the candidate ({level} paired-bootstrap interval; + is better)", "",
+                  "| metric | " + " | ".join(f"vs {r}" for r in refs) + " |", "|---|" + "---|" * len(refs)]  # fmt: skip
+        for m in metrics:
+            cells = [bounds[r].get(m) for r in refs]
+            shown = [f"{c['point']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "n/a" for c in cells]
+            lines.append(f"| {m} | " + " | ".join(shown) + " |")
+    if by_slice:
+        lines += ["", f"## Slices ({cfg.data.slice_column if cfg else 'slice'})", "",
+                  "| slice | samples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]  # fmt: skip
+        lines += [f"| {label} | {row['n']} | " + " | ".join(f"{row[n]:.4f}" for n in names) + " |"
+                  for label, row in by_slice.items()]  # fmt: skip
+    lines += ["", "## Sample generations", "", "| prompt | reference | " + " | ".join(names) + " |",
+              "|---|---|" + "---|" * len(names)]  # fmt: skip
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]
     for i, rec in enumerate(records[:5]):
         prompt = rec["messages"][-1]["content"]
-        lines.append(
-            f"| {cell(prompt)} | {cell(rec['reference'])} | "
-            + " | ".join(cell(preds[n][i]) for n in names)
-            + " |"
-        )
+        row = [cell(prompt), cell(rec["reference"]), *(cell(preds[n][i]) for n in names)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +194,28 @@ def write_generations(path: Path, records: list[dict], preds: dict[str, list[str
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def decide(cfg: PipelineConfig, scores: dict, stats: dict[str, SampleStats], slices: list):
+    """The improvement intervals, the per-slice scores and the gate's verdict with its reason."""
+    bounds = intervals(cfg, stats)
+    by_slice, failures = {}, []
+    metric = slice_metric(cfg, stats["candidate"])
+    if cfg.data.slice_column and metric:
+        by_slice = slice_scores(metric, stats, slices)
+        failures = slice_failures(cfg, metric, by_slice)
+    passed, reason = gate(cfg, scores, bounds, failures)
+    return bounds, by_slice, passed, reason
+
+
+def slice_metric(cfg: PipelineConfig, candidate: SampleStats) -> str | None:
+    """Slices are scored on generation samples: the configured metric, else the gate metric if
+    it is one, else the first generation metric with per-sample statistics."""
+    per_sample = [m for m, (kind, _) in candidate.stats.items() if kind in ("mean", "bleu")]
+    g = cfg.eval.gate
+    if g.slice_metric:
+        return g.slice_metric if g.slice_metric in per_sample else None
+    return g.metric if g.metric in per_sample else next(iter(per_sample), None)
+
+
 def run_evaluate(
     cfg: PipelineConfig,
     run_id: str,
@@ -227,14 +240,16 @@ def run_evaluate(
         models = {"base": resolve_model(cfg.model.name_or_path), "candidate": Path(merged.model_path)}
         if champion_path is not None:
             models["champion"] = champion_path
-        scores, preds = {}, {}
+        scores, preds, stats = {}, {}, {}
         for name, path in models.items():
             stage.log(f"evaluate: scoring {name} on {len(records)} samples ...")
-            scores[name], preds[name] = score_model(path, cfg, template, records, eval_ds, eos_ids, stage.log)
-        passed, reason = gate(cfg, scores)
+            scores[name], preds[name], stats[name] = score_model(
+                path, cfg, template, records, eval_ds, eos_ids, stage.log
+            )
+        bounds, by_slice, passed, reason = decide(cfg, scores, stats, [r.get("slice") for r in records])
         stage.log(f"evaluate: gate {'PASSED' if passed else 'NOT PASSED'}: {reason}")
 
-        report = report_markdown(run_id, scores, records, preds, passed, reason)
+        report = report_markdown(run_id, scores, records, preds, passed, reason, bounds, by_slice, cfg)
         (out / "report.md").write_text(report, encoding="utf-8")
         bar_chart(scores, out / "metrics.png")
         write_generations(out / "generations.jsonl", records, preds)
@@ -246,11 +261,11 @@ def run_evaluate(
             "gate_passed": passed,
             "reason": reason,
         }
-        stage.manifest.metrics = scores
+        stage.manifest.metrics = {**scores, "improvement": bounds, "slices": by_slice}
         stage.artifact(*(out / n for n in ("report.md", "metrics.png", "generations.jsonl", "scores.json")))
         stage.tags({"sftflow.promote": passed, "sftflow.gate": reason[:4000]})
         prefect_markdown(f"evaluation-{cfg.run_name}", report, f"evaluation of {run_id}")
-        return stage.finish(EvalResult(run_id, scores, passed, reason, report))
+        return stage.finish(EvalResult(run_id, scores, passed, reason, report, bounds, by_slice))
 
 
 def current_champion(cfg: PipelineConfig, run_id: str) -> Path | None:

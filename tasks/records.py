@@ -295,9 +295,8 @@ def read_records(
     import pyarrow as pa
 
     roles = {**SHAREGPT_ROLES, **d.roles}
-    schema = pa.schema(
-        [("conv", pa.string()), ("source", pa.int32()), ("line", pa.int64()), ("split", pa.int8())]
-    )
+    fields = [("conv", pa.string()), ("source", pa.int32()), ("line", pa.int64()), ("split", pa.int8())]
+    schema = pa.schema(fields + [("slice", pa.string())] * bool(d.slice_column))
     counts = Counter(records_in=0, quarantined=0, duplicates=0)
     per_source: dict[str, Counter] = {}
     formats: Counter = Counter()
@@ -342,7 +341,9 @@ def read_records(
                     continue
                 seen.add(key)
                 formats[shape] += 1
-                for k, v in zip(schema.names, (conv, s, line, int(split == "eval"))):
+                label = rec.get(d.slice_column) if d.slice_column else None
+                values = (conv, s, line, int(split == "eval"), None if label is None else str(label))
+                for k, v in zip(schema.names, values):
                     batch[k].append(v)
                 if len(batch["conv"]) >= 10_000:
                     flush()

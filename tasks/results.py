@@ -6,7 +6,7 @@ stage's manifest, which is how ``sftflow <stage> --run-id`` runs one stage alone
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
@@ -68,6 +68,8 @@ class EvalResult(StageResult):
     gate_passed: bool
     reason: str
     report: str = ""
+    intervals: dict = field(default_factory=dict)  # reference -> metric -> {point, low, high}
+    slices: dict = field(default_factory=dict)  # slice -> {n, model: the slice metric}
 
 
 @dataclass

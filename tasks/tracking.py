@@ -21,6 +21,7 @@ from tasks.hashing import code_version
 from tasks.paths import run_dir
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_METRIC_KEY = re.compile(r"[^\w\-. /]")
 
 
 def redact(value: Any) -> Any:
@@ -201,7 +202,11 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in flatten_numbers(metrics).items()]
+        # names built from data (a slice label) may hold characters MLflow refuses in a metric key
+        batch = [
+            Metric(_METRIC_KEY.sub("_", k), float(v), now, step or 0)
+            for k, v in flatten_numbers(metrics).items()
+        ]
         if batch:
             self.client.log_batch(self.id, metrics=batch)
 

@@ -1,8 +1,10 @@
 """The gate's arithmetic and the evaluation report, on real numbers (no models needed)."""
 
+import numpy as np
 import pytest
 
 from tasks.evaluate import bar_chart, gate, report_markdown
+from tasks.gate import intervals, slice_failures, slice_scores
 
 from conftest import make_config
 
@@ -94,3 +96,95 @@ def test_the_chart_draws_what_the_scores_say_each_metric_on_its_own_scale(tmp_pa
 
     width, height = Image.open(tmp_path / "metrics.png").size
     assert width > height  # three panels side by side, so 0.85 is not flattened against 98.9
+
+
+# ---------------------------------------------------------------- the gate's statistics
+
+
+def stats_of(**metrics):
+    from tasks.gate import SampleStats
+
+    return SampleStats({m: ("mean", np.array(v, dtype=float)) for m, v in metrics.items()})
+
+
+def scored(stats: dict) -> dict:
+    return {name: {m: s.value(m) for m in s.stats} for name, s in stats.items()}
+
+
+def exact_match_cfg(tmp_path, **gate_cfg):
+    gate_cfg = {"metric": "exact_match", "against": "base", **gate_cfg}
+    evals = {"metrics": ["exact_match"], "gate": gate_cfg}
+    return make_config(tmp_path, "data/demo/train.jsonl", data={"slice_column": "category"}, eval=evals)
+
+
+def test_a_noisy_tie_is_refused_where_a_point_comparison_would_promote(tmp_path):
+    """40 samples, half right for both; the candidate flips 3 wrong answers right and 2 right
+    answers wrong: +0.025 on the mean, which is noise. A plain min_delta comparison promotes it."""
+    base = [1.0] * 20 + [0.0] * 20
+    candidate = [1.0] * 18 + [0.0] * 2 + [1.0] * 3 + [0.0] * 17
+    stats = {"base": stats_of(exact_match=base), "candidate": stats_of(exact_match=candidate)}
+    cfg = exact_match_cfg(tmp_path)
+    assert gate(cfg, scored(stats))[0] is True  # the point estimate alone
+    bounds = intervals(cfg, stats)
+    ok, reason = gate(cfg, scored(stats), bounds)
+    assert not ok and "improvement +0.0250 (95% CI" in reason and "lower bound <= min_delta 0.0" in reason
+    assert bounds["base"]["exact_match"]["low"] < 0 < bounds["base"]["exact_match"]["high"]
+    assert intervals(cfg, stats) == bounds  # seeded
+
+
+def test_a_real_improvement_is_promoted_with_its_interval(tmp_path):
+    stats = {
+        "base": stats_of(exact_match=[0.0] * 40),
+        "candidate": stats_of(exact_match=[1.0] * 34 + [0.0] * 6),
+    }
+    cfg = exact_match_cfg(tmp_path, min_delta=0.5)
+    bounds = intervals(cfg, stats)
+    ok, reason = gate(cfg, scored(stats), bounds)
+    assert (
+        ok and "lower bound > min_delta 0.5" in reason and 0.5 < bounds["base"]["exact_match"]["low"] < 0.85
+    )
+
+
+def test_a_regressed_slice_refuses_promotion_naming_it(tmp_path):
+    """The mean improves (0.25 -> 0.80), but on the 'math' slice the candidate drops from 1.0 to 0.2."""
+    slices = ["qa"] * 10 + ["math"] * 10 + ["summary"] * 10 + ["tiny"] * 3
+    base = [0.0] * 10 + [1.0] * 10 + [0.0] * 10 + [0.0] * 3
+    candidate = [1.0] * 10 + [1.0] * 2 + [0.0] * 8 + [1.0] * 10 + [1.0] * 3
+    stats = {"base": stats_of(exact_match=base), "candidate": stats_of(exact_match=candidate)}
+    cfg = exact_match_cfg(tmp_path)
+    by_slice = slice_scores("exact_match", stats, slices)
+    assert by_slice["math"] == {"n": 10, "base": 1.0, "candidate": pytest.approx(0.2)}
+    failures = slice_failures(cfg, "exact_match", by_slice)
+    ok, reason = gate(cfg, scored(stats), intervals(cfg, stats), failures)
+    assert not ok and len(failures) == 1
+    assert (
+        "slice category='math' (10 samples): exact_match 0.2000 vs base 1.0000, a regression of 0.8000"
+        in reason
+    )
+    assert intervals(cfg, stats)["base"]["exact_match"]["low"] > 0  # the mean alone would have promoted it
+
+
+def test_resampled_bleu_and_loss_are_the_corpus_metrics_of_the_resample():
+    import sacrebleu
+    from sacrebleu.metrics import BLEU
+
+    from tasks.gate import SampleStats
+
+    preds = ["the cat sat on the mat", "a dog barks at night", "rain falls in spring", "the sun is hot today"]
+    refs = [
+        "the cat sat on a mat",
+        "the dog barks at night",
+        "rain falls in the spring",
+        "the sun is warm today",
+    ]
+    losses = np.array([[2.0, 4], [9.0, 3], [1.0, 1], [6.0, 2]])
+    stats = SampleStats({"bleu": ("bleu", np.array(BLEU()._extract_corpus_statistics(preds, [refs]), dtype=float)),
+                         "eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})  # fmt: skip
+    for index in ([0, 1, 2, 3], [1, 1, 3], [2, 0, 0, 3]):
+        idx = np.array(index)
+        expected = sacrebleu.corpus_bleu([preds[i] for i in idx], [[refs[i] for i in idx]]).score
+        assert stats.value("bleu", idx) == pytest.approx(expected)
+        assert stats.value("eval_loss", idx) == pytest.approx(losses[idx, 0].sum() / losses[idx, 1].sum())
+        assert stats.value("perplexity", idx) == pytest.approx(
+            np.exp(losses[idx, 0].sum() / losses[idx, 1].sum())
+        )

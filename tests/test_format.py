@@ -371,3 +371,13 @@ def test_cache_hit_and_each_invalidation(tmp_path, tiny_model):
     )
     assert not run_format(cfg, "h", log=lambda *_: None).cache_hit
     assert _run(tmp_path, str(data), run="i")[1].cache_hit  # and back to a hit
+
+
+def test_the_slice_column_reaches_the_eval_records(tmp_path, tiny_model):
+    records = [{**r, "category": ["open_qa", "math", "summary"][i % 3]} for i, r in enumerate(ALPACA)]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = make_config(tmp_path, str(data), data={"slice_column": "category", "eval_fraction": 0.3})
+    result = run_format(cfg, "s", log=lambda *_: None)
+    rows = [json.loads(x) for x in open(result.eval_records)]
+    by_answer = {r["output"]: r["category"] for r in records}
+    assert rows and all(r["slice"] == by_answer[r["reference"]] for r in rows)

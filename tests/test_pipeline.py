@@ -260,3 +260,15 @@ def test_perplexity_is_exp_of_the_eval_loss(first_run):
     _, summary, _ = first_run
     for name, scores in summary["scores"].items():
         assert scores["perplexity"] == pytest.approx(math.exp(scores["eval_loss"]), rel=1e-9), name
+
+
+def test_the_gate_reports_paired_bootstrap_intervals(first_run):
+    out, summary, output = first_run
+    manifest = json.loads((Path(summary["run_dir"]) / "evaluate/manifest.json").read_text())
+    interval = manifest["metrics"]["improvement"]["base"]["eval_loss"]
+    assert interval["low"] <= interval["point"] <= interval["high"]
+    assert summary["intervals"]["base"]["eval_loss"] == interval
+    assert (
+        "(95% CI" in summary["gate"] and "improvement of the candidate, paired-bootstrap interval" in output
+    )
+    assert "paired-bootstrap interval" in (Path(summary["run_dir"]) / "evaluate/report.md").read_text()

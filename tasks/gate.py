@@ -1,0 +1,137 @@
+"""The promotion gate: does the candidate beat each reference by more than min_delta, beyond noise?
+
+Every model is scored on the same samples, and keeps per-sample statistics from which any
+resample's metric can be recomputed exactly:
+
+    mean   one value per sample (exact match, ROUGE-L): the metric is their mean
+    ratio  per eval row, summed token loss and token count: eval loss is sum / count
+    exp    the same rows: perplexity is exp(sum / count)
+    bleu   per sample, sacrebleu's n-gram counts: corpus BLEU of their sum
+
+A paired bootstrap (the same seeded resamples for the candidate and the reference) gives each
+metric's improvement a confidence interval. The gate promotes only if, for the gate metric and
+against every reference, the interval's lower bound clears ``gate.min_delta``, and no slice of
+the eval data with enough samples regresses by more than ``gate.max_slice_regression``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.config import PipelineConfig
+
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
+
+
+@dataclass
+class SampleStats:
+    """One model's per-sample statistics: metric -> (kind, array)."""
+
+    stats: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+
+    def value(self, metric: str, index: np.ndarray | None = None) -> float:
+        kind, data = self.stats[metric]
+        rows = data if index is None else data[index]
+        if kind == "mean":
+            return float(rows.mean())
+        if kind in ("ratio", "exp"):
+            loss = float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1))
+            return loss if kind == "ratio" else math.exp(min(loss, 50))
+        from sacrebleu.metrics import BLEU
+
+        return float(BLEU()._compute_score_from_stats(rows.sum(0).tolist()).score)
+
+    def size(self, metric: str) -> int:
+        return len(self.stats[metric][1])
+
+
+def improvement(metric: str, candidate: float, reference: float) -> float:
+    return reference - candidate if metric in LOWER_IS_BETTER else candidate - reference
+
+
+def intervals(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, dict[str, dict]]:
+    """reference -> metric -> {point, low, high}: the candidate's improvement, paired bootstrap."""
+    g = cfg.eval.gate
+    if g.bootstrap_samples == 0:
+        return {}
+    rng = np.random.default_rng(g.seed)
+    resamples: dict[int, np.ndarray] = {}
+    candidate = stats["candidate"]
+    out: dict[str, dict[str, dict]] = {}
+    for ref in (r for r in ("base", "champion") if r in stats):
+        out[ref] = {}
+        for metric in candidate.stats:
+            if metric not in stats[ref].stats:
+                continue
+            n = candidate.size(metric)
+            if n not in resamples:
+                resamples[n] = rng.integers(0, n, size=(g.bootstrap_samples, n))
+            diffs = np.array([improvement(metric, candidate.value(metric, i), stats[ref].value(metric, i))
+                              for i in resamples[n]])  # fmt: skip
+            tail = (1 - g.confidence) / 2 * 100
+            low, high = np.percentile(diffs, [tail, 100 - tail])
+            point = improvement(metric, candidate.value(metric), stats[ref].value(metric))
+            out[ref][metric] = {"point": point, "low": float(low), "high": float(high)}
+    return out
+
+
+def slice_scores(metric: str, stats: dict[str, SampleStats], slices: list[str | None]) -> dict[str, dict]:
+    """slice -> {n, model: metric on that slice's samples}."""
+    labels = np.array(["(none)" if s is None else str(s) for s in slices])
+    out = {}
+    for label in sorted(set(labels.tolist())):
+        index = np.flatnonzero(labels == label)
+        out[label] = {"n": len(index), **{name: s.value(metric, index) for name, s in stats.items()}}
+    return out
+
+
+def slice_failures(cfg: PipelineConfig, metric: str, by_slice: dict[str, dict]) -> list[str]:
+    """A slice with enough samples on which the candidate falls behind a reference by too much."""
+    g, column = cfg.eval.gate, cfg.data.slice_column
+    failures = []
+    for label, row in by_slice.items():
+        if row["n"] < g.slice_min_samples:
+            continue
+        for ref in (r for r in against(cfg) if r in row):
+            drop = -improvement(metric, row["candidate"], row[ref])
+            if drop > g.max_slice_regression:
+                failures.append(
+                    f"slice {column}={label!r} ({row['n']} samples): {metric} {row['candidate']:.4f} vs {ref} "
+                    f"{row[ref]:.4f}, a regression of {drop:.4f} > gate.max_slice_regression {g.max_slice_regression}"
+                )
+    return failures
+
+
+def against(cfg: PipelineConfig) -> list[str]:
+    g = cfg.eval.gate
+    return ["base", "champion"] if g.against == "both" else [g.against]
+
+
+def gate(cfg: PipelineConfig, scores: dict[str, dict[str, float]], bounds: dict | None = None,
+         failures: list[str] = ()) -> tuple[bool, str]:  # fmt: skip
+    """The candidate must beat each reference by min_delta on the gate metric: by the lower bound
+    of the improvement's interval when there is one, else by the point estimate."""
+    g = cfg.eval.gate
+    cand = scores["candidate"][g.metric]
+    reasons, ok = [], True
+    for ref in against(cfg):
+        if ref not in scores:
+            reasons.append(f"no {ref} to compare with")
+            continue
+        other = scores[ref][g.metric]
+        better = improvement(g.metric, cand, other)
+        interval = (bounds or {}).get(ref, {}).get(g.metric)
+        if interval is None:
+            passed = better > g.min_delta
+            verdict = f"{'>' if passed else '<='} min_delta {g.min_delta}"
+        else:
+            passed = interval["low"] > g.min_delta
+            verdict = (f"({g.confidence:.0%} CI {interval['low']:+.4f} to {interval['high']:+.4f}): lower bound "
+                       f"{'>' if passed else '<='} min_delta {g.min_delta}")  # fmt: skip
+        ok &= passed
+        reasons.append(f"{g.metric} {cand:.4f} vs {ref} {other:.4f}: improvement {better:+.4f} {verdict}")
+    ok &= not failures
+    return ok, "; ".join([*reasons, *failures])
