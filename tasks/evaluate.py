@@ -99,8 +99,15 @@ def metric_stats(name: str, module, preds: list[str], refs: list[str], corpus: d
     return out
 
 
-def score_model(path: Path, cfg: PipelineConfig, template: str, records: list[dict], eval_ds, eos_ids: list[int],
-                log=print) -> tuple[dict[str, float], list[str], SampleStats]:  # fmt: skip
+def score_model(
+    path: Path,
+    cfg: PipelineConfig,
+    template: str,
+    records: list[dict],
+    eval_ds,
+    eos_ids: list[int],
+    log=print,
+) -> tuple[dict[str, float], list[str], SampleStats]:
     """Loss, perplexity and the generation metrics of one model, with per-sample statistics."""
     import evaluate as hf_evaluate  # the Hugging Face library, not this stage
 
@@ -122,35 +129,52 @@ def score_model(path: Path, cfg: PipelineConfig, template: str, records: list[di
     return scores, preds, stats
 
 
-def report_markdown(run_id: str, scores: dict, records: list[dict], preds: dict[str, list[str]], passed: bool,
-                    reason: str, bounds: dict | None = None, by_slice: dict | None = None,
-                    cfg: PipelineConfig | None = None) -> str:  # fmt: skip
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:200]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+def report_markdown(
+    run_id: str,
+    scores: dict,
+    records: list[dict],
+    preds: dict[str, list[str]],
+    passed: bool,
+    reason: str,
+    bounds: dict | None = None,
+    by_slice: dict | None = None,
+    cfg: PipelineConfig | None = None,
+) -> str:
     names = list(scores)
     metrics = list(scores[names[0]])
-    lines = [f"# Evaluation of `{run_id}`", "", f"**{'PROMOTED' if passed else 'NOT PROMOTED'}**: {reason}", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
-    lines += [f"| {m} | " + " | ".join(f"{scores[n][m]:.4f}" for n in names) + " |" for m in metrics]
+    lines = [
+        f"# Evaluation of `{run_id}`",
+        "",
+        f"**{'PROMOTED' if passed else 'NOT PROMOTED'}**: {reason}",
+        "",
+    ]
+    lines += markdown_table(
+        ["metric", *names], [[m, *(f"{scores[n][m]:.4f}" for n in names)] for m in metrics]
+    )
     if bounds:
-        refs = list(bounds)
         level = f"{cfg.eval.gate.confidence:.0%}" if cfg else "95%"
-        lines += ["", f"## Improvement of the candidate ({level} paired-bootstrap interval; + is better)", "",
-                  "| metric | " + " | ".join(f"vs {r}" for r in refs) + " |", "|---|" + "---|" * len(refs)]  # fmt: skip
-        for m in metrics:
-            cells = [bounds[r].get(m) for r in refs]
-            shown = [f"{c['point']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "n/a" for c in cells]
-            lines.append(f"| {m} | " + " | ".join(shown) + " |")
+        shown = lambda c: f"{c['point']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "n/a"
+        lines += ["", f"## Improvement of the candidate ({level} paired-bootstrap interval; + is better)", ""]
+        lines += markdown_table(
+            ["metric", *(f"vs {r}" for r in bounds)],
+            [[m, *(shown(bounds[r].get(m)) for r in bounds)] for m in metrics],
+        )
     if by_slice:
-        lines += ["", f"## Slices ({cfg.data.slice_column if cfg else 'slice'})", "",
-                  "| slice | samples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]  # fmt: skip
-        lines += [f"| {label} | {row['n']} | " + " | ".join(f"{row[n]:.4f}" for n in names) + " |"
-                  for label, row in by_slice.items()]  # fmt: skip
-    lines += ["", "## Sample generations", "", "| prompt | reference | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]  # fmt: skip
-    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]
-    for i, rec in enumerate(records[:5]):
-        prompt = rec["messages"][-1]["content"]
-        row = [cell(prompt), cell(rec["reference"]), *(cell(preds[n][i]) for n in names)]
-        lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"## Slices ({cfg.data.slice_column if cfg else 'slice'})", ""]
+        rows = [[label, row["n"], *(f"{row[n]:.4f}" for n in names)] for label, row in by_slice.items()]
+        lines += markdown_table(["slice", "samples", *names], rows)
+    lines += ["", "## Sample generations", ""]
+    rows = [
+        [r["messages"][-1]["content"], r["reference"], *(preds[n][i] for n in names)]
+        for i, r in enumerate(records[:5])
+    ]
+    lines += markdown_table(["prompt", "reference", *names], rows)
     return "\n".join(lines) + "\n"
 
 

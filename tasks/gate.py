@@ -69,8 +69,8 @@ def intervals(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, d
             n = candidate.size(metric)
             if n not in resamples:
                 resamples[n] = rng.integers(0, n, size=(g.bootstrap_samples, n))
-            diffs = np.array([improvement(metric, candidate.value(metric, i), stats[ref].value(metric, i))
-                              for i in resamples[n]])  # fmt: skip
+            pairs = ((candidate.value(metric, i), stats[ref].value(metric, i)) for i in resamples[n])
+            diffs = np.array([improvement(metric, c, r) for c, r in pairs])
             tail = (1 - g.confidence) / 2 * 100
             low, high = np.percentile(diffs, [tail, 100 - tail])
             point = improvement(metric, candidate.value(metric), stats[ref].value(metric))
@@ -110,8 +110,12 @@ def against(cfg: PipelineConfig) -> list[str]:
     return ["base", "champion"] if g.against == "both" else [g.against]
 
 
-def gate(cfg: PipelineConfig, scores: dict[str, dict[str, float]], bounds: dict | None = None,
-         failures: list[str] = ()) -> tuple[bool, str]:  # fmt: skip
+def gate(
+    cfg: PipelineConfig,
+    scores: dict[str, dict[str, float]],
+    bounds: dict | None = None,
+    failures: list[str] = (),
+) -> tuple[bool, str]:
     """The candidate must beat each reference by min_delta on the gate metric: by the lower bound
     of the improvement's interval when there is one, else by the point estimate."""
     g = cfg.eval.gate
@@ -129,8 +133,10 @@ def gate(cfg: PipelineConfig, scores: dict[str, dict[str, float]], bounds: dict 
             verdict = f"{'>' if passed else '<='} min_delta {g.min_delta}"
         else:
             passed = interval["low"] > g.min_delta
-            verdict = (f"({g.confidence:.0%} CI {interval['low']:+.4f} to {interval['high']:+.4f}): lower bound "
-                       f"{'>' if passed else '<='} min_delta {g.min_delta}")  # fmt: skip
+            verdict = (
+                f"({g.confidence:.0%} CI {interval['low']:+.4f} to {interval['high']:+.4f}): lower bound "
+                f"{'>' if passed else '<='} min_delta {g.min_delta}"
+            )
         ok &= passed
         reasons.append(f"{g.metric} {cand:.4f} vs {ref} {other:.4f}: improvement {better:+.4f} {verdict}")
     ok &= not failures
