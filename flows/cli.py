@@ -60,12 +60,12 @@ def print_summary(s: dict) -> None:
     for m in metrics:
         print(m.ljust(width) + "".join(f"{s['scores'][n][m]:12.4f}" for n in names))
     if intervals := s.get("intervals"):
+        from tasks.gate import shown
+
         print("\nimprovement of the candidate, paired-bootstrap interval (+ is better)")
         print("".ljust(width) + "".join(f"vs {ref}".rjust(30) for ref in intervals))
         for m in metrics:
-            cells = [intervals[ref].get(m) for ref in intervals]
-            shown = [f"{c['point']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "n/a" for c in cells]
-            print(m.ljust(width) + "".join(x.rjust(30) for x in shown))
+            print(m.ljust(width) + "".join(shown(intervals[ref].get(m)).rjust(30) for ref in intervals))
     print(f"\n{'PROMOTED' if s['promoted'] else 'NOT PROMOTED'}: {s['gate']}")
     print(f"registry:  {s['registered_model']} version {s['version']} (aliases: {', '.join(s['aliases'])})")
     print(f"run dir:   {s['run_dir']}")

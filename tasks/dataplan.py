@@ -79,6 +79,4 @@ def plan_data(cfg: PipelineConfig) -> DataPlan:
 
 
 def source_hash(source: str) -> str:
-    if source.startswith("hub:"):
-        return "hub"
-    return file_sha256(Path(source)) if Path(source).is_file() else tree_sha256(Path(source))
+    return "hub" if source.startswith("hub:") else tree_sha256(Path(source))

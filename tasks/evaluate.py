@@ -19,7 +19,7 @@ from prefect import task
 
 from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.files import read_jsonl, write_json
-from tasks.gate import LOWER_IS_BETTER, SampleStats, gate, intervals, slice_failures, slice_scores
+from tasks.gate import LOWER_IS_BETTER, SampleStats, gate, intervals, shown, slice_failures, slice_scores
 from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.paths import stage_dir
 from tasks.results import EvalResult, FormatResult, MergeResult
@@ -159,7 +159,6 @@ def report_markdown(
     )
     if bounds:
         level = f"{cfg.eval.gate.confidence:.0%}" if cfg else "95%"
-        shown = lambda c: f"{c['point']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "n/a"
         lines += ["", f"## Improvement of the candidate ({level} paired-bootstrap interval; + is better)", ""]
         lines += markdown_table(
             ["metric", *(f"vs {r}" for r in bounds)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -77,4 +78,4 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line, _ in zip(f, range(limit if limit is not None else 1 << 62))]
+        return [json.loads(line) for line in itertools.islice(f, limit)]

@@ -166,17 +166,17 @@ def tokenize_split(
 def write_eval_records(records, path: Path) -> None:
     """The prompt of each eval conversation and its last answer (and its slice, when the data
     names one), as the later stages ask them."""
-    slices = records["slice"] if "slice" in records.column_names else [None] * len(records)
+    has_slice = "slice" in records.column_names
+    slices = records["slice"] if has_slice else [None] * len(records)
     with path.open("w", encoding="utf-8") as f:
         for conv, label in zip(records["conv"], slices):
             conv = json.loads(conv)
-            if (
-                conv[0]["role"] == "text"
-            ):  # plain text has no prompt to generate from; it still counts for loss
+            # plain text has no prompt to generate from; it still counts for loss
+            if conv[0]["role"] == "text":
                 continue
             last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
             record = {"messages": conv[:last], "reference": conv[last]["content"]}
-            if "slice" in records.column_names:
+            if has_slice:
                 record["slice"] = label
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 

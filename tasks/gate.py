@@ -78,6 +78,13 @@ def intervals(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, d
     return out
 
 
+def shown(interval: dict | None) -> str:
+    """An improvement and its interval as the console table and the report print it."""
+    if interval is None:
+        return "n/a"
+    return f"{interval['point']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+
+
 def slice_scores(metric: str, stats: dict[str, SampleStats], slices: list[str | None]) -> dict[str, dict]:
     """slice -> {n, model: metric on that slice's samples}."""
     labels = np.array(["(none)" if s is None else str(s) for s in slices])

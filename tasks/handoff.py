@@ -224,7 +224,7 @@ def run_handoff(
     writes ``<run>/handoff/bundle`` and registers it: ``candidate`` always, ``champion`` if the gate passed."""
     with open_stage(cfg, run_id, "handoff", SECTIONS, log, track) as stage:
         out, bundle = stage.dir, stage.dir / "bundle"
-        stage.manifest.add_input("merged_model", Path(merged.model_path))
+        stage.manifest.add_input("evaluate_manifest", stage.dir.parent / "evaluate" / "manifest.json")
         with atomic_dir(bundle) as tmp:
             info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained)
         fault("handoff:bundle")

@@ -118,9 +118,8 @@ def preflight(
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if eot_id is not None and eot_id not in eos_ids:
         gen["eos_token_id"] = eos_ids + [eot_id]
-        if (
-            adapter_dir is None
-        ):  # the bundle's own copy; replaced, since it may be a hard link to the merge output
+        # merged: the bundle's own copy, replaced, since it may be a hard link to the merge output
+        if adapter_dir is None:
             target = gen_path
         else:
             target, extra = bundle / "generation_config.json", extra + ["--generation-config", "."]

@@ -57,7 +57,6 @@ class Stage:
     log: Callable[[str], None]
     run: Any = None  # tasks.tracking.StageRun when tracked
     artifacts: list[Path] = field(default_factory=list)
-    finished: bool = False
 
     def artifact(self, *paths: Path) -> None:
         """Logged to MLflow once the stage has finished (files that exist; others are skipped)."""
@@ -69,7 +68,6 @@ class Stage:
 
     def finish(self, result: R) -> R:
         self.manifest.finish(self.dir, result)
-        self.finished = True
         return result
 
 
@@ -102,7 +100,7 @@ def open_stage(
     with Tracker(cfg, run_id).stage(name, params) as run:
         stage.run = run
         yield stage
-        if not stage.finished:
+        if stage.manifest.status != "completed":
             raise RuntimeError(f"the {name} stage ended without finishing its manifest")
         run.metrics(stage.manifest.metrics)
         for path in [folder / "manifest.json", *stage.artifacts]:

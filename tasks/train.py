@@ -181,7 +181,7 @@ def run_train(
         out = stage.dir
         if not resume and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
-        stage.manifest.add_input("train_data", Path(data.train_path))
+        stage.manifest.add_input("format_manifest", Path(data.train_path).parent / "manifest.json")
         model_path = resolve_model(cfg.model.name_or_path)
         memory.check(cfg, model_path, stage.log)
         spec = {

@@ -62,9 +62,8 @@ def prefect_server(tmp_path_factory):
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"  # for `sftflow run` subprocesses
-            with temporary_settings(
-                {PREFECT_API_URL: os.environ["PREFECT_API_URL"]}
-            ):  # for flows run in here
+            # and for flows run in this process
+            with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
                 yield os.environ["PREFECT_API_URL"]
         finally:
             from prefect.logging.handlers import APILogWorker
@@ -113,6 +112,25 @@ def make_config(tmp_path: Path, data_path, **sections):
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
     return PipelineConfig.model_validate(raw)
+
+
+def llama_on_tiny_tokenizer(target: Path, **shape) -> Path:
+    """A randomly initialised (seed 0) Llama of the given shape with tiny-llama's tokenizer, saved to target."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
+    special = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{"vocab_size": len(tok), **special, **shape})).save_pretrained(target)
+    tok.save_pretrained(target)
+    return target
 
 
 def write_jsonl(path: Path, records: list) -> Path:

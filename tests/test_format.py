@@ -165,9 +165,8 @@ def test_csv_parquet_json_glob_and_saved_dataset_give_the_same_examples(tmp_path
     import pandas as pd
     from datasets import Dataset
 
-    records = [
-        {**r, "output": r["output"] + '\nsecond line, "quoted"'} for r in ALPACA
-    ]  # CSV quoted newlines
+    # CSV quoted newlines
+    records = [{**r, "output": r["output"] + '\nsecond line, "quoted"'} for r in ALPACA]
     frame = pd.DataFrame(records)
     (tmp_path / "in").mkdir()
     frame.to_csv(tmp_path / "in/a.csv", index=False)

@@ -91,9 +91,8 @@ def served_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     data = tmp / "train.jsonl"
     shutil.copy(ROOT / "data/demo/train.jsonl", data)
-    Path(os.environ["HF_HOME"], "hub").mkdir(
-        parents=True, exist_ok=True
-    )  # `transformers serve` lists this cache
+    # `transformers serve` lists this cache
+    Path(os.environ["HF_HOME"], "hub").mkdir(parents=True, exist_ok=True)
     args = [
         "--set",
         f"output_dir={tmp / 'runs'}",

@@ -17,7 +17,7 @@ from tasks.results import FormatResult
 from tasks.train import run_train
 from tasks.train_worker import COMPLETE, latest_checkpoint
 
-from conftest import make_config
+from conftest import llama_on_tiny_tokenizer, make_config
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "data/demo/train.jsonl"
@@ -107,28 +107,11 @@ def test_memory_estimate_refuses_before_launching(formatted):
 
 
 def wide_vocab_model(target: Path) -> Path:
-    """tiny-llama's tokenizer on a 1-layer model with a 2M-word output layer (64 MB of weights):
-    one micro batch of 1024-token rows needs logits of tens of GB, more than the machine has."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tasks.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
-    config = LlamaConfig(
-        vocab_size=1 << 21,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(target)
-    tok.save_pretrained(target)
-    return target
+    """A 1-layer model with a 2M-word output layer (64 MB of weights): one micro batch of
+    1024-token rows needs logits of tens of GB, more than the machine has."""
+    return llama_on_tiny_tokenizer(target, vocab_size=1 << 21, hidden_size=8, intermediate_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   tie_word_embeddings=True)  # fmt: skip
 
 
 def test_out_of_memory_in_a_step_is_reported_with_advice(tmp_path):
