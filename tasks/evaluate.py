@@ -24,7 +24,7 @@ from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.paths import stage_dir
 from tasks.results import EvalResult, FormatResult, MergeResult
 from tasks.stage import open_stage, prefect_markdown
-from tasks.templating import stop_token_ids
+from tasks.templating import prompt_text, stop_token_ids
 
 SECTIONS = ("eval", "merge")
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -53,17 +53,15 @@ def row_losses(model, dataset, pad_id: int, batch_size: int):
 
 def generate(
     model, tokenizer, prompts: list[list[dict]], eos_ids: list[int], max_new_tokens: int, batch_size: int
-) -> list[str]:
+) -> tuple[list[str], list[bool]]:
+    """Greedy answers, and whether each ended on a stop token (else it ran to ``max_new_tokens``)."""
     import torch
 
     tokenizer.padding_side = "left"
-    out = []
+    texts, stopped = [], []
     for start in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            for p in prompts[start : start + batch_size]
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        chats = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
+        enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             gen = model.generate(
                 **enc,
@@ -72,11 +70,10 @@ def generate(
                 eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        out += [
-            t.strip()
-            for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
-    return out
+        answers = gen[:, enc["input_ids"].shape[1] :]
+        texts += [t.strip() for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        stopped += [bool(set(row.tolist()) & set(eos_ids)) for row in answers]
+    return texts, stopped
 
 
 def metric_stats(name: str, module, preds: list[str], refs: list[str], corpus: dict) -> dict:
@@ -107,8 +104,9 @@ def score_model(
     eval_ds,
     eos_ids: list[int],
     log=print,
-) -> tuple[dict[str, float], list[str], SampleStats]:
-    """Loss, perplexity and the generation metrics of one model, with per-sample statistics."""
+) -> tuple[dict[str, float], list[str], list[bool], SampleStats]:
+    """Loss, perplexity and the generation metrics of one model, with per-sample statistics, its
+    answers and whether each stopped."""
     import evaluate as hf_evaluate  # the Hugging Face library, not this stage
 
     tokenizer = load_tokenizer(path)
@@ -116,7 +114,9 @@ def score_model(
     model = load_model(path, pick_dtype(cfg.merge.dtype))
     losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
     prompts = [r["messages"] for r in records]
-    preds = generate(model, tokenizer, prompts, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    preds, stopped = generate(
+        model, tokenizer, prompts, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    )
     refs = [r["reference"] for r in records]
     stats = SampleStats({"eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})
     scores = {"eval_loss": stats.value("eval_loss"), "perplexity": stats.value("perplexity")}
@@ -126,7 +126,7 @@ def score_model(
         scores |= corpus
         stats.stats |= metric_stats(name, module, preds, refs, corpus)
     log(f"evaluate: {path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    return scores, preds, stats
+    return scores, preds, stopped, stats
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -206,14 +206,15 @@ def bar_chart(scores: dict, path: Path) -> dict[str, dict[str, float]]:
     return drawn
 
 
-def write_generations(path: Path, records: list[dict], preds: dict[str, list[str]]) -> None:
+def write_generations(
+    path: Path, records: list[dict], preds: dict[str, list[str]], stopped: dict[str, list[bool]]
+) -> None:
+    """One row per prompt: each model's answer and ``<model>_stopped`` (it ended its turn)."""
     with open(path, "w", encoding="utf-8") as f:
         for i, rec in enumerate(records):
-            row = {
-                "prompt": rec["messages"],
-                "reference": rec["reference"],
-                **{n: preds[n][i] for n in preds},
-            }
+            row = {"prompt": rec["messages"], "reference": rec["reference"]}
+            for n in preds:
+                row |= {n: preds[n][i], f"{n}_stopped": stopped[n][i]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -263,10 +264,10 @@ def run_evaluate(
         models = {"base": resolve_model(cfg.model.name_or_path), "candidate": Path(merged.model_path)}
         if champion_path is not None:
             models["champion"] = champion_path
-        scores, preds, stats = {}, {}, {}
+        scores, preds, stopped, stats = {}, {}, {}, {}
         for name, path in models.items():
             stage.log(f"evaluate: scoring {name} on {len(records)} samples ...")
-            scores[name], preds[name], stats[name] = score_model(
+            scores[name], preds[name], stopped[name], stats[name] = score_model(
                 path, cfg, template, records, eval_ds, eos_ids, stage.log
             )
         bounds, by_slice, passed, reason = decide(cfg, scores, stats, [r.get("slice") for r in records])
@@ -275,7 +276,7 @@ def run_evaluate(
         report = report_markdown(run_id, scores, records, preds, passed, reason, bounds, by_slice, cfg)
         (out / "report.md").write_text(report, encoding="utf-8")
         bar_chart(scores, out / "metrics.png")
-        write_generations(out / "generations.jsonl", records, preds)
+        write_generations(out / "generations.jsonl", records, preds, stopped)
         write_json(out / "scores.json", scores)
         stage.manifest.outputs = {
             "report": str(out / "report.md"),
@@ -288,7 +289,11 @@ def run_evaluate(
         stage.artifact(*(out / n for n in ("report.md", "metrics.png", "generations.jsonl", "scores.json")))
         stage.tags({"sftflow.promote": passed, "sftflow.gate": reason[:4000]})
         prefect_markdown(f"evaluation-{cfg.run_name}", report, f"evaluation of {run_id}")
-        return stage.finish(EvalResult(run_id, scores, passed, reason, report, bounds, by_slice))
+        dtype = str(pick_dtype(cfg.merge.dtype)).removeprefix("torch.")
+        generations = str(out / "generations.jsonl")
+        return stage.finish(
+            EvalResult(run_id, scores, passed, reason, report, bounds, by_slice, generations, dtype)
+        )
 
 
 def current_champion(cfg: PipelineConfig, run_id: str) -> Path | None:

@@ -20,7 +20,7 @@ OPERATIONAL = {
     "run_name": True,
     "output_dir": True,
     "tracking": True,
-    "serve": {"endpoint", "launch", "command", "health_timeout_s", "hot_swap", "api_key_env"},
+    "serve": {"endpoint", "health_timeout_s", "hot_swap", "api_key_env"},
 }
 
 

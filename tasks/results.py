@@ -70,6 +70,8 @@ class EvalResult(StageResult):
     report: str = ""
     intervals: dict = field(default_factory=dict)  # reference -> metric -> {point, low, high}
     slices: dict = field(default_factory=dict)  # slice -> {n, model: the slice metric}
+    generations: str = ""  # generations.jsonl: every model's answer to every prompt
+    dtype: str = "float32"  # the models ran in this torch dtype; the bundle serves in it
 
 
 @dataclass

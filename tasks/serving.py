@@ -1,4 +1,5 @@
-"""vLLM pre-flight checks, the OpenAI-compatible smoke test, server launch and LoRA hot swap.
+"""vLLM pre-flight checks, a server for the duration of a block, the OpenAI-compatible smoke test
+and LoRA hot swap.
 
 The checks catch what otherwise fails at serving time: an architecture vLLM has no
 implementation for, a LoRA rank above ``--max-lora-rank``, adapter features vLLM's LoRA
@@ -8,15 +9,17 @@ include the template's end-of-turn token (the "never stops generating" failure).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import shlex
 import signal
+import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.templating import end_of_turn_id
@@ -153,39 +156,65 @@ def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None 
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             last = str(e)
         time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s (last error: {last})")
+    raise TimeoutError(
+        f"{url} did not answer within {timeout_s:.0f}s (serve.health_timeout_s; last error: {last})"
+    )
 
 
 def launch(
-    argv: list[str], cwd: Path, base_url: str, timeout_s: float, log_path: Path, log=print
-) -> subprocess.Popen:
-    exe = shutil.which(argv[0]) or shutil.which(argv[0], path=str(Path(sys.executable).parent))
-    if exe is None:
-        raise FileNotFoundError(f"serve.command: {argv[0]!r} is not on PATH (nor beside {sys.executable})")
-    argv = [exe, *argv[1:]]
-    log(f"serve: starting {' '.join(argv)} (log: {log_path})")
+    argv: list[str], cwd: Path, env: dict, base_url: str, timeout_s: float, log_path: Path, log=print
+) -> tuple[subprocess.Popen, float]:
+    """Start a server in its own process group; return it once ``base_url`` answers, and how long that took."""
+    log(f"serve: starting {shlex.join(argv)} (log: {log_path})")
     out = log_path.open("w")
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         waited = wait_healthy(base_url, timeout_s, proc)
-    except Exception:
+    except Exception as e:
         stop(proc)
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(
-            f"the serving command did not become healthy; its log ends with:\n{tail}"
-        ) from None
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"{e}; the server's log ({log_path}) ends with:\n{tail}") from None
     log(f"serve: healthy after {waited:.1f}s")
-    return proc
+    return proc, waited
 
 
-def stop(proc: subprocess.Popen) -> None:
+@contextlib.contextmanager
+def running(
+    argv: list[str], cwd: Path, env: dict, timeout_s: float, log_path: Path, log=print
+) -> Iterator[tuple[str, float]]:
+    """A server on a free port of 127.0.0.1 for the duration of the block, stopped on the way out
+    (failures too); yields its OpenAI base URL and its start time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    proc, waited = launch(
+        [*argv, "--host", "127.0.0.1", "--port", str(port)], cwd, env, url, timeout_s, log_path, log
+    )
+    try:
+        yield url, waited
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a server and every process of its group (vLLM's engine, workers and resource tracker)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    deadline = time.monotonic() + grace_s
+    while True:  # helpers may outlive the main process by a moment while they clean up
+        try:
+            os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
 
 
 def smoke_test(

