@@ -7,15 +7,18 @@ Each approach runs in a fresh process on the same base and the same random LoRA 
 (r=16 on every linear layer), and reports its peak RSS above the RSS it had before loading
 any weights (Python, torch and transformers alone take a few hundred MB), divided by the
 size of the model's weights. sftflow: reference logits from base+adapter, shard-wise merge,
-reload from disk, compare. Naive: PeftModel -> merge_and_unload -> save_pretrained -> reload
-for the same check. The last line is JSON.
+reload from disk, compare. Naive, as a careful user writes it: PeftModel -> merge_and_unload ->
+save_pretrained, free the in-memory model, reload for the same check. Each approach runs
+``--repeats`` times (default 3); the figures are the median and the range. The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +109,8 @@ def child(approach: str, work: Path, model: str) -> None:
         merged = peft_model.merge_and_unload()
         out = work / "naive"
         merged.save_pretrained(out)
+        del peft_model, merged  # one copy at a time: the reload below is the only model alive
+        gc.collect()
         diff = compare_logits(reference, iter_logits(load_model(out), inputs))[0]
     print(json.dumps({"baseline_mb": baseline, "peak_mb": status_mb("VmHWM"), "max_logit_diff": diff}))
 
@@ -113,6 +118,7 @@ def child(approach: str, work: Path, model: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", nargs=3, metavar=("APPROACH", "WORK", "MODEL"))
     args = parser.parse_args()
     if args.child:
@@ -122,37 +128,34 @@ def main() -> None:
     from tasks.models import resolve_model
 
     weights = sum(p.stat().st_size for p in resolve_model(model).glob("*.safetensors")) / 2**20
-    results = {}
+    ratios: dict[str, list[float]] = {"sftflow": [], "naive": []}
+    peaks: dict[str, list[float]] = {"sftflow": [], "naive": []}
     with tempfile.TemporaryDirectory() as tmp:
         make_run(Path(tmp), model)
-        for approach in ("sftflow", "naive"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", approach, tmp, model],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                check=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            r["ratio"] = (r["peak_mb"] - r["baseline_mb"]) / weights
-            results[approach] = r
-            print(
-                f"{approach:8s} peak RSS {r['peak_mb']:8.0f} MB, {r['baseline_mb']:6.0f} MB before loading weights, "
-                f"model {weights:6.0f} MB -> (peak - baseline) / model = {r['ratio']:.2f} "
-                f"(max |logit diff| {r['max_logit_diff']:.1e})"
-            )
-    print(
-        json.dumps(
-            {
-                "model": model,
-                "model_mb": round(weights, 1),
-                "sftflow_peak_over_model": round(results["sftflow"]["ratio"], 3),
-                "naive_peak_over_model": round(results["naive"]["ratio"], 3),
-                "sftflow_peak_mb": round(results["sftflow"]["peak_mb"]),
-                "naive_peak_mb": round(results["naive"]["peak_mb"]),
-            }
-        )
-    )
+        for _ in range(args.repeats):
+            for approach in ("sftflow", "naive"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", approach, tmp, model],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    check=True,
+                )
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                ratio = (r["peak_mb"] - r["baseline_mb"]) / weights
+                ratios[approach].append(ratio)
+                peaks[approach].append(r["peak_mb"])
+                print(
+                    f"{approach:8s} peak RSS {r['peak_mb']:8.0f} MB, {r['baseline_mb']:6.0f} MB before loading "
+                    f"weights, model {weights:6.0f} MB -> (peak - baseline) / model = {ratio:.2f} "
+                    f"(max |logit diff| {r['max_logit_diff']:.1e})"
+                )
+    summary = {"model": model, "model_mb": round(weights, 1), "repeats": args.repeats}
+    for approach in ("sftflow", "naive"):
+        summary[f"{approach}_peak_over_model"] = round(statistics.median(ratios[approach]), 3)
+        summary[f"{approach}_range"] = [round(min(ratios[approach]), 3), round(max(ratios[approach]), 3)]
+        summary[f"{approach}_peak_mb"] = round(statistics.median(peaks[approach]))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

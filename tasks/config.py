@@ -319,8 +319,10 @@ class ParityConfig(Section):
     min_template_match: float = Field(
         1.0, ge=0, le=1, description="share of prompts whose served token ids equal training's"
     )
+    # fp32 served as evaluated agreed 40/40 on every demo bundle; the bf16-served QLoRA bundle,
+    # another model in effect, 38/40: this allows one near-tie flip in 40 and refuses that one
     min_agreement: float = Field(
-        0.95, ge=0, le=1, description="share of greedy answers equal to the evaluated candidate's"
+        0.975, ge=0, le=1, description="share of greedy answers equal to the evaluated candidate's"
     )
     max_stop_mismatches: int = Field(
         0, ge=0, description="answers cut at max tokens where the evaluated one stopped"

@@ -139,8 +139,8 @@ def verdict(result: dict, limits: ParityConfig) -> list[str]:
         )
     if result["agreement"] < limits.min_agreement:
         failures.append(
-            f"generation parity {result['agreement']:.0%} ({round(result['agreement'] * n)}/{n}) < "
-            f"{limits.min_agreement:.0%}: greedy answers differ from the evaluated model's"
+            f"generation parity {round(result['agreement'] * n)}/{n} ({result['agreement']:.1%}) < "
+            f"{limits.min_agreement:.1%}: greedy answers differ from the evaluated model's"
         )
     if result["stop_mismatches"] > limits.max_stop_mismatches:
         failures.append(

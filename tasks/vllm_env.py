@@ -44,7 +44,9 @@ def vllm_python(log=print) -> Path:
     """The serving venv's python: ``$SFTFLOW_VLLM_PYTHON`` if set, else the managed venv, built if missing."""
     if override := os.environ.get("SFTFLOW_VLLM_PYTHON"):
         if not Path(override).is_file():
-            raise FileNotFoundError(f"SFTFLOW_VLLM_PYTHON={override} does not exist")
+            raise FileNotFoundError(
+                f"SFTFLOW_VLLM_PYTHON={override} does not exist (unset it to use the venv `make vllm` builds)"
+            )
         return Path(override)
     venv = venv_dir()
     python = venv / "bin" / "python"

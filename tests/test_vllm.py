@@ -236,7 +236,7 @@ def test_a_failed_parity_gate_registers_nothing_and_keeps_the_champion(served_ru
     assert res.returncode == 1, res.stderr[-3000:]
     why = (
         "parity gate: the vLLM-served bundle does not answer like the evaluated model, so it is not "
-        "registered: generation parity 0% (0/8) < 95%"
+        "registered: generation parity 0/8 (0.0%) < 97.5%"
     )
     assert why in res.stderr, res.stderr[-3000:]
     assert (run / "handoff/parity.md").read_text().count(" (as evaluated)' |") == 8  # a diff row per prompt
