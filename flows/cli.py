@@ -68,6 +68,11 @@ def print_summary(s: dict) -> None:
         for m in metrics:
             print(m.ljust(width) + "".join(shown(intervals[ref].get(m)).rjust(30) for ref in intervals))
     print(f"\n{'PROMOTED' if s['promoted'] else 'NOT PROMOTED'}: {s['gate']}")
+    if p := s.get("parity"):
+        print(
+            f"parity:    vLLM served the bundle: template {p['template_match']:.0%}, answers agree "
+            f"{round(p['agreement'] * p['prompts'])}/{p['prompts']}, finish {p['finish_reasons']}"
+        )
     print(f"registry:  {s['registered_model']} version {s['version']} (aliases: {', '.join(s['aliases'])})")
     print(f"run dir:   {s['run_dir']}")
     print(f"bundle:    {s['bundle']}\nserve:     {s['serve_script']}")

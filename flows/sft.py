@@ -92,6 +92,7 @@ def run_summary(
         "slices": scores.slices,
         "promoted": scores.gate_passed, "gate": scores.reason, "registered_model": bundle.registered_model,
         "version": bundle.version, "aliases": bundle.aliases, "bundle": bundle.bundle,
-        "serve_script": bundle.serve_script, "mlflow_uri": redact(cfg.mlflow_uri), "mlflow_run_id": mlflow_run_id,
+        "serve_script": bundle.serve_script, "parity": bundle.parity, "mlflow_uri": redact(cfg.mlflow_uri),
+        "mlflow_run_id": mlflow_run_id,
         "prefect_flow_run_id": flow_run.id, "seconds": round(time.monotonic() - t0, 2),
     }  # fmt: skip

@@ -342,7 +342,10 @@ def run_handoff(
                 smoke_markdown(cfg.serve.endpoint, smoke_result),
                 "OpenAI-compatible smoke test",
             )
-        return stage.finish(HandoffResult(run_id, str(bundle), name, str(mv.version), aliases, serve_script))
+        figures = {k: v for k, v in (parity or {}).items() if k not in ("items", "failures")}
+        return stage.finish(
+            HandoffResult(run_id, str(bundle), name, str(mv.version), aliases, serve_script, figures)
+        )
 
 
 def smoke_markdown(endpoint: str, result: dict) -> str:

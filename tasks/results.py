@@ -83,3 +83,4 @@ class HandoffResult(StageResult):
     version: str
     aliases: list[str]
     serve_script: str  # the shell line that serves the bundle
+    parity: dict = field(default_factory=dict)  # the parity gate's figures; empty when it was off

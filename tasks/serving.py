@@ -72,7 +72,7 @@ def preflight(
 ) -> tuple[list[str], list[str]]:
     """Refuse (ValueError) what vLLM cannot serve; fix in the bundle what can be fixed.
 
-    Returns notes saying what was fixed and extra ``vllm serve`` arguments. Nothing outside
+    Returns notes saying what was fixed and extra vLLM server arguments. Nothing outside
     the bundle is modified: in adapter mode the base stays as it is and the fixes travel
     as ``--chat-template`` / ``--generation-config`` pointing into the bundle.
     """

@@ -99,7 +99,8 @@ def test_registry_version_has_tags_and_aliases(first_run):
         summary["scores"]["candidate"]["eval_loss"], rel=1e-5
     )
     serve = json.loads((Path(summary["bundle"]) / "serve.json").read_text())
-    assert serve["argv"][:3] == ["vllm", "serve", "model"]
+    assert serve["argv"][:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "model"]
+    assert serve["argv"][serve["argv"].index("--dtype") + 1] == "float32"  # the dtype evaluate ran in
     assert serve["argv"][serve["argv"].index("--max-model-len") + 1] == "256"
     assert (Path(summary["bundle"]) / "model" / "config.json").is_file()
     assert "PROMOTED" in stdout and "mlflow ui --backend-store-uri" in stdout

@@ -72,7 +72,15 @@ def served_run(tmp_path_factory):
     res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp / "summary.json"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     summary = json.loads((tmp / "summary.json").read_text())
-    return {"tmp": tmp, "args": args, "data": data, "seconds": time.monotonic() - t0, "summary": summary}
+    seconds = time.monotonic() - t0
+    return {
+        "tmp": tmp,
+        "args": args,
+        "data": data,
+        "seconds": seconds,
+        "summary": summary,
+        "stdout": res.stdout,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +131,8 @@ def test_the_merged_bundle_served_by_vllm_answers_as_evaluated(served_run):
     uri = served_run["summary"]["mlflow_uri"]
     version = MlflowClient(uri, uri).get_model_version_by_alias("tiny", "champion")
     assert version.tags["sftflow.parity"] == "agreement 1.000, template 1.000"
+    assert served_run["summary"]["parity"]["agreement"] == 1.0
+    assert "parity:    vLLM served the bundle: template 100%, answers agree 8/8" in served_run["stdout"]
 
 
 def test_the_adapter_bundle_served_by_vllm_answers_as_evaluated(adapter_run):
