@@ -162,8 +162,8 @@ def cmd_registry(args) -> int:
     return 0
 
 
-def registry_bundle(args) -> tuple[str, Path, dict]:
-    """``models:/NAME@ALIAS``'s version, its bundle folder (downloaded when not local) and serve.json."""
+def registry_bundle(args) -> tuple[Path, dict]:
+    """``models:/NAME@ALIAS``'s bundle folder (downloaded when not local) and its serve.json."""
     _quiet_defaults(None)
     from tasks.files import read_json
     from tasks.registry import alias_version, download_bundle
@@ -181,12 +181,12 @@ def registry_bundle(args) -> tuple[str, Path, dict]:
         dst = Path(args.download or f"bundles/{name}-v{mv.version}")
         local = str(download_bundle(args.mlflow_uri, name, alias, dst))
     print(f"# models:/{name}@{alias} = version {mv.version} (run {mv.tags.get('sftflow.run_id', '?')})")
-    return mv.version, Path(local).resolve(), read_json(Path(local) / "serve.json")
+    return Path(local).resolve(), read_json(Path(local) / "serve.json")
 
 
 def cmd_serve_command(args) -> int:
     """Print the vLLM server line of models:/NAME@ALIAS, with the bundle downloaded (or found) locally."""
-    _, bundle, info = registry_bundle(args)
+    bundle, info = registry_bundle(args)
     env = "".join(f"{k}={v} " for k, v in info["env"].items())
     print(f"cd {shlex.quote(str(bundle))} && {env}{shlex.join(info['argv'])}")
     return 0
@@ -194,7 +194,7 @@ def cmd_serve_command(args) -> int:
 
 def cmd_serve(args) -> int:
     """models:/NAME@ALIAS served by vLLM (its own venv, built on first use) until interrupted."""
-    _, bundle, info = registry_bundle(args)
+    bundle, info = registry_bundle(args)
     from tasks.vllm_env import server_env, vllm_python
 
     python = str(vllm_python())
@@ -208,7 +208,7 @@ def cmd_serve(args) -> int:
         f"curl {url}/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}", flush=True
     )
     os.chdir(bundle)
-    os.execve(python, argv, server_env() | info["env"])
+    os.execve(python, argv, server_env(info["env"]))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ def parity_gate(cfg: PipelineConfig, bundle: Path, info: dict, tokenizer, scores
     evaluated candidate. Writes parity.json and parity.md into out; returns the result."""
     rows = read_jsonl(Path(scores.generations))
     argv = [str(vllm_python(log)), *info["argv"][1:]]
-    env = server_env() | info["env"]
+    env = server_env(info["env"])
     timeout = cfg.serve.health_timeout_s
     with running(argv, bundle, env, timeout, out / "vllm.log", log) as (url, started):
         result = check_parity(
@@ -70,11 +70,16 @@ def served_ids(base_url: str, model: str, messages: list[dict], api_key: str) ->
         return json.loads(r.read())["tokens"]
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first index where two id lists differ (the shorter one's length when one extends the other)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def first_divergence(tokenizer, served: str, evaluated: str) -> dict:
     """Where two answers part: the token index and each side's token there (None past the end)."""
     a = tokenizer(served, add_special_tokens=False)["input_ids"]
     b = tokenizer(evaluated, add_special_tokens=False)["input_ids"]
-    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    i = first_difference(a, b)
     token = lambda ids: tokenizer.decode([ids[i]]) if i < len(ids) else None
     return {"index": i, "served_token": token(a), "evaluated_token": token(b)}
 
@@ -106,7 +111,7 @@ def check_parity(
         }
         item["stop_ok"] = item["finish_reason"] == "stop" or not row["candidate_stopped"]
         if not item["template_match"]:
-            k = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+            k = first_difference(ours, theirs)
             item["template_diff"] = {"index": k, "trained": ours[k : k + 8], "served": theirs[k : k + 8]}
         if not item["agrees"]:
             item["divergence"] = first_divergence(tokenizer, answer, row["candidate"])
@@ -165,15 +170,14 @@ def parity_markdown(result: dict, failures: list[str], started_s: float) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     cell = lambda s: repr(s)[:100].replace("|", "\\|")
-    for i in result["items"]:
-        if i["template_match"] and i["agrees"] and i["stop_ok"]:
-            continue
+    differing = [i for i in result["items"] if not (i["template_match"] and i["agrees"] and i["stop_ok"])]
+    for i in differing:
         d = i.get("divergence")
         where = f"token {d['index']}: {d['served_token']!r} vs {d['evaluated_token']!r}" if d else ""
         lines.append(
             f"| {cell(i['prompt'])} | {'ok' if i['template_match'] else 'DIFF'} | {i['agrees']} | "
             f"{i['finish_reason']} | {cell(where)} | {cell(i['served'])} | {cell(i['evaluated'])} |"
         )
-    if all(i["template_match"] and i["agrees"] and i["stop_ok"] for i in result["items"]):
+    if not differing:
         lines.append("| (every prompt matched) | | | | | | |")
     return "\n".join(lines) + "\n"

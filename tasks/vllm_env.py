@@ -86,8 +86,9 @@ def build(venv: Path, log=print) -> None:
         log(f"vllm: {venv} ready (vLLM {check.stdout.strip()})")
 
 
-def server_env() -> dict[str, str]:
-    """The server's environment: offline, no usage stats, caches beside sftflow's own."""
+def server_env(bundle_env: dict[str, str]) -> dict[str, str]:
+    """The server's environment: offline, no usage stats, caches beside sftflow's own, and what the
+    bundle's serve.json asks for (runtime LoRA loading in adapter mode)."""
     env = {
         **os.environ,
         "VLLM_NO_USAGE_STATS": "1",
@@ -97,7 +98,7 @@ def server_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     if not has_cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default (4) is sized for servers
-    return env
+    return env | bundle_env
 
 
 if __name__ == "__main__":
