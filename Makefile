@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/format.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/step_profile.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/rerun.py
 

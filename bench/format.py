@@ -3,6 +3,7 @@
     python bench/format.py                     # 200k Alpaca records, SmolLM2's tokenizer
     python bench/format.py --records 1000000   # the 1M-record scale run (peak RSS reported)
     python bench/format.py --quick             # 20k records
+    python bench/format.py --repeats 1         # one round (default 3: median and range)
 
 Measured in one run, on one generated JSONL file and one tokenizer:
 - sftflow: the whole format stage (read, validate, dedup, template, tokenize, mask, pack,
@@ -13,7 +14,8 @@ Measured in one run, on one generated JSONL file and one tokenizer:
   sample, its rate extrapolated;
 - trl: ``SFTTrainer``'s dataset preparation (prompt-completion, packing) when TRL is
   installed (``pip install -e .[bench]``).
-The last line is JSON: ``{"vs_raw_tokenizer": x, "vs_naive": y, "vs_trl": z|null}``.
+The last line is JSON: the median and range over the rounds of ``vs_raw_tokenizer``,
+``vs_naive`` and ``vs_trl`` (null without TRL), each a time ratio with the stage's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import json
 import os
 import random
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,12 +166,39 @@ def trl(model_dir: Path, convs, max_len: int, work: Path) -> float | None:
     return time.perf_counter() - t0
 
 
+def one_round(data: Path, tok, model_dir: Path, a, work: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--stage-only", str(data), "--max-seq-len", str(a.max_seq_len)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    ours = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    convs = conversations(data)
+    raw_s, raw_tokens = raw(tok, convs)
+    sample = convs[: a.naive_sample]
+    naive_s = naive(tok, sample) * len(convs) / len(sample)
+    return {
+        "ours": ours,
+        "raw": raw_s,
+        "raw_tokens": raw_tokens,
+        "naive": naive_s,
+        "trl": trl(model_dir, convs, a.max_seq_len, work),
+    }
+
+
+def spread(xs: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(xs):,.{digits}f} [{min(xs):,.{digits}f}, {max(xs):,.{digits}f}]"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--records", type=int, default=200_000)
     p.add_argument("--quick", action="store_true", help="20k records")
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--naive-sample", type=int, default=5_000)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stage-only", metavar="DATA", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.stage_only:
@@ -181,46 +212,43 @@ def main() -> None:
 
     model_dir = resolve_model("smollm2-135m")
     tok = load_tokenizer(model_dir)
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         make_data(data, n)
         print(f"{n:,} records, {data.stat().st_size / 1e6:.0f} MB of JSONL", flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--stage-only", str(data), "--max-seq-len", str(a.max_seq_len)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode:
-            sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
-        ours = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-        convs = conversations(data)
-        raw_s, raw_tokens = raw(tok, convs)
-        sample = convs[: a.naive_sample]
-        naive_s = naive(tok, sample) * len(convs) / len(sample)
-        trl_s = trl(model_dir, convs, a.max_seq_len, Path(tmp))
-    rate = lambda s: n / s
-    print("\n| approach | records/s | tokens/s | seconds |\n|---|---|---|---|")
+        for i in range(a.repeats):
+            work = Path(tmp) / f"round{i}"
+            work.mkdir()
+            rounds.append(one_round(data, tok, model_dir, a, work))
+            shutil.rmtree(Path(tmp) / "runs", ignore_errors=True)
+    ours = [r["ours"] for r in rounds]
+    has_trl = all(r["trl"] for r in rounds)
+    print(f"\n{a.repeats} rounds, median [range]\n\n| approach | records/s | seconds |\n|---|---|---|")
+    rows = [(f"sftflow format stage ({ours[0]['num_proc']} procs)", [o["seconds"] for o in ours])]
+    rows += [("raw tokenizer(list)", [r["raw"] for r in rounds])]
+    rows += [(f"naive loop (extrapolated from {a.naive_sample:,})", [r["naive"] for r in rounds])]
+    rows += [("TRL SFTTrainer prep", [r["trl"] for r in rounds])] if has_trl else []
+    for name, secs in rows:
+        print(f"| {name} | {spread([n / s for s in secs], 0)} | {spread(secs, 1)} |")
+    last = ours[-1]
     print(
-        f"| sftflow format stage ({ours['num_proc']} procs) | {rate(ours['seconds']):,.0f} | "
-        f"{ours['train_tokens'] / ours['seconds']:,.0f} | {ours['seconds']:.1f} |"
+        f"\npeak RSS: stage process {last['peak_rss_mb']:.0f} MB (of it anonymous, not mapped Arrow files: "
+        f"{last['peak_anon_mb']:.0f} MB), largest worker {last['peak_worker_rss_mb']:.0f} MB; "
+        f"real-token fraction {last['real_token_fraction']}"
     )
-    print(f"| raw tokenizer(list) | {rate(raw_s):,.0f} | {raw_tokens / raw_s:,.0f} | {raw_s:.1f} |")
-    print(f"| naive loop (extrapolated from {len(sample):,}) | {rate(naive_s):,.0f} | - | {naive_s:.1f} |")
-    print(
-        "| TRL SFTTrainer prep | "
-        + (f"{rate(trl_s):,.0f} | - | {trl_s:.1f} |" if trl_s else "not installed | | |")
-    )
-    print(
-        f"\npeak RSS: stage process {ours['peak_rss_mb']:.0f} MB (of it anonymous, not mapped Arrow files: "
-        f"{ours['peak_anon_mb']:.0f} MB), largest worker {ours['peak_worker_rss_mb']:.0f} MB; "
-        f"real-token fraction {ours['real_token_fraction']}"
-    )
+    ratios = {
+        "vs_raw_tokenizer": [r["raw"] / r["ours"]["seconds"] for r in rounds],
+        "vs_naive": [r["naive"] / r["ours"]["seconds"] for r in rounds],
+        "vs_trl": [r["trl"] / r["ours"]["seconds"] for r in rounds] if has_trl else None,
+    }
     print(
         json.dumps(
             {
-                "vs_raw_tokenizer": round(raw_s / ours["seconds"], 3),
-                "vs_naive": round(naive_s / ours["seconds"], 2),
-                "vs_trl": round(trl_s / ours["seconds"], 2) if trl_s else None,
+                k: {"median": round(statistics.median(v), 3), "range": [round(min(v), 3), round(max(v), 3)]}
+                if v
+                else None
+                for k, v in ratios.items()
             }
         )
     )

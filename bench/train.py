@@ -1,26 +1,43 @@
-"""Training throughput: sftflow's train stage side by side with a padded-to-1024 baseline.
+"""Training throughput against what a user would pick instead, side by side in one run.
 
-    python bench/train.py            # SmolLM2-135M, full fine-tuning, 4 optimizer steps each
-    python bench/train.py --quick    # the tiny test model (well under 5 minutes)
-    python bench/train.py --method lora
+    python bench/train.py                  # SmolLM2-135M, full fine-tuning, both data sets, 3 repeats
+    python bench/train.py --data longtail --repeats 1
+    python bench/train.py --quick          # the tiny test model, 2 steps, 1 repeat (a smoke run)
 
-Same data (data/demo/train.jsonl), same model, same DeepSpeed preset (zero2), same micro
-batch and number of optimizer steps, CPU fp32, one process each:
-- sftflow: the format stage (packing into rows of max_seq_len) and the train stage through
-  the deepspeed launcher, timed by the Trainer's own train_runtime;
-- baseline: the tutorial script: every example padded to max_length=1024, no packing,
-  labels masking only the padding, the same Trainer + DeepSpeed.
-Both are compared on real (non-padding) tokens per second, i.e. on the time to get through
-the same data. In the same run a fp32 matmul measures the CPU's FLOP/s, and the fraction of
-it reached is 6N FLOPs per real token for full fine-tuning, about 4N for LoRA.
-The last line is JSON: {"speedup_vs_baseline": x, "real_token_fraction": y, "flop_fraction": z}.
+Every runner trains the same model on the same records with the same micro batch (4), optimizer
+steps (4), fp32 precision, learning rate and linear schedule without warmup, in a fresh process:
+- sftflow: the format stage (packing into rows of the max length) and the train stage, through
+  the deepspeed launcher as `sftflow run` starts it, with `train.deepspeed: none` (one process);
+- trl_packed: TRL's SFTTrainer, packing=True (best-fit decreasing, padding-free rows);
+- trl: TRL's SFTTrainer, packing=False (each batch padded to its longest example);
+- seed002: the Trainer with DataCollatorForSeq2Seq(padding=True), prompt-masked labels;
+- seed001: the Trainer with every example padded to the max length.
+Peers load the model as a user does (transformers' default SDPA attention) and run the Trainer
+without DeepSpeed. Prompts are masked from the loss in every runner.
+
+Data sets: `demo` is data/demo/train.jsonl (about 120 tokens each, max length 512); `longtail`
+is generated here from a seed, total lengths drawn from a lognormal (median 96 tokens) and
+clipped to 16..1000, as instruction data is spread (max length 1024).
+
+Figures per runner: real (non-padding) tokens per second from the end of the first optimizer
+step (a warm-up, untimed) to the end of the last, counting only the batches the model trained
+on (the dataloader collates one batch ahead), and the real-token fraction of all positions
+computed. FLOP fraction: 6N FLOPs per real token (N counts the tied embedding once) plus the
+causal attention of each example (6 * layers * width * length^2, averaged over the data set),
+over the fp32 matmul rate measured in this run (the best of rounds before and after);
+flop_fraction_executed counts the LM head only where sftflow runs it (positions with a label).
+The last line is JSON, per data set: the speedup over the best of trl, trl_packed and seed002,
+the real-token fractions and sftflow's FLOP fractions, each the median [range] of the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+RUNNERS = ("sftflow", "trl_packed", "trl", "seed002", "seed001")
+PEERS = ("trl_packed", "trl", "seed002")
+MAX_LEN = {"demo": 512, "longtail": 1024}
 
 
 def matmul_gflops(n: int = 2048, repeat: int = 5, rounds: int = 5) -> float:
@@ -47,14 +67,98 @@ def matmul_gflops(n: int = 2048, repeat: int = 5, rounds: int = 5) -> float:
     return best
 
 
-def n_params(model_dir: Path) -> int:
-    from tasks.models import load_model
+def longtail_records(tok, n: int = 2000, seed: int = 0) -> list[dict]:
+    """Alpaca records whose tokenized lengths (chat template included) follow a lognormal with a
+    median of 96 tokens, clipped to 16..1000: most short, a few near the max length."""
+    rng = random.Random(seed)
+    words = sorted(
+        {w.strip('.,:;"{}') for line in (ROOT / "data/demo/train.jsonl").open() for w in line.split()} - {""}
+    )
+    cost = {w: len(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
+    records = []
+    for i in range(n):
+        target = min(max(rng.lognormvariate(math.log(96), 0.9), 16), 1000)
+        r = {"instruction": f"Continue note {i}.", "input": " ".join(rng.choices(words, k=4)), "output": ""}
+        need, answer = target - len(token_ids(tok, chats_of([r])[0])), []
+        while need > 0:
+            answer.append(rng.choice(words))
+            need -= cost[answer[-1]]
+        records.append({**r, "output": " ".join(answer) or "ok"})
+    return records
 
-    model = load_model(model_dir)
-    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+def chats_of(records: list[dict]) -> list[list[dict]]:
+    out = []
+    for r in records:
+        user = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
+        out.append([{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}])
+    return out
 
 
-def sftflow(work: Path, args) -> dict:
+def chats(path: Path) -> list[list[dict]]:
+    return chats_of([json.loads(line) for line in path.read_text().splitlines()])
+
+
+def token_ids(tok, chat: list[dict], generation_prompt: bool = False) -> list[int]:
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def flops_per_token(tok, records: list[list[dict]], config, n: int) -> tuple[float, float]:
+    """FLOPs per real token, forward and backward: the model's (6N, plus the causal attention of
+    each example: 6 * layers * width * length^2, over the data set), and what sftflow executes
+    (the LM head, 6 * vocab * width of the 6N, only on the share of tokens that have a label)."""
+    lengths = [len(token_ids(tok, c)) for c in records]
+    labelled = sum(n - len(token_ids(tok, c[:1], generation_prompt=True)) for n, c in zip(lengths, records))
+    attention = 6 * config.num_hidden_layers * config.hidden_size * sum(x * x for x in lengths) / sum(lengths)
+    head = 6 * config.vocab_size * config.hidden_size
+    model = 6 * n + attention
+    return model, model - head * (1 - labelled / sum(lengths))
+
+
+class Counted:
+    """Wraps a collator and counts the batches the model's forward took (real tokens, positions),
+    and at each step's end the seconds since training began and the real tokens so far (what
+    sftflow's train stage records as step_ends)."""
+
+    def __init__(self, collate):
+        self.collate, self.waiting, self.real, self.total = collate, [], 0, 0
+        self.t0, self.step_ends = time.monotonic(), []
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        self.waiting.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
+        return batch
+
+    def on_forward(self, module, args, kwargs):
+        if module.training and self.waiting:
+            real, total = self.waiting.pop(0)
+            self.real, self.total = self.real + real, self.total + total
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        counted = self
+
+        class StepEnds(TrainerCallback):
+            def on_train_begin(self, *args, **kw):
+                counted.t0 = time.monotonic()
+
+            def on_step_end(self, *args, **kw):
+                counted.step_ends.append([time.monotonic() - counted.t0, counted.real])
+
+        return StepEnds()
+
+
+def steady(step_ends: list) -> tuple[float, int]:
+    """Seconds and real tokens after the first optimizer step (a warm-up: allocations, lazy init)."""
+    (t1, n1), (t, n) = step_ends[0], step_ends[-1]
+    return t - t1, n - n1
+
+
+def run_sftflow(data: Path, work: Path, a) -> dict:
     from tasks.config import load_config
     from tasks.format import run_format
     from tasks.train import run_train
@@ -63,157 +167,197 @@ def sftflow(work: Path, args) -> dict:
         ROOT / "configs/demo.yaml",
         [
             f"output_dir={work / 'runs'}",
-            f"model.name_or_path={args.model}",
-            f"train.method={args.method}",
-            f"train.max_steps={args.steps}",
-            f"train.micro_batch_size={args.micro_batch}",
+            f"model.name_or_path={a.model}",
+            f"data.path={data}",
+            f"data.max_seq_len={a.max_len}",
+            "data.eval_fraction=0.02",
+            "data.cache=false",
+            "train.method=full",
+            "train.deepspeed=none",  # one process: ZeRO partitions nothing, and its engine costs ~15%
+            f"train.learning_rate={a.lr}",
+            f"train.max_steps={a.steps}",
+            f"train.micro_batch_size={a.micro_batch}",
             "train.gradient_accumulation_steps=1",
             "train.save_steps=100000",
-            "data.max_seq_len=1024",
-            "data.eval_fraction=0.1",
-            "data.cache=false",
-            "train.warmup_ratio=0",
         ],
     )
     run_train(cfg, "bench", run_format(cfg, "bench", log=lambda *_: None), log=lambda *_: None)
     r = json.loads((work / "runs/bench/train/result.json").read_text())
-    return {
-        "seconds": r["train_runtime_s"],
-        "real_tokens": r["real_tokens"],
-        "total_tokens": r["total_tokens"],
-    }
+    seconds, real = steady(r["step_ends"])
+    return {"seconds": seconds, "real": real, "fraction": r["real_tokens"] / r["total_tokens"]}
 
 
-def baseline(work: Path, args) -> dict:
-    """The tutorial script, in a fresh process: pad to 1024, no packing, same Trainer + DeepSpeed."""
-    os.environ.update(
-        {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(29500 + os.getpid() % 1000),
-        }
-    )
-    import torch
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from tasks.config import deepspeed_config, load_config
-    from tasks.models import load_model, load_tokenizer, resolve_model
-
-    set_seed(42)
-    model_dir = resolve_model(args.model)
-    tok = load_tokenizer(model_dir)
-    records = [json.loads(x) for x in (ROOT / "data/demo/train.jsonl").read_text().splitlines()]
-    texts = [
-        tok.apply_chat_template(
-            [
-                {"role": "user", "content": r["instruction"] + "\n\n" + r["input"]},
-                {"role": "assistant", "content": r["output"]},
-            ],
-            tokenize=False,
-        )
-        for r in records
-    ]
-    enc = tok(texts, padding="max_length", max_length=1024, truncation=True)
-    rows = [
-        {"input_ids": ids, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(ids, m)]}
-        for ids, m in zip(enc["input_ids"], enc["attention_mask"])
-    ]
-    model = load_model(model_dir)
-    model.train()
-    if args.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-        )
-    cfg = load_config(ROOT / "configs/demo.yaml")
-    targs = TrainingArguments(
-        output_dir=str(work / "baseline"),
-        per_device_train_batch_size=args.micro_batch,
-        max_steps=args.steps,
-        learning_rate=1e-4,
+def peer_args(work: Path, a, **extra):
+    return dict(
+        output_dir=str(work / "peer"),
+        per_device_train_batch_size=a.micro_batch,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        seed=42,
         report_to=[],
         save_strategy="no",
-        deepspeed=deepspeed_config(cfg),
         use_cpu=True,
-        ddp_backend="gloo",
         disable_tqdm=True,
         logging_steps=1000,
+        **extra,
     )
-    result = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(rows)).train()
-    real = sum(sum(r["attention_mask"]) for r in rows[: args.steps * args.micro_batch])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+
+def seed_rows(tok, records, max_len: int, pad_to_max: bool) -> list[dict]:
+    """The seeds' tokenization: prompt through the chat template, labels -100 on the prompt."""
+    rows = []
+    for chat in records:
+        prompt = token_ids(tok, chat[:1], generation_prompt=True)
+        ids = token_ids(tok, chat)[:max_len]
+        labels = [-100] * len(prompt) + ids[len(prompt) :]
+        pad = max_len - len(ids) if pad_to_max else 0
+        rows.append(
+            {
+                "input_ids": ids + [tok.pad_token_id] * pad,
+                "attention_mask": [1] * len(ids) + [0] * pad,
+                "labels": labels[: len(ids)] + [-100] * pad,
+            }
+        )
+    return rows
+
+
+def run_peer(name: str, data: Path, work: Path, a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from tasks.models import load_tokenizer, resolve_model
+
+    set_seed(42)
+    path = resolve_model(a.model)
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    records = chats(data)
+    if name.startswith("trl"):
+        from trl import SFTConfig, SFTTrainer
+
+        ds = Dataset.from_list([{"prompt": c[:1], "completion": c[1:]} for c in records])
+        args = SFTConfig(
+            **peer_args(work, a), max_length=a.max_len, packing=name == "trl_packed", dataset_num_proc=1
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    else:
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, default_data_collator
+
+        rows = seed_rows(tok, records, a.max_len, pad_to_max=name == "seed001")
+        collate = (
+            default_data_collator
+            if name == "seed001"
+            else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+        )
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**peer_args(work, a)),
+            train_dataset=Dataset.from_list(rows),
+            data_collator=collate,
+        )
+    counted = Counted(trainer.data_collator)
+    trainer.data_collator = counted
+    model.register_forward_pre_hook(counted.on_forward, with_kwargs=True)
+    trainer.add_callback(counted.callback())
+    trainer.train()
+    seconds, real = steady(counted.step_ends)
+    return {"seconds": seconds, "real": real, "fraction": counted.real / counted.total}
+
+
+def run_one(name: str, data: Path, a) -> dict:
+    """One runner in a fresh process: no runner inherits another's memory or threads."""
+    cmd = [sys.executable, __file__, "--_run", name, "--_file", str(data), "--steps", str(a.steps)]
+    cmd += ["--max-len", str(a.max_len)] + (["--quick"] if a.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+
+
+def median_range(xs: list[float]) -> str:
+    return f"{statistics.median(xs):,.1f} [{min(xs):,.1f}, {max(xs):,.1f}]"
+
+
+def bench(name: str, a, tmp: Path, n: int, tok, config) -> dict:
+    data = tmp / f"{name}.jsonl"
+    if name == "longtail":
+        data.write_text("".join(json.dumps(r) + "\n" for r in longtail_records(tok)))
+    else:
+        data.write_text((ROOT / "data/demo/train.jsonl").read_text())
+    a.max_len = MAX_LEN[name]
+    model_flops, executed_flops = flops_per_token(tok, chats(data), config, n)
+    runs = {r: [] for r in RUNNERS}
+    for i in range(a.repeats):
+        for r in RUNNERS:
+            runs[r].append(run_one(r, data, a))
+            print(f"[{name} {i + 1}/{a.repeats}] {r}: {runs[r][-1]}", file=sys.stderr, flush=True)
+    rate = {r: [x["real"] / x["seconds"] for x in xs] for r, xs in runs.items()}
+    fill = {r: statistics.median(x["fraction"] for x in xs) for r, xs in runs.items()}
+    best = max(PEERS, key=lambda r: statistics.median(rate[r]))
+    print(
+        f"\n{name}: max length {a.max_len}; per real token {model_flops / 1e6:.0f} MFLOP "
+        f"(attention {model_flops / (6 * n) - 1:.1%} of 6N), sftflow executes {executed_flops / 1e6:.0f}\n"
+    )
+    print("| runner | real tokens/s, median [range] | real-token fraction | sftflow is |\n|---|---|---|---|")
+    for r in RUNNERS:
+        ratio = statistics.median(rate["sftflow"]) / statistics.median(rate[r])
+        print(f"| {r} | {median_range(rate[r])} | {fill[r]:.3f} | {ratio:.2f}x |")
+    speedups = [s / p for s, p in zip(rate["sftflow"], rate[best])]
     return {
-        "seconds": result.metrics["train_runtime"],
-        "real_tokens": real,
-        "total_tokens": 1024 * args.steps * args.micro_batch,
+        "speedup_vs_best_peer": round(statistics.median(speedups), 2),
+        "speedup_range": [round(min(speedups), 2), round(max(speedups), 2)],
+        "best_peer": best,
+        "real_token_fraction": {r: round(f, 4) for r, f in fill.items()},
+        "flops": {
+            k: [t * f for t in rate["sftflow"]]
+            for k, f in (("model", model_flops), ("executed", executed_flops))
+        },
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="tiny model, 10 steps")
-    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 steps, 1 repeat")
+    p.add_argument("--data", choices=["demo", "longtail", "both"], default="both")
     p.add_argument("--steps", type=int)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--_baseline", metavar="WORK", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    args.model = "tiny-llama" if args.quick else "smollm2-135m"
-    args.steps = args.steps or (10 if args.quick else 4)
-    if args._baseline:
-        print("RESULT " + json.dumps(baseline(Path(args._baseline), args)))
-        return
-    from tasks.models import resolve_model
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--_run", choices=RUNNERS, help=argparse.SUPPRESS)
+    p.add_argument("--_file", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.model, a.micro_batch, a.lr = ("tiny-llama" if a.quick else "smollm2-135m"), 4, 1e-5
+    a.steps = a.steps or (2 if a.quick else 4)
+    a.repeats = a.repeats or (1 if a.quick else 3)
+    if a._run:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = run_sftflow if a._run == "sftflow" else lambda *x: run_peer(a._run, *x)
+            print("RESULT " + json.dumps(run(Path(a._file), Path(tmp), a)))
+        os._exit(0)  # skip torch's and gloo's teardown
+    from transformers import AutoConfig
 
-    gflops = matmul_gflops()
-    n = n_params(resolve_model(args.model))
+    from tasks.models import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model(a.model)
+    n = sum(x.numel() for x in load_model(path).parameters())
+    tok, config = load_tokenizer(path), AutoConfig.from_pretrained(path)
+    limit = matmul_gflops()
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ours = sftflow(Path(tmp), args)
-        cmd = [
-            sys.executable,
-            __file__,
-            "--_baseline",
-            tmp,
-            "--method",
-            args.method,
-            "--steps",
-            str(args.steps),
-            "--micro-batch",
-            str(args.micro_batch),
-        ] + (["--quick"] if args.quick else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
-        base = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    gflops = max(gflops, matmul_gflops())  # measured before and after the runs: the higher limit
-    flops_per_token = (6 if args.method == "full" else 4) * n
-    rate = {k: v["real_tokens"] / v["seconds"] for k, v in (("sftflow", ours), ("baseline", base))}
-    print(
-        f"\n{args.model}, {args.method}, {args.steps} steps x micro batch {args.micro_batch}, "
-        f"N={n / 1e6:.1f}M params; fp32 matmul {gflops:.0f} GFLOP/s\n"
-    )
-    print(
-        "| | seconds | real tokens | real-token fraction | real tokens/s | model GFLOP/s |\n|---|---|---|---|---|---|"
-    )
-    for name, r in (("sftflow (packed)", ours), ("baseline (pad to 1024)", base)):
-        tps = r["real_tokens"] / r["seconds"]
-        print(
-            f"| {name} | {r['seconds']:.1f} | {r['real_tokens']:,} | {r['real_tokens'] / r['total_tokens']:.3f} | "
-            f"{tps:,.0f} | {tps * flops_per_token / 1e9:.1f} |"
-        )
-    print(
-        json.dumps(
-            {
-                "speedup_vs_baseline": round(rate["sftflow"] / rate["baseline"], 2),
-                "real_token_fraction": round(ours["real_tokens"] / ours["total_tokens"], 4),
-                "flop_fraction": round(rate["sftflow"] * flops_per_token / (gflops * 1e9), 3),
-            }
-        )
-    )
+        for name in ("demo", "longtail") if a.data == "both" else (a.data,):
+            out[name] = bench(name, a, Path(tmp), n, tok, config)
+    limit = max(limit, matmul_gflops())
+    for r in out.values():
+        for kind, flops in r.pop("flops").items():
+            fractions = [f / (limit * 1e9) for f in flops]
+            suffix = "" if kind == "model" else "_executed"
+            r["flop_fraction" + suffix] = round(statistics.median(fractions), 3)
+            r["flop_fraction" + suffix + "_range"] = [round(min(fractions), 3), round(max(fractions), 3)]
+    print(f"\n{a.model}, full fine-tuning, micro batch {a.micro_batch}, {a.steps} steps, {a.repeats} repeats")
+    print(f"N={n / 1e6:.1f}M; fp32 matmul {limit:.0f} GFLOP/s (best of rounds before and after)")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,10 @@ class TrainConfig(Section):
         4, description="method qlora: base weights in 4-bit nf4 (QLoRA) or 8-bit (LLM.int8)"
     )
     deepspeed: str = Field(
-        "zero2", description=f"a preset ({', '.join(DEEPSPEED_PRESETS)}) or a JSON file path"
+        "zero2",
+        description=f"a preset ({', '.join(DEEPSPEED_PRESETS)}), a JSON file path, or none: the "
+        "Trainer without DeepSpeed's engine (DDP across processes), for one process where ZeRO "
+        "partitions nothing",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -212,7 +215,7 @@ class TrainConfig(Section):
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed(cls, v: str) -> str:
-        if v in DEEPSPEED_PRESETS:
+        if v in DEEPSPEED_PRESETS or v == "none":
             return v
         path = Path(v)
         if path.suffix == ".json":
@@ -226,7 +229,7 @@ class TrainConfig(Section):
         close = difflib.get_close_matches(v, DEEPSPEED_PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown DeepSpeed preset {v!r}{hint}; expected one of {list(DEEPSPEED_PRESETS)} or a .json path"
+            f"unknown DeepSpeed preset {v!r}{hint}; expected one of {list(DEEPSPEED_PRESETS)}, none, or a .json path"
         )
 
 
@@ -490,6 +493,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def deepspeed_config(cfg: PipelineConfig) -> dict:
+    """The DeepSpeed config the Trainer gets; empty for ``deepspeed: none``."""
+    if cfg.train.deepspeed == "none":
+        return {}
     path = (
         PRESET_DIR / f"{cfg.train.deepspeed}.json"
         if cfg.train.deepspeed in DEEPSPEED_PRESETS

@@ -9,7 +9,6 @@ nightly run whose fingerprint is already on a registry version has nothing new t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.dataplan import plan_data
@@ -38,35 +37,30 @@ def pipeline_fingerprint(cfg: PipelineConfig, format_key: str) -> str:
     return hash_json({"format": format_key, "config": config, "code": package_hash()})
 
 
-def registered_with(cfg: PipelineConfig, fingerprint: str):
-    """The registry version built from this fingerprint, or None."""
-    from tasks.tracking import check_reachable, mlflow_client
+def registered_with(cfg: PipelineConfig, fingerprint: str) -> tuple[str, dict[str, str]] | None:
+    """The oldest registry version built from this fingerprint, with its tags, or None."""
+    from tasks.registry import versions_tagged
+    from tasks.tracking import check_reachable
 
     check_reachable(cfg.mlflow_uri)  # a down server fails the run here, fast and clearly
-    if (
-        cfg.mlflow_uri.startswith("sqlite:///")
-        and not Path(cfg.mlflow_uri.removeprefix("sqlite:///")).is_file()
-    ):
-        return None  # no store yet, so nothing registered (and no empty database created)
-    found = mlflow_client(cfg.mlflow_uri).search_model_versions(
-        f"name = '{cfg.registered_model}' and tag.`sftflow.fingerprint` = '{fingerprint}'"
-    )
-    return min(found, key=lambda v: int(v.version)) if found else None
+    found = versions_tagged(cfg.mlflow_uri, cfg.registered_model, "sftflow.fingerprint", fingerprint)
+    return found[0] if found else None
 
 
 def find_unchanged(cfg: PipelineConfig, log=print) -> Unchanged | None:
     key = plan_data(cfg).key
     fingerprint = pipeline_fingerprint(cfg, key)
-    mv = registered_with(cfg, fingerprint)
-    if mv is None:
+    found = registered_with(cfg, fingerprint)
+    if found is None:
         log(
             f"inputs changed or never trained (fingerprint {fingerprint}, format key {key}): running every stage"
         )
         return None
-    run = mv.tags.get("sftflow.run_id", "?")
+    version, tags = found
+    run = tags.get("sftflow.run_id", "?")
     log(
-        f"nothing changed: data, config and code match {cfg.registered_model} version {mv.version} "
+        f"nothing changed: data, config and code match {cfg.registered_model} version {version} "
         f"(run {run}, fingerprint {fingerprint}); no retraining and no new registry version (use --force to retrain)"
     )
-    promoted = mv.tags.get("sftflow.promoted") == "True"
-    return Unchanged(str(mv.version), run, fingerprint, mv.tags.get("sftflow.bundle"), promoted)
+    promoted = tags.get("sftflow.promoted") == "True"
+    return Unchanged(version, run, fingerprint, tags.get("sftflow.bundle"), promoted)

@@ -6,8 +6,12 @@ back to the version it replaced. The CLI and the pipeline use the same functions
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 
+from tasks.tracking import http_get
 from tasks.tracking import mlflow_client as _client
 
 HISTORY_TAG = "sftflow.champion_history"
@@ -20,6 +24,58 @@ def alias_version(uri: str, name: str, alias: str):
         return _client(uri).get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def versions_tagged(uri: str, name: str, key: str, value: str) -> list[tuple[str, dict[str, str]]]:
+    """(version, tags) of the versions of ``name`` tagged ``key=value``, oldest first.
+
+    The nightly unchanged-check asks this on every run. Importing MLflow and opening its SQL store
+    costs about 2 s, most of a run that then does nothing, so a SQLite store is read with sqlite3
+    (read-only) and a tracking server through its REST search; other stores, and servers that
+    MLflow's environment settings authenticate or verify, go through MLflow's client."""
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            return []
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            try:
+                rows = con.execute(_TAGGED_SQL, (name, key, value, name)).fetchall()
+            except sqlite3.OperationalError:  # no registry tables yet
+                return []
+        found: dict[str, dict[str, str]] = {}
+        for version, k, v in rows:
+            found.setdefault(str(version), {})[k] = v
+    elif uri.startswith(("http://", "https://")) and not any(os.environ.get(k) for k in _CLIENT_SETTINGS):
+        query = f"name = '{name}' and tag.`{key}` = '{value}'"
+        reply = json.loads(http_get(uri, "/api/2.0/mlflow/model-versions/search", filter=query))
+        found = {
+            str(mv["version"]): {t["key"]: t["value"] for t in mv.get("tags", [])}
+            for mv in reply.get("model_versions", [])
+        }
+    else:
+        query = f"name = '{name}' and tag.`{key}` = '{value}'"
+        found = {str(mv.version): dict(mv.tags) for mv in _client(uri).search_model_versions(query)}
+    return sorted(found.items(), key=lambda item: int(item[0]))
+
+
+_CLIENT_SETTINGS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_TRACKING_AUTH",
+)
+# MLflow's registry tables; a deleted version keeps its row with this stage until it is purged
+_TAGGED_SQL = """
+SELECT t.version, t.key, t.value FROM model_version_tags t
+JOIN model_versions v ON v.name = t.name AND v.version = t.version
+WHERE v.current_stage != 'Deleted_Internal' AND t.version IN (
+    SELECT version FROM model_version_tags WHERE name = ? AND key = ? AND value = ?
+) AND t.name = ?
+"""
 
 
 def version_for_run(uri: str, name: str, run_id: str):

@@ -53,24 +53,37 @@ def _quiet_env(uri: str) -> None:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
+def _split(uri: str):
+    """The URI without credentials, and the Basic auth header they make (as MLflow's client sends)."""
+    import base64
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(uri)
+    headers = {}
+    if url.username:
+        token = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    netloc = url.hostname + (f":{url.port}" if url.port else "")
+    return urllib.parse.urlunsplit((url.scheme, netloc, url.path.rstrip("/"), "", "")), headers
+
+
+def http_get(uri: str, path: str, timeout_s: float = 10, **query) -> bytes:
+    import urllib.parse
+    import urllib.request
+
+    base, headers = _split(uri)
+    url = base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s).read()
+
+
 def check_reachable(uri: str, timeout_s: float = 10) -> None:
     """An HTTP tracking server must answer /health now; MLflow's own retries would wait minutes."""
     if not uri.startswith(("http://", "https://")):
         return
-    import base64
     import urllib.error
-    import urllib.parse
-    import urllib.request
 
-    url = urllib.parse.urlsplit(uri)
-    headers = {}
-    if url.username:  # credentials in the URI: sent as MLflow's client would, never printed
-        token = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
-    netloc = url.hostname + (f":{url.port}" if url.port else "")
-    health = urllib.parse.urlunsplit((url.scheme, netloc, url.path.rstrip("/") + "/health", "", ""))
     try:
-        urllib.request.urlopen(urllib.request.Request(health, headers=headers), timeout=timeout_s).read()
+        http_get(uri, "/health", timeout_s)
     except (urllib.error.URLError, OSError) as e:
         raise ConnectionError(f"tracking.mlflow_uri: cannot reach MLflow at {redact(uri)}: {e}") from None
 

@@ -195,9 +195,11 @@ def run_train(
         write_json(out / "spec.json", spec)
         write_json(out / "deepspeed.json", spec["deepspeed"])
         cmd = launch_command(cfg, out / "spec.json")
+        engine = (
+            "without DeepSpeed" if cfg.train.deepspeed == "none" else f"with DeepSpeed {cfg.train.deepspeed}"
+        )
         stage.log(
-            f"train: {cfg.train.method} with DeepSpeed {cfg.train.deepspeed}, {cfg.train.num_processes} "
-            "process(es): " + " ".join(cmd[2:])
+            f"train: {cfg.train.method} {engine}, {cfg.train.num_processes} process(es): " + " ".join(cmd[2:])
         )
         supervise(cmd, worker_env(cfg.mlflow_uri), out / "train.log", cfg.train.timeout_s, stage.log)
 

@@ -10,6 +10,7 @@ from rank 0, and saves the adapter (or the full model) atomically.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -25,24 +26,41 @@ quiet_libraries()  # before transformers brings in bitsandbytes, which warns on 
 
 from transformers import TrainerCallback  # noqa: E402
 
-from tasks.batching import Collator  # noqa: E402
+from tasks.batching import Collator, TrainingCollator  # noqa: E402
 from tasks.faults import fault  # noqa: E402
 from tasks.files import write_json  # noqa: E402
 
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
 
 
-class RecordingCollator(Collator):
-    """The shared collator, remembering a fingerprint of each batch this rank trained on."""
+class RecordingCollator(TrainingCollator):
+    """The training collator, counting what was trained: the dataloader collates one batch ahead
+    of the step, so a batch counts (tokens, and a fingerprint of it in ``seen``) only when the
+    model's forward takes it (``on_forward``, a forward pre-hook)."""
 
     def __init__(self, pad_token_id: int):
         super().__init__(pad_token_id)
+        self.waiting: collections.deque = collections.deque()
+        self.trained_real = self.trained_total = 0
         self.seen: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict:
+        real, total = self.real_tokens, self.total_tokens
         batch = super().__call__(rows)
-        self.seen.append(hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()[:16])
+        fingerprint = hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()[:16]
+        self.waiting.append((self.real_tokens - real, self.total_tokens - total, fingerprint))
         return batch
+
+    def on_forward(self, module, args, kwargs) -> None:
+        if module.training and self.waiting:
+            real, total, fingerprint = self.waiting.popleft()
+            self.trained_real += real
+            self.trained_total += total
+            self.seen.append(fingerprint)
+
+    @property
+    def real_fraction(self) -> float:
+        return self.trained_real / self.trained_total if self.trained_total else 0.0
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -55,9 +73,10 @@ def build_model(spec: dict, dtype):
     from transformers import AutoModelForCausalLM
 
     from tasks.models import qlora_config
+    from tasks.packed_attention import register
 
     t = spec["train"]
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "attn_implementation": register()}
     if t["method"] == "qlora":
         kwargs["quantization_config"] = qlora_config(dtype, t["quantization_bits"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
@@ -91,6 +110,7 @@ class Guard(TrainerCallback):
         self.spec, self.collator = spec, collator
         self.t0 = time.monotonic()
         self.tokens0 = 0
+        self.step_ends: list[list] = []
         self.client = None
         self.pending: list = []
         if spec.get("mlflow_run_id") and int(os.environ.get("RANK", "0")) == 0:
@@ -99,7 +119,8 @@ class Guard(TrainerCallback):
             self.client = mlflow_client(os.environ["SFTFLOW_MLFLOW_URI"])
 
     def on_train_begin(self, args, state, control, **kw):
-        self.t0, self.tokens0 = time.monotonic(), self.collator.real_tokens
+        self.t0, self.tokens0 = time.monotonic(), self.collator.trained_real
+        self.step_ends = []  # [seconds since train begin, real tokens trained so far] per step
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
@@ -113,7 +134,7 @@ class Guard(TrainerCallback):
             return
         elapsed = max(time.monotonic() - self.t0, 1e-9)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        logs["tokens_per_second"] = (self.collator.real_tokens - self.tokens0) * world / elapsed
+        logs["tokens_per_second"] = (self.collator.trained_real - self.tokens0) * world / elapsed
         logs["real_token_fraction"] = self.collator.real_fraction
         logs["peak_memory_gb"] = _peak_memory_gb()
         shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)))
@@ -154,6 +175,7 @@ class Guard(TrainerCallback):
                 )
 
     def on_step_end(self, args, state, control, **kw):
+        self.step_ends.append([round(time.monotonic() - self.t0, 3), self.collator.trained_real])
         # fault-injection hooks: a delay per step lets tests kill a run mid-way
         if os.environ.get("SFTFLOW_STEP_DELAY_S"):
             time.sleep(float(os.environ["SFTFLOW_STEP_DELAY_S"]))
@@ -220,7 +242,7 @@ def training_args(spec: dict, dtype):
         seed=t["seed"],
         data_seed=t["seed"],
         report_to=[],
-        deepspeed=spec["deepspeed"],
+        deepspeed=spec["deepspeed"] or None,
         use_cpu=not torch.cuda.is_available(),
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -251,7 +273,7 @@ def train(trainer, resume: Path | None):
         ) from None
 
 
-def save_final(trainer, tok, out: Path, method: str, result, resume: Path | None, collator: Collator) -> None:
+def save_final(trainer, tok, out: Path, method: str, result, resume: Path | None, guard: Guard) -> None:
     """The adapter (or model) renamed into place once complete, and result.json beside it."""
     final = out / ("adapter" if method != "full" else "model")
     tmp = out / f".{final.name}.tmp"
@@ -272,9 +294,10 @@ def save_final(trainer, tok, out: Path, method: str, result, resume: Path | None
             "losses": losses,
             "resumed_from": str(resume) if resume else None,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "real_token_fraction": collator.real_fraction,
-            "real_tokens": collator.real_tokens,
-            "total_tokens": collator.total_tokens,
+            "real_token_fraction": guard.collator.real_fraction,
+            "real_tokens": guard.collator.trained_real,
+            "total_tokens": guard.collator.trained_total,
+            "step_ends": guard.step_ends,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "output": str(final),
         },
@@ -300,13 +323,15 @@ def main(argv: list[str] | None = None) -> None:
     collator = RecordingCollator(tok.pad_token_id)
     args = training_args(spec, dtype)
     model = build_model(spec, dtype)
+    model.register_forward_pre_hook(collator.on_forward, with_kwargs=True)
+    guard = Guard(spec, collator)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=load_from_disk(spec["train_path"]),
         data_collator=collator,
         processing_class=tok,
-        callbacks=[Guard(spec, collator)],
+        callbacks=[guard],
     )
     resume = latest_checkpoint(out / "checkpoints")
     if trainer.is_world_process_zero():
@@ -314,12 +339,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[train] resuming from {resume}", flush=True)
         write_json(out / "training_args.json", args.to_dict())
     result = train(trainer, resume)
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and spec["deepspeed"]:
         write_json(
             out / "deepspeed_resolved.json", trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
         )
     rank_report(out, collator, model)
-    save_final(trainer, tok, out, t["method"], result, resume, collator)
+    save_final(trainer, tok, out, t["method"], result, resume, guard)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

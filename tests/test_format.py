@@ -153,6 +153,34 @@ def test_packed_losses_equal_unpacked(tmp_path, tiny_model):
         assert torch.allclose(packed[a : b - 1][mask], alone[: b - a - 1][mask], atol=1e-5)
 
 
+def test_training_attention_and_loss_positions_change_nothing_but_cost(tmp_path, tiny_model):
+    """The train stage's set-up (attention per example, the LM head only where a label is) gives
+    the loss and gradients transformers' default gives on the same packed rows."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.batching import TrainingCollator
+    from tasks.packed_attention import register
+
+    cfg = make_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", CHAT + ALPACA), data={"packing": True})
+    rows = list(load_from_disk(run_format(cfg, "r1", log=lambda *_: None).train_path))[:3]
+    assert sum(r["position_ids"].count(0) for r in rows) > 3, "the test needs rows with several examples"
+    pad = load_tokenizer(tiny_model).pad_token_id
+    out = {}
+    for attn, collate in (("sdpa", Collator(pad)), (register(), TrainingCollator(pad))):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model, attn_implementation=attn, dtype=torch.float32
+        )
+        batch = collate(rows)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        out[attn] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    batch = TrainingCollator(pad)(rows)
+    assert batch["logits_to_keep"].sum() == len(batch["shift_labels"]) < batch["input_ids"].numel()
+    (loss_default, grad_default), (loss_ours, grad_ours) = out.values()
+    assert loss_ours == pytest.approx(loss_default, rel=1e-5)
+    assert torch.allclose(grad_ours, grad_default, atol=1e-6)
+
+
 # ---------------------------------------------------------------- sources and shapes
 
 

@@ -83,3 +83,44 @@ def test_promote_and_rollback_through_the_cli(server, two_runs, cli):
     assert "v1" in listing and "champion" in listing and "v2" in listing and "candidate" in listing
     res = cli("registry", "rollback", "tiny", "--mlflow-uri", server["uri"])
     assert res.returncode != 0 and "no earlier champion" in res.stderr
+
+
+def tagged_versions(uri: str) -> list:
+    """Five versions of `lookup`: 1, 3 and 4 share a fingerprint, 4 is then deleted."""
+    client = MlflowClient(uri, uri)
+    client.create_registered_model("lookup")
+    for i in range(1, 6):
+        fingerprint = "aaa" if i in (1, 3, 4) else f"other{i}"
+        tags = {"sftflow.fingerprint": fingerprint, "sftflow.run_id": f"run{i}"}
+        client.create_model_version("lookup", f"s3://nowhere/{i}", tags=tags)  # never read
+    client.delete_model_version("lookup", "4")
+    found = client.search_model_versions("name = 'lookup' and tag.`sftflow.fingerprint` = 'aaa'")
+    return sorted((str(mv.version), dict(mv.tags)) for mv in found)
+
+
+def test_the_unchanged_lookup_reads_sqlite_as_mlflow_does_without_importing_it(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    expected = tagged_versions(uri)
+    assert [v for v, _ in expected] == ["1", "3"] and expected[1][1]["sftflow.run_id"] == "run3"
+    code = (
+        "import json, sys; from tasks.registry import versions_tagged; "
+        f"print(json.dumps(versions_tagged({uri!r}, 'lookup', 'sftflow.fingerprint', 'aaa'))); "
+        "print('mlflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    found, imported = out.stdout.splitlines()
+    assert [tuple(x) for x in json.loads(found)] == expected
+    assert imported == "False"
+
+
+def test_the_unchanged_lookup_reads_a_tracking_server_as_mlflow_does(server):
+    from tasks.registry import versions_tagged
+
+    expected = tagged_versions(server["uri"])
+    assert versions_tagged(server["uri"], "lookup", "sftflow.fingerprint", "aaa") == expected
+    assert versions_tagged(server["uri"], "lookup", "sftflow.fingerprint", "none") == []

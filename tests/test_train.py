@@ -80,6 +80,27 @@ def test_every_preset_and_method_trains(formatted, preset, method):
     assert any(t.abs().sum() > 0 for t in b), "lora_B is still all zeros: nothing was trained"
 
 
+def test_without_deepspeed_the_trainer_takes_the_same_steps_as_zero0(formatted):
+    """deepspeed: none runs the Trainer without DeepSpeed's engine (one process: ZeRO partitions
+    nothing there, and the engine costs time): the same launcher, data and losses as zero0."""
+    losses = {}
+    for preset in ("zero0", "none"):
+        run_id = f"engine-{preset}"
+        cfg = new_run(formatted, run_id, deepspeed=preset, method="full")
+        run_train(cfg, run_id, FormatResult.from_manifest(cfg, run_id), log=quiet)
+        out = formatted / f"runs/{run_id}/train"
+        result = json.loads((out / "result.json").read_text())
+        losses[preset] = result["losses"]
+        assert (out / "deepspeed_resolved.json").is_file() == (preset == "zero0")
+        # tokens count when the model takes a batch, not when the dataloader collates one ahead
+        (rank,) = [json.loads(p.read_text()) for p in (out / "ranks").glob("rank*.json")]
+        assert len(rank["first_batches"]) == len(result["step_ends"]) == 4
+        assert result["step_ends"][-1][1] == result["real_tokens"] <= result["total_tokens"]
+        assert (out / "model/config.json").is_file()
+    assert len(losses["none"]) == 4
+    assert losses["none"] == pytest.approx(losses["zero0"], rel=1e-4)
+
+
 def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
     cfg = new_run(formatted, "ddp", num_processes=2, deepspeed="zero2")
     run_train(cfg, "ddp", FormatResult.from_manifest(cfg, "ddp"), log=quiet)
