@@ -109,7 +109,7 @@ def flops_per_token(tok, records: list[list[dict]], config, n: int) -> tuple[flo
     each example: 6 * layers * width * length^2, over the data set), and what sftflow executes
     (the LM head, 6 * vocab * width of the 6N, only on the share of tokens that have a label)."""
     lengths = [len(token_ids(tok, c)) for c in records]
-    labelled = sum(n - len(token_ids(tok, c[:1], generation_prompt=True)) for n, c in zip(lengths, records))
+    labelled = sum(k - len(token_ids(tok, c[:1], generation_prompt=True)) for k, c in zip(lengths, records))
     attention = 6 * config.num_hidden_layers * config.hidden_size * sum(x * x for x in lengths) / sum(lengths)
     head = 6 * config.vocab_size * config.hidden_size
     model = 6 * n + attention
