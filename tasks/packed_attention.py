@@ -4,7 +4,9 @@ Packed rows carry position_ids that restart at 0 for every example. transformers
 into a dense block-diagonal mask, and SDPA then computes every query against the whole row:
 on CPU, rows of 512-1024 tokens holding ~120-token examples spend about a tenth of the step
 on scores that the mask throws away. This runs SDPA's causal kernel on each example alone,
-so attention costs what the examples need. FlashAttention's varlen path does the same on GPU.
+so attention costs what the examples need. FlashAttention's varlen kernel does this in one call
+on GPU; this is the portable form (one SDPA call per example), and the train stage uses it on
+every device. Not measured on a GPU.
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register())
 """
