@@ -40,7 +40,7 @@ def packed_rows(model: str, rows: int, tmp: Path) -> list[dict]:
     return [ds[i] for i in range(rows)]
 
 
-def step(model, opt, collate, rows) -> tuple[dict, float]:
+def step(model, opt, collate, rows) -> dict:
     t = [time.perf_counter()]
     batch = collate(rows)
     t.append(time.perf_counter())
@@ -51,8 +51,7 @@ def step(model, opt, collate, rows) -> tuple[dict, float]:
     opt.step()
     opt.zero_grad()
     t.append(time.perf_counter())
-    phases = dict(zip(("data", "forward", "backward", "optimizer"), (b - a for a, b in zip(t, t[1:]))))
-    return phases, loss.item()
+    return dict(zip(("data", "forward", "backward", "optimizer"), (b - a for a, b in zip(t, t[1:]))))
 
 
 def main() -> None:
@@ -85,7 +84,7 @@ def main() -> None:
         loss.backward()
         grads[label] = (loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone())
         opt.zero_grad()
-        runs = [step(model, opt, collate, rows)[0] for _ in range(a.steps)]
+        runs = [step(model, opt, collate, rows) for _ in range(a.steps)]
         results[label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         if label == "sftflow":
             from torch.profiler import ProfilerActivity, profile

@@ -33,6 +33,7 @@ def versions_tagged(uri: str, name: str, key: str, value: str) -> list[tuple[str
     costs about 2 s, most of a run that then does nothing, so a SQLite store is read with sqlite3
     (read-only) and a tracking server through its REST search; other stores, and servers that
     MLflow's environment settings authenticate or verify, go through MLflow's client."""
+    query = f"name = '{name}' and tag.`{key}` = '{value}'"
     if uri.startswith("sqlite:///"):
         import sqlite3
 
@@ -48,14 +49,12 @@ def versions_tagged(uri: str, name: str, key: str, value: str) -> list[tuple[str
         for version, k, v in rows:
             found.setdefault(str(version), {})[k] = v
     elif uri.startswith(("http://", "https://")) and not any(os.environ.get(k) for k in _CLIENT_SETTINGS):
-        query = f"name = '{name}' and tag.`{key}` = '{value}'"
         reply = json.loads(http_get(uri, "/api/2.0/mlflow/model-versions/search", filter=query))
         found = {
             str(mv["version"]): {t["key"]: t["value"] for t in mv.get("tags", [])}
             for mv in reply.get("model_versions", [])
         }
     else:
-        query = f"name = '{name}' and tag.`{key}` = '{value}'"
         found = {str(mv.version): dict(mv.tags) for mv in _client(uri).search_model_versions(query)}
     return sorted(found.items(), key=lambda item: int(item[0]))
 
