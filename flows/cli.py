@@ -67,7 +67,19 @@ def print_summary(s: dict) -> None:
         print("".ljust(width) + "".join(f"vs {ref}".rjust(30) for ref in intervals))
         for m in metrics:
             print(m.ljust(width) + "".join(shown(intervals[ref].get(m)).rjust(30) for ref in intervals))
+    if slices := s.get("slices"):
+        print(
+            "\nper slice"
+            + "samples".rjust(width + 3 - len("per slice"))
+            + "".join(n.rjust(12) for n in names)
+        )
+        for label, row in slices.items():
+            print(
+                label[: width - 1].ljust(width) + f"{row['n']:>7}" + "".join(f"{row[n]:12.4f}" for n in names)
+            )
     print(f"\n{'PROMOTED' if s['promoted'] else 'NOT PROMOTED'}: {s['gate']}")
+    if s.get("started_from"):
+        print(f"lineage:   continued from version {s['started_from']} (train.init_from: champion)")
     if p := s.get("parity"):
         print(
             f"parity:    vLLM served the bundle: template {p['template_match']:.0%}, answers agree "
@@ -113,13 +125,18 @@ def stage_tasks() -> dict:
 
 def stage_inputs(fn, cfg: PipelineConfig, run_id: str) -> dict:
     """The results a stage takes (its typed parameters), rebuilt from the earlier stages' manifests."""
+    from tasks.lineage import find_lineage
+
     hints = typing.get_type_hints(fn)
     hints.pop("return", None)
-    return {
+    inputs = {
         name: hint.from_manifest(cfg, run_id)
         for name, hint in hints.items()
         if hasattr(hint, "from_manifest")
     }
+    if "lineage" in hints:  # the champion as it is now, as the flow's lineage task reads it
+        inputs["lineage"] = find_lineage(cfg)
+    return inputs
 
 
 def cmd_stage(args) -> int:

@@ -3,8 +3,10 @@
 Each stage is a retriable Prefect task (``tasks/<stage>.py``). What one stage hands the next
 is passed along here, so the data flow reads off this file and Prefect draws it as edges:
 
-    data     FormatResult   packed train/eval datasets, eval prompts, the chat template
-    trained  TrainResult    the adapter (or full model) and its final loss
+    start    Lineage        the champion this run continues from or replays (train.init_from,
+                            data.replay), or None: from the base
+    data     FormatResult   the data mix, packed: train/eval datasets, eval prompts, the chat template
+    trained  TrainResult    the adapter (or full model), its final loss and the version it started from
     merged   MergeResult    the standalone model, verified against base+adapter
     scores   EvalResult     base vs candidate (vs champion) and the gate's decision
     bundle   HandoffResult  the vLLM bundle, its registry version and aliases
@@ -26,6 +28,7 @@ from tasks.config import load_config
 from tasks.evaluate import evaluate_task
 from tasks.format import format_task
 from tasks.handoff import handoff_task
+from tasks.lineage import lineage_task
 from tasks.merge import merge_task
 from tasks.paths import new_run_id, run_dir
 from tasks.quiet import quiet_libraries
@@ -55,8 +58,9 @@ def sft_pipeline(
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
     try:
-        data = format_task(cfg, run_id)
-        trained = train_task(cfg, run_id, data)
+        start = lineage_task(cfg)
+        data = format_task(cfg, run_id, start)
+        trained = train_task(cfg, run_id, data, start)
         merged = merge_task(cfg, run_id, data, trained)
         scores = evaluate_task(cfg, run_id, data, merged)
         bundle = handoff_task(cfg, run_id, data, trained, merged, scores)
@@ -87,7 +91,7 @@ def run_summary(
     """What `sftflow run` prints and `--summary-json` writes."""
     return {
         "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()), "counts": data.counts,
-        "train_loss": trained.train_loss, "steps": trained.global_step,
+        "train_loss": trained.train_loss, "steps": trained.global_step, "started_from": trained.started_from,
         "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores, "intervals": scores.intervals,
         "slices": scores.slices,
         "promoted": scores.gate_passed, "gate": scores.reason, "registered_model": bundle.registered_model,

@@ -33,11 +33,77 @@ class ModelConfig(Section):
     )
 
 
+KNOWN_COLUMNS = ("instruction", "input", "output", "system", "messages", "conversations", "prompt",
+                 "completion", "text")  # fmt: skip
+
+
+def check_roles(v: dict[str, str] | None) -> dict[str, str] | None:
+    for key, role in (v or {}).items():
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"{key!r} maps to {role!r}; roles map onto system, user or assistant")
+    return v
+
+
+def check_columns(v: dict[str, str] | None) -> dict[str, str] | None:
+    for key in v or {}:
+        if key not in KNOWN_COLUMNS:
+            raise ValueError(f"unknown canonical column {key!r}; expected one of {sorted(KNOWN_COLUMNS)}")
+    return v
+
+
+class SourceConfig(Section):
+    """One source of a data mix. Without weight, count or fraction, all of its records are used."""
+
+    path: str | list[str] = Field(..., description="file(s), globs, a save_to_disk folder or a hub name")
+    name: str | None = Field(None, description="how counts and errors name it (default: the path)")
+    weight: float | None = Field(
+        None,
+        description="weighted sources share the mix in proportion, as many records as the scarcest allows",
+    )
+    count: int | None = Field(None, gt=0, description="exactly this many records (repeated if it has fewer)")
+    fraction: float | None = Field(None, gt=0, le=1, description="this share of the source's own records")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] | None = Field(
+        None, description="default: data.format"
+    )
+    columns: dict[str, str] | None = Field(None, description="default: data.columns")
+    roles: dict[str, str] | None = Field(None, description="default: data.roles")
+
+    _roles = field_validator("roles")(classmethod(lambda cls, v: check_roles(v)))
+    _columns = field_validator("columns")(classmethod(lambda cls, v: check_columns(v)))
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.path if isinstance(self.path, str) else ",".join(self.path))
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> SourceConfig:
+        given = [k for k in ("weight", "count", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"source {self.label!r}: give one of weight, count or fraction, not {given}")
+        if self.weight is not None and not self.weight > 0:
+            raise ValueError(
+                f"source {self.label!r}: weight {self.weight} must be > 0 (leave the source out instead)"
+            )
+        for item in [self.path] if isinstance(self.path, str) else self.path:
+            if problem := source_problem(item):
+                raise ValueError(f"source {self.label!r}: {problem}")
+        return self
+
+
 class DataConfig(Section):
-    path: str | list[str] = Field(
-        ...,
+    path: str | list[str] | None = Field(
+        None,
         description="JSON/JSONL/CSV/Parquet file(s), globs, a save_to_disk folder, "
-        "or a hub dataset name (when the hub is reachable)",
+        "or a hub dataset name (when the hub is reachable); or give sources",
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="a weighted mix of sources, each with its own options"
+    )
+    replay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the training records drawn from the champion's own training sources",
     )
     eval_path: str | list[str] | None = Field(
         None, description="separate eval data; otherwise eval_fraction is split off"
@@ -76,38 +142,33 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _eval_split(self) -> DataConfig:
+        if (self.path is None) == (not self.sources):
+            raise ValueError("give data.path (one source) or data.sources (a mix), not both or neither")
+        names = [s.label for s in self.sources]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"data.sources: the name(s) {dupes} are used twice; give each source a name")
         if not self.eval_path and self.eval_fraction == 0:
             raise ValueError(
                 "eval_fraction must be > 0 when there is no eval_path (the eval set is split off)"
             )
         return self
 
-    @field_validator("roles")
-    @classmethod
-    def _roles(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, role in v.items():
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"{key!r} maps to {role!r}; roles map onto system, user or assistant")
-        return v
+    _roles = field_validator("roles")(classmethod(lambda cls, v: check_roles(v)))
+    _columns = field_validator("columns")(classmethod(lambda cls, v: check_columns(v)))
 
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        known = {
-            "instruction",
-            "input",
-            "output",
-            "system",
-            "messages",
-            "conversations",
-            "prompt",
-            "completion",
-            "text",
-        }
-        for key in v:
-            if key not in known:
-                raise ValueError(f"unknown canonical column {key!r}; expected one of {sorted(known)}")
-        return v
+    def mix(self) -> list[SourceConfig]:
+        """The sources, each with the data-wide format, columns and roles where it sets none."""
+        given = self.sources or [SourceConfig(path=self.path)]
+        return [
+            s.model_copy(
+                update={
+                    "format": s.format or self.format,
+                    "columns": self.columns if s.columns is None else s.columns,
+                    "roles": self.roles if s.roles is None else s.roles,
+                }
+            )
+            for s in given
+        ]
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".tsv")
@@ -175,6 +236,14 @@ class TrainConfig(Section):
         None,
         gt=0,
         description="per-device memory the estimate is checked against (default: what the device has)",
+    )
+    init_from: Literal["base", "champion"] = Field(
+        "base",
+        description="champion: continue from the registry champion's adapter (or weights, method full); "
+        "the base while there is none",
+    )
+    eval_steps: int | None = Field(
+        None, gt=0, description="eval loss on the eval split every this many steps, and before the first"
     )
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
@@ -275,6 +344,33 @@ class GateConfig(Section):
     )
 
 
+class RetentionConfig(Section):
+    """A fixed eval set, unrelated to the task, the candidate must not get worse on (its loss)."""
+
+    path: str | None = Field(
+        None, description="default: the shipped general set (data/retention/general.jsonl); null: off"
+    )
+    enabled: bool = False
+    max_loss_increase: float = Field(
+        0.05, ge=0, description="refuse if the candidate's loss on it exceeds a reference's by this share"
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"retention set {v} does not exist")
+        return v
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path) if self.path else DEFAULT_RETENTION
+
+
+DEFAULT_RETENTION = Path(__file__).resolve().parent.parent / "data" / "retention" / "general.jsonl"
+
+
 class EvalConfig(Section):
     max_samples: int = Field(32, gt=0)
     max_new_tokens: int = Field(64, gt=0)
@@ -284,6 +380,10 @@ class EvalConfig(Section):
         description="shipped (rouge_l, exact_match, bleu) or paths to local `evaluate` modules",
     )
     gate: GateConfig = Field(default_factory=GateConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    past_eval_sets: int = Field(
+        0, ge=0, description="also report eval loss on the eval sets of this many earlier registered versions"
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -307,8 +407,10 @@ class EvalConfig(Section):
                 f"or one of eval.metrics {self.metrics}"
             )
         slice_metric = self.gate.slice_metric
-        if slice_metric is not None and not custom and slice_metric not in self.metrics:
-            raise ValueError(f"gate.slice_metric {slice_metric!r} must be one of eval.metrics {self.metrics}")
+        if slice_metric is not None and not custom and slice_metric not in ["eval_loss", *self.metrics]:
+            raise ValueError(
+                f"gate.slice_metric {slice_metric!r} must be eval_loss or one of eval.metrics {self.metrics}"
+            )
         return self
 
 

@@ -12,11 +12,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, SourceConfig
 from tasks.hashing import file_sha256, hash_json, imports_hash, tree_sha256
+from tasks.mixing import Share
 from tasks.models import resolve_model
 from tasks.records import resolve_sources
+
+if TYPE_CHECKING:
+    from tasks.lineage import Lineage
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,10 +37,12 @@ TOKENIZER_FILES = (
 
 @dataclass
 class DataPlan:
-    sources: list[tuple[str, str]]  # (split, source), in reading order
+    sources: list[tuple[str, str, int | None]]  # (split, file, its share of the mix), in reading order
+    shares: list[Share]  # the mix: the configured sources, then the champion's if replayed
     hashes: list[str]
     model_dir: Path
-    key: str
+    key: str  # the format stage's cache key
+    declared_key: str  # the same without the replayed sources: what the nightly fingerprint covers
     data_hash: str
 
 
@@ -56,26 +63,47 @@ def format_code_hash() -> str:
     return imports_hash("tasks.format")
 
 
-def plan_data(cfg: PipelineConfig) -> DataPlan:
+def plan_data(cfg: PipelineConfig, lineage: Lineage | None = None) -> DataPlan:
+    """``lineage``: the champion this run starts from; with ``data.replay`` its sources join the mix."""
     d = cfg.data
-    sources = [("train", s) for s in resolve_sources(d.path)]
+    shares = [Share(s) for s in d.mix()]
+    if d.replay and lineage is not None:
+        known = [resolve_sources(s.source.path) for s in shares]
+        for source in replay_sources(lineage):
+            if (files := resolve_sources(source["path"])) not in known:  # each file once, at its first share
+                known.append(files)
+                shares.append(Share(SourceConfig.model_validate(source), replay=True))
+    sources = []
+    for i, share in enumerate(shares):
+        field = f"data.sources[{share.source.label}]" if d.sources or share.replay else "data.path"
+        sources += [("train", f, i) for f in resolve_sources(share.source.path, field)]
     if d.eval_path:
-        sources += [("eval", s) for s in resolve_sources(d.eval_path, "data.eval_path")]
+        sources += [("eval", s, None) for s in resolve_sources(d.eval_path, "data.eval_path")]
     model_dir = resolve_model(cfg.model.name_or_path)
-    hashes = [source_hash(s) for _, s in sources]
-    inputs = [(split, h) for (split, _), h in zip(sources, hashes)]
+    hashes = [source_hash(s) for _, s, _ in sources]
+    inputs = [(split, i, h) for (split, _, i), h in zip(sources, hashes)]
     settings = d.model_dump(mode="json", exclude={"path", "eval_path", "cache", "num_proc"})
-    key = hash_json(
-        {
-            "inputs": inputs,
-            "template": template_source(d.template),
-            "tokenizer": tokenizer_hash(model_dir),
-            "data": settings,
-            "code": format_code_hash(),
-        }
-    )
+    settings["sources"] = [s.source.model_dump(mode="json", exclude={"path"}) for s in shares]
+    common = {"template": template_source(d.template), "tokenizer": tokenizer_hash(model_dir),
+              "code": format_code_hash()}  # fmt: skip
+    key = hash_json({"inputs": inputs, "data": settings, **common})
+    declared = [x for x in inputs if x[1] is None or not shares[x[1]].replay]
+    settings["sources"] = [s.source.model_dump(mode="json", exclude={"path"}) for s in shares if not s.replay]
+    declared_key = hash_json({"inputs": declared, "data": settings, **common})
     data_hash = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
-    return DataPlan(sources, hashes, model_dir, key, data_hash)
+    return DataPlan(sources, shares, hashes, model_dir, key, declared_key, data_hash)
+
+
+def replay_sources(lineage: Lineage) -> list[dict]:
+    """The champion's training sources, as its version recorded them; each must still exist."""
+    for source in lineage.sources:
+        for item in [source["path"]] if isinstance(source["path"], str) else source["path"]:
+            if not Path(item).exists() and not item.startswith("hub:"):
+                raise FileNotFoundError(
+                    f"data.replay: champion version {lineage.version} was trained on {item}, which no "
+                    "longer exists (restore it, or set data.replay: 0)"
+                )
+    return lineage.sources
 
 
 def source_hash(source: str) -> str:

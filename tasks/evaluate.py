@@ -18,13 +18,24 @@ from pathlib import Path
 from prefect import task
 
 from tasks.config import SHIPPED_METRICS, PipelineConfig
-from tasks.files import read_jsonl, write_json
-from tasks.gate import LOWER_IS_BETTER, SampleStats, gate, intervals, shown, slice_failures, slice_scores
+from tasks.files import read_json, read_jsonl, write_json
+from tasks.gate import (
+    SampleStats,
+    gate,
+    intervals,
+    lower_is_better,
+    retention_failures,
+    shown,
+    slice_failures,
+    slice_scores,
+    spreads,
+)
+from tasks.losssets import past_eval_sets, retention_rows
 from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.paths import stage_dir
 from tasks.results import EvalResult, FormatResult, MergeResult
 from tasks.stage import open_stage, prefect_markdown
-from tasks.templating import prompt_text, stop_token_ids
+from tasks.templating import prompt_text, stop_token_ids, template_sha
 
 SECTIONS = ("eval", "merge")
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -104,9 +115,10 @@ def score_model(
     eval_ds,
     eos_ids: list[int],
     log=print,
+    loss_sets: dict | None = None,
 ) -> tuple[dict[str, float], list[str], list[bool], SampleStats]:
     """Loss, perplexity and the generation metrics of one model, with per-sample statistics, its
-    answers and whether each stopped."""
+    answers and whether each stopped; ``loss_sets``: metric name -> rows, loss only."""
     import evaluate as hf_evaluate  # the Hugging Face library, not this stage
 
     tokenizer = load_tokenizer(path)
@@ -119,7 +131,9 @@ def score_model(
     )
     refs = [r["reference"] for r in records]
     stats = SampleStats({"eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})
-    scores = {"eval_loss": stats.value("eval_loss"), "perplexity": stats.value("perplexity")}
+    for name, rows in (loss_sets or {}).items():
+        stats.stats[name] = ("ratio", row_losses(model, rows, tokenizer.pad_token_id, cfg.eval.batch_size))
+    scores = {name: stats.value(name) for name in stats.stats}
     for name in cfg.eval.metrics:
         module = hf_evaluate.load(str(METRICS_DIR / name) if name in SHIPPED_METRICS else name)
         corpus = module.compute(predictions=preds, references=refs)
@@ -177,9 +191,10 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(scores: dict, path: Path) -> dict[str, dict[str, float]]:
+def bar_chart(scores: dict, path: Path, spread: dict | None = None) -> dict[str, dict[str, float]]:
     """One panel per metric, each on its own scale (BLEU runs to 100, exact match to 1), with the
-    value on every bar. Returns the heights as drawn, read back from the figure."""
+    value on every bar and, from ``spread`` (model -> metric -> (low, high)), its bootstrap
+    interval as an error bar. Returns the heights as drawn, read back from the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,11 +205,19 @@ def bar_chart(scores: dict, path: Path) -> dict[str, dict[str, float]]:
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics) + 0.6, 3.2), squeeze=False)
     drawn: dict[str, dict[str, float]] = {name: {} for name in names}
     for ax, metric in zip(axes[0], metrics):
+        values = [scores[n][metric] for n in names]
+        errors = None
+        if spread:  # asymmetric: value - low below, high - value above
+            lows, highs = zip(*(spread.get(n, {}).get(metric, (v, v)) for n, v in zip(names, values)))
+            errors = [
+                [max(v - lo, 0) for v, lo in zip(values, lows)],
+                [max(hi - v, 0) for v, hi in zip(values, highs)],
+            ]
         bars = ax.bar(
-            names, [scores[n][metric] for n in names], color=["#9aa5b1", "#3b75af", "#e08a3c"][: len(names)]
+            names, values, yerr=errors, capsize=3, color=["#9aa5b1", "#3b75af", "#e08a3c"][: len(names)]
         )
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_title(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""), fontsize=9)
+        ax.set_title(metric + (" (lower is better)" if lower_is_better(metric) else ""), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         ax.margins(y=0.15)
         for name, bar in zip(names, bars):
@@ -218,22 +241,28 @@ def write_generations(
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def decide(cfg: PipelineConfig, scores: dict, stats: dict[str, SampleStats], slices: list):
-    """The improvement intervals, the per-slice scores and the gate's verdict with its reason."""
+def decide(
+    cfg: PipelineConfig, scores: dict, stats: dict[str, SampleStats], slices: list, row_slices: list | None
+):
+    """The improvement intervals, the per-slice scores and the gate's verdict with its reason.
+    ``slices``: each generation sample's slice; ``row_slices``: each eval row's (for eval_loss)."""
     bounds = intervals(cfg, stats)
     by_slice, failures = {}, []
-    metric = slice_metric(cfg, stats["candidate"])
+    metric = slice_metric(cfg, stats["candidate"], row_slices is not None)
     if cfg.data.slice_column and metric:
-        by_slice = slice_scores(metric, stats, slices)
+        by_slice = slice_scores(metric, stats, row_slices if metric == "eval_loss" else slices)
         failures = slice_failures(cfg, metric, by_slice)
+    failures += retention_failures(cfg, scores)
     passed, reason = gate(cfg, scores, bounds, failures)
     return bounds, by_slice, passed, reason
 
 
-def slice_metric(cfg: PipelineConfig, candidate: SampleStats) -> str | None:
-    """Slices are scored on generation samples: the configured metric, else the gate metric if
-    it is one, else the first generation metric with per-sample statistics."""
+def slice_metric(cfg: PipelineConfig, candidate: SampleStats, rows_sliced: bool) -> str | None:
+    """Slices are scored on a per-sample metric: the configured one, else the gate metric if it
+    is one, else the first generation metric with per-sample statistics. eval_loss is per
+    sample where the format stage wrote each eval row's slice."""
     per_sample = [m for m, (kind, _) in candidate.stats.items() if kind in ("mean", "bleu")]
+    per_sample += ["eval_loss"] * rows_sliced
     g = cfg.eval.gate
     if g.slice_metric:
         return g.slice_metric if g.slice_metric in per_sample else None
@@ -260,7 +289,9 @@ def run_evaluate(
         template = data.template()
         records = read_jsonl(Path(data.eval_records), cfg.eval.max_samples)
         eval_ds = load_from_disk(data.eval_path)
-        eos_ids = stop_token_ids(load_tokenizer(merged.model_path), template)
+        tokenizer = load_tokenizer(merged.model_path)
+        eos_ids = stop_token_ids(tokenizer, template)
+        loss_sets = extra_loss_sets(cfg, run_id, tokenizer, template, stage.log)
         models = {"base": resolve_model(cfg.model.name_or_path), "candidate": Path(merged.model_path)}
         if champion_path is not None:
             models["champion"] = champion_path
@@ -268,14 +299,17 @@ def run_evaluate(
         for name, path in models.items():
             stage.log(f"evaluate: scoring {name} on {len(records)} samples ...")
             scores[name], preds[name], stopped[name], stats[name] = score_model(
-                path, cfg, template, records, eval_ds, eos_ids, stage.log
+                path, cfg, template, records, eval_ds, eos_ids, stage.log, loss_sets
             )
-        bounds, by_slice, passed, reason = decide(cfg, scores, stats, [r.get("slice") for r in records])
+        row_slices = read_json(Path(data.eval_slices)) if data.eval_slices else None
+        bounds, by_slice, passed, reason = decide(
+            cfg, scores, stats, [r.get("slice") for r in records], row_slices
+        )
         stage.log(f"evaluate: gate {'PASSED' if passed else 'NOT PASSED'}: {reason}")
 
         report = report_markdown(run_id, scores, records, preds, passed, reason, bounds, by_slice, cfg)
         (out / "report.md").write_text(report, encoding="utf-8")
-        bar_chart(scores, out / "metrics.png")
+        bar_chart(scores, out / "metrics.png", spreads(cfg, stats))
         write_generations(out / "generations.jsonl", records, preds, stopped)
         write_json(out / "scores.json", scores)
         stage.manifest.outputs = {
@@ -294,6 +328,17 @@ def run_evaluate(
         return stage.finish(
             EvalResult(run_id, scores, passed, reason, report, bounds, by_slice, generations, dtype)
         )
+
+
+def extra_loss_sets(cfg: PipelineConfig, run_id: str, tokenizer, template: str, log) -> dict:
+    """retention_loss and past_<version>_loss: the sets tasks/losssets.py describes."""
+    sets = {}
+    if cfg.eval.retention.enabled:
+        sets["retention_loss"] = retention_rows(cfg, tokenizer, template)
+        log(f"evaluate: retention set {cfg.eval.retention.file}: {len(sets['retention_loss'])} conversations")
+    for version, rows in past_eval_sets(cfg, run_id, template_sha(template), log).items():
+        sets[f"past_{version}_loss"] = rows
+    return sets
 
 
 def current_champion(cfg: PipelineConfig, run_id: str) -> Path | None:

@@ -48,7 +48,7 @@ def registered_with(cfg: PipelineConfig, fingerprint: str) -> tuple[str, dict[st
 
 
 def find_unchanged(cfg: PipelineConfig, log=print) -> Unchanged | None:
-    key = plan_data(cfg).key
+    key = plan_data(cfg).declared_key  # replayed sources follow the champion, not the config
     fingerprint = pipeline_fingerprint(cfg, key)
     found = registered_with(cfg, fingerprint)
     if found is None:

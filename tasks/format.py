@@ -6,7 +6,8 @@ reference answers later stages generate from), ``chat_template.jinja`` (the temp
 used), ``quarantine.jsonl``, ``stats.json`` and ``token_lengths.png``.
 
 Every record is either accepted or written to ``quarantine.jsonl`` with its file, line and
-reason; the counts always add up (records_in = accepted + quarantined + duplicates + too_long).
+reason; the counts always add up (records_in = accepted + quarantined + duplicates + too_long +
+left_out_by_mix - repeated_by_mix, the last two from a data mix: ``tasks/mixing.py``).
 Memory stays bounded: validated records stream into an Arrow file, and tokenizing and packing
 are ``datasets.map`` passes over it (``data.num_proc``). The output is cached under
 ``<output_dir>/.cache/format/<key>`` (``tasks/dataplan.py`` says what the key covers).
@@ -15,7 +16,6 @@ are ``datasets.map`` passes over it (``data.num_proc``). The output is cached un
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +28,8 @@ from prefect import task
 from tasks.config import PipelineConfig
 from tasks.dataplan import DataPlan, plan_data
 from tasks.files import atomic_dir, copy_tree, write_json
+from tasks.lineage import Lineage
+from tasks.mixing import planned_counts, recorded_source, select
 from tasks.models import load_tokenizer
 from tasks.records import read_records
 from tasks.results import FormatResult
@@ -38,6 +40,7 @@ from tasks.templating import (
     Renderer,
     chat_template,
     pack,
+    template_sha,
     tokenize_batch,
     with_positions,
 )
@@ -70,19 +73,32 @@ def no_progress_bars():
 # ---------------------------------------------------------------- the stage
 
 
-def split_train_eval(records, cfg: PipelineConfig):
-    """An explicit eval file, or a seeded random eval_fraction (file order kept within each split)."""
+def split_train_eval(records, cfg: PipelineConfig, plan: DataPlan) -> tuple:
+    """The mix's records (tasks/mixing.py) split into train and eval: an explicit eval file, or
+    a seeded eval_fraction of each source's share (file order kept within each split)."""
     import numpy as np
 
-    if cfg.data.eval_path:
-        flags = np.asarray(records.data.column("split"))
-        return records.select(np.flatnonzero(flags == 0)), records.select(np.flatnonzero(flags == 1))
-    n = len(records)
-    if n < 2:
-        raise ValueError(f"format: {n} usable record(s); at least 2 are needed to split off an eval set")
-    n_eval = min(n - 1, max(1, round(n * cfg.data.eval_fraction)))
-    perm = np.random.default_rng(cfg.data.seed).permutation(n)
-    return records.select(np.sort(perm[n_eval:])), records.select(np.sort(perm[:n_eval]))
+    d = cfg.data
+    share_of_entry = np.array([-1 if share is None else share for _, _, share in plan.sources])
+    share = share_of_entry[np.asarray(records.data.column("source"))]
+    available = np.bincount(share[share >= 0], minlength=len(plan.shares)).tolist()
+    counts = planned_counts(plan.shares, available, d.replay)
+    train, evals = select(share, counts, 0.0 if d.eval_path else d.eval_fraction, d.seed)
+    if d.eval_path:
+        evals = np.flatnonzero(np.asarray(records.data.column("split")) == 1)
+    mix = {s.source.label: {"available": a, "planned": c, "replay": s.replay}
+           for s, a, c in zip(plan.shares, available, counts)}  # fmt: skip
+    return records.select(train), records.select(evals), mix, left_out_and_repeats(train, evals, share)
+
+
+def left_out_and_repeats(train, evals, share) -> dict:
+    """What the mix did not take, and the extra copies it made, so the counts still add up."""
+    import numpy as np
+
+    taken = np.concatenate([train, evals])
+    unique = len(np.unique(taken))
+    return {"left_out_by_mix": int((share >= 0).sum()) - int((share[np.unique(taken)] >= 0).sum()),
+            "repeated_by_mix": len(taken) - unique}  # fmt: skip
 
 
 def length_histogram(lengths, max_len: int, path: Path) -> None:
@@ -123,6 +139,7 @@ def tokenize_split(
     key: str,
     counts: Counter,
     per_source: dict,
+    kept_per_entry: dict,
 ):
     """One split's records -> its tokenized examples that fit, counting the ones that do not."""
     import numpy as np
@@ -151,6 +168,7 @@ def tokenize_split(
     for label, mask in (("too_long", status == TOO_LONG), ("accepted", status != TOO_LONG)):
         for name, n in zip(names, np.bincount(source[mask], minlength=len(names))):
             per_source[name][label] = per_source[name].get(label, 0) + int(n)
+    kept_per_entry[split] = np.bincount(source[status != TOO_LONG], minlength=len(names))
     counts["too_long"] += int((status == TOO_LONG).sum())
     counts["truncated"] += int((status == TRUNCATED).sum())
     keep = np.flatnonzero(status != TOO_LONG)
@@ -165,9 +183,12 @@ def tokenize_split(
 
 def write_eval_records(records, path: Path) -> None:
     """The prompt of each eval conversation and its last answer (and its slice, when the data
-    names one), as the later stages ask them."""
+    names one), as the later stages ask them; with slices, also ``eval_slices.json``: the slice
+    of each row of the eval split, for the loss per slice."""
     has_slice = "slice" in records.column_names
-    slices = records["slice"] if has_slice else [None] * len(records)
+    slices = list(records["slice"]) if has_slice else [None] * len(records)
+    if has_slice:
+        write_json(path.with_name("eval_slices.json"), slices)
     with path.open("w", encoding="utf-8") as f:
         for conv, label in zip(records["conv"], slices):
             conv = json.loads(conv)
@@ -218,18 +239,17 @@ def save_rows(train_examples, eval_examples, d, key: str, work: Path, out: Path)
     return len(train)
 
 
-def build_dataset(
-    cfg: PipelineConfig, sources: list[tuple[str, str]], renderer: Renderer, out: Path, key: str, log
-) -> dict:
-    """Read and validate every record, tokenize each split, pack the train split; returns the stats."""
+def build_dataset(cfg: PipelineConfig, plan: DataPlan, renderer: Renderer, out: Path, log) -> dict:
+    """Read and validate every record, mix, tokenize each split, pack the train split; returns the stats."""
     import numpy as np
     from datasets import Dataset
 
-    d, work = cfg.data, out / ".work"
+    d, work, key = cfg.data, out / ".work", plan.key
     work.mkdir(parents=True)
     t0 = time.monotonic()
+    options = [s.source for s in plan.shares]
     counts, per_source, formats = read_records(
-        d, sources, work / "records.arrow", out / "quarantine.jsonl", log
+        d, plan.sources, options, work / "records.arrow", out / "quarantine.jsonl", log
     )
     check_bad_fraction(counts, out / "quarantine.jsonl", d.max_bad_fraction)
     log(
@@ -237,15 +257,20 @@ def build_dataset(
         f"{counts['quarantined']} quarantined, {counts['duplicates']} duplicates"
     )
 
-    names = [s for _, s in sources]
-    kept, records, procs = {}, {}, {}
-    for split, part in zip(
-        ("train", "eval"), split_train_eval(Dataset.from_file(str(work / "records.arrow")), cfg)
-    ):
+    names = [s for _, s, _ in plan.sources]
+    kept, records, procs, per_entry = {}, {}, {}, {}
+    *parts, mix, mixed = split_train_eval(Dataset.from_file(str(work / "records.arrow")), cfg, plan)
+    counts.update(mixed)
+    for split, part in zip(("train", "eval"), parts):
         kept[split], records[split], procs[split] = tokenize_split(
-            part, split, cfg, renderer, names, work, key, counts, per_source
+            part, split, cfg, renderer, names, work, key, counts, per_source, per_entry
         )
         log(f"format: tokenized {len(part):,} {split} records ({time.monotonic() - t0:.1f}s)")
+    for (_, _, share), n_train, n_eval in zip(plan.sources, per_entry["train"], per_entry["eval"]):
+        if share is not None:
+            row = mix[plan.shares[share].source.label]
+            row["train"], row["eval"] = row.get("train", 0) + int(n_train), row.get("eval", 0) + int(n_eval)
+    log("format: mix " + ", ".join(f"{k}: {v['train']} train / {v['eval']} eval" for k, v in mix.items()))
     counts["accepted"] = counts["train"] + counts["eval"]
     if not counts["train"] or not counts["eval"]:
         raise ValueError(
@@ -260,6 +285,7 @@ def build_dataset(
     stats = {
         "counts": dict(counts),
         "per_source": {k: dict(v) for k, v in per_source.items()},
+        "mix": mix,
         "formats": dict(formats),
         "train_rows": rows,
         "train_tokens": int(lengths.sum()),
@@ -295,15 +321,18 @@ def store_in_cache(out: Path, cached: Path, log) -> None:
         log(f"format: could not store the cache entry {cached}: {e}")
 
 
-def run_format(cfg: PipelineConfig, run_id: str, log=None, track: bool = False) -> FormatResult:
-    """Reads the data sources the config names; writes ``<run>/format/`` (see the module docstring)."""
+def run_format(
+    cfg: PipelineConfig, run_id: str, lineage: Lineage | None = None, log=None, track: bool = False
+) -> FormatResult:
+    """Reads the data sources the config names (and with ``data.replay``, those of the champion
+    ``lineage`` names); writes ``<run>/format/`` (see the module docstring)."""
     d = cfg.data
-    plan: DataPlan = plan_data(cfg)
+    plan: DataPlan = plan_data(cfg, lineage)
     cached = Path(cfg.output_dir) / ".cache" / "format" / plan.key
     # fresh: what a failed attempt left is never reused (the manifest is written last)
     with open_stage(cfg, run_id, "format", SECTIONS, log, track, fresh=True) as stage:
         out = stage.dir
-        for (split, src), sha in zip(plan.sources, plan.hashes):
+        for (split, src, _), sha in zip(plan.sources, plan.hashes):
             stage.manifest.add_input(f"{split}:{src}", src, sha)
         hit = d.cache and (cached / "manifest.json").is_file()
         if hit:
@@ -312,7 +341,7 @@ def run_format(cfg: PipelineConfig, run_id: str, log=None, track: bool = False) 
             tokenizer = load_tokenizer(plan.model_dir)
             template = chat_template(d.template, tokenizer)
             (out / "chat_template.jinja").write_text(template, encoding="utf-8")
-            stats = build_dataset(cfg, plan.sources, Renderer(tokenizer, template), out, plan.key, stage.log)
+            stats = build_dataset(cfg, plan, Renderer(tokenizer, template), out, stage.log)
         template = (out / "chat_template.jinja").read_text(encoding="utf-8")
         stage.manifest.outputs = {
             "train": str(out / "train"),
@@ -322,8 +351,10 @@ def run_format(cfg: PipelineConfig, run_id: str, log=None, track: bool = False) 
             "chat_template": str(out / "chat_template.jinja"),
             "token_lengths_png": str(out / "token_lengths.png"),
             "data_hash": plan.data_hash,
-            "template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "template_sha256": template_sha(template),
             "cache": {"key": plan.key, "hit": bool(hit), "dir": str(cached)},
+            "sources": [recorded_source(share.source) for share in plan.shares],
+            "replayed_from": lineage.label if lineage and d.replay else None,
         }
         stage.manifest.metrics = stats
         write_json(out / "stats.json", stats)
@@ -337,6 +368,9 @@ def run_format(cfg: PipelineConfig, run_id: str, log=None, track: bool = False) 
             plan.key,
             dict(stats["counts"]),
             bool(hit),
+            plan.declared_key,
+            stage.manifest.outputs["sources"],
+            str(out / "eval_slices.json") if (out / "eval_slices.json").is_file() else "",
         )
         stage.finish(result)
         if d.cache and not hit:
@@ -372,5 +406,5 @@ def summary_markdown(result: FormatResult, stats: dict) -> str:
 
 
 @task(name="format", retries=2, retry_delay_seconds=5)
-def format_task(cfg: PipelineConfig, run_id: str) -> FormatResult:
-    return run_format(cfg, run_id, track=True)
+def format_task(cfg: PipelineConfig, run_id: str, lineage: Lineage | None = None) -> FormatResult:
+    return run_format(cfg, run_id, lineage, track=True)

@@ -48,8 +48,13 @@ class SampleStats:
         return len(self.stats[metric][1])
 
 
+def lower_is_better(metric: str) -> bool:
+    """Loss-like: eval_loss, perplexity, retention_loss, past_v<N>_loss."""
+    return metric in LOWER_IS_BETTER or metric.endswith("_loss")
+
+
 def improvement(metric: str, candidate: float, reference: float) -> float:
-    return reference - candidate if metric in LOWER_IS_BETTER else candidate - reference
+    return reference - candidate if lower_is_better(metric) else candidate - reference
 
 
 def intervals(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, dict[str, dict]]:
@@ -75,6 +80,22 @@ def intervals(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, d
             low, high = np.percentile(diffs, [tail, 100 - tail])
             point = improvement(metric, candidate.value(metric), stats[ref].value(metric))
             out[ref][metric] = {"point": point, "low": float(low), "high": float(high)}
+    return out
+
+
+def spreads(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, dict[str, tuple]]:
+    """model -> metric -> (low, high): each model's own bootstrap interval, for the chart's error bars."""
+    g = cfg.eval.gate
+    if g.bootstrap_samples == 0:
+        return {}
+    rng, tail = np.random.default_rng(g.seed), (1 - g.confidence) / 2 * 100
+    out: dict[str, dict[str, tuple]] = {}
+    for name, model in stats.items():
+        out[name] = {}
+        for metric in model.stats:
+            n = model.size(metric)
+            values = [model.value(metric, rng.integers(0, n, n)) for _ in range(g.bootstrap_samples)]
+            out[name][metric] = tuple(float(x) for x in np.percentile(values, [tail, 100 - tail]))
     return out
 
 
@@ -109,6 +130,22 @@ def slice_failures(cfg: PipelineConfig, metric: str, by_slice: dict[str, dict]) 
                     f"slice {column}={label!r} ({row['n']} samples): {metric} {row['candidate']:.4f} vs {ref} "
                     f"{row[ref]:.4f}, a regression of {drop:.4f} > gate.max_slice_regression {g.max_slice_regression}"
                 )
+    return failures
+
+
+def retention_failures(cfg: PipelineConfig, scores: dict[str, dict[str, float]]) -> list[str]:
+    """The candidate's loss on the retention set may exceed each reference's by max_loss_increase."""
+    r = cfg.eval.retention
+    if not r.enabled:
+        return []
+    cand, failures = scores["candidate"]["retention_loss"], []
+    for ref in (x for x in against(cfg) if x in scores):
+        other = scores[ref]["retention_loss"]
+        if cand > other * (1 + r.max_loss_increase):
+            failures.append(
+                f"retention set {r.file.name}: loss {cand:.4f} vs {ref} {other:.4f}, up {cand / other - 1:.1%} > "
+                f"eval.retention.max_loss_increase {r.max_loss_increase:.1%} (the candidate forgot)"
+            )
     return failures
 
 

@@ -29,6 +29,7 @@ from tasks.faults import fault
 from tasks.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
 from tasks.fingerprint import pipeline_fingerprint
 from tasks.hashing import code_version, file_sha256
+from tasks.lineage import BASE_TAG, METHOD_TAG, SOURCES_TAG, WEIGHTS_TAG
 from tasks.models import load_tokenizer, resolve_model
 from tasks.parity import ParityError, parity_gate, parity_table
 from tasks.registry import promote, register_bundle, set_alias, version_for_run
@@ -213,6 +214,7 @@ def register(
     bundle: Path,
     info: dict,
     data: FormatResult,
+    trained: TrainResult,
     scores: EvalResult,
     parity: dict | None,
 ):
@@ -235,7 +237,14 @@ def register(
         "sftflow.config_hash": cfg.section_hash(),
         "sftflow.data_hash": data.data_hash,
         "sftflow.git_sha": code_version(),
-        "sftflow.fingerprint": pipeline_fingerprint(cfg, data.cache_key),
+        "sftflow.fingerprint": pipeline_fingerprint(cfg, data.declared_key or data.cache_key),
+        # what a later night continues from (train.init_from) and replays (data.replay)
+        METHOD_TAG: cfg.train.method,
+        BASE_TAG: cfg.model.name_or_path,
+        SOURCES_TAG: json.dumps(data.sources),
+        WEIGHTS_TAG: trained.weights_uri
+        or (f"runs:/{stage.run.id}/bundle/model" if cfg.train.method == "full" else ""),
+        "sftflow.started_from": trained.started_from or "base",
         "sftflow.promoted": scores.gate_passed,
         "sftflow.gate": scores.reason[:4000],
         "sftflow.serve_argv": json.dumps(info["argv"]),
@@ -254,7 +263,7 @@ def register(
 def dataset_inputs(cfg: PipelineConfig, data: FormatResult) -> list[tuple[str, str, str, str]]:
     """The data that made this version, as MLflow dataset inputs (name, source, digest, context)."""
     sources = lambda p: ", ".join(p) if isinstance(p, list) else str(p)
-    train_source = sources(cfg.data.path)
+    train_source = sources([p for source in data.sources for p in source["path"]] or cfg.data.path)
     eval_source = sources(cfg.data.eval_path) if cfg.data.eval_path else f"{train_source} (held-out split)"
     return [
         (f"{cfg.run_name}-train", as_uri(train_source), data.data_hash[:16], "training"),
@@ -299,7 +308,7 @@ def run_handoff(
         # a bundle that does not answer as evaluated, or at all, is never registered
         parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores)
         smoke_result = smoke(cfg, Path(data.eval_records), out, stage.log) if cfg.serve.endpoint else None
-        mv = register(cfg, run_id, stage, bundle, info, data, scores, parity)
+        mv = register(cfg, run_id, stage, bundle, info, data, trained, scores, parity)
         name, uri = cfg.registered_model, cfg.mlflow_uri
         set_alias(uri, name, "candidate", mv.version)
         aliases = ["candidate"]

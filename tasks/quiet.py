@@ -21,6 +21,9 @@ def quiet_libraries() -> None:
     # "Loading weights" / "Writing model shards" bars on every model load and save (tiny files
     # here, seconds on a real model); the stages log what they load. Inherited by train workers.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # MLflow's per-file "Downloading artifacts" bar when the champion's model or adapter is
+    # fetched; the stages log what they fetch and where.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

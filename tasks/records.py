@@ -288,13 +288,18 @@ def to_messages(record: dict, shape: str, columns: dict[str, str], roles: dict[s
 
 
 def read_records(
-    d: DataConfig, sources: list[tuple[str, str]], arrow_path: Path, quarantine_path: Path, log
+    d: DataConfig,
+    sources: list[tuple[str, str, int | None]],
+    options: list,
+    arrow_path: Path,
+    quarantine_path: Path,
+    log,
 ) -> tuple[Counter, dict, Counter]:
     """Stream every record of every source into an Arrow file of accepted, deduplicated
-    conversations (conv, source, line, split); quarantine the rest with file, line and reason."""
+    conversations (conv, source, line, split); quarantine the rest with file, line and reason.
+    ``sources``: (split, file, index into ``options``, the mix's SourceConfigs; None: data's own)."""
     import pyarrow as pa
 
-    roles = {**SHAREGPT_ROLES, **d.roles}
     fields = [("conv", pa.string()), ("source", pa.int32()), ("line", pa.int64()), ("split", pa.int8())]
     schema = pa.schema(fields + [("slice", pa.string())] * bool(d.slice_column))
     counts = Counter(records_in=0, quarantined=0, duplicates=0)
@@ -314,7 +319,9 @@ def read_records(
             for v in batch.values():
                 v.clear()
 
-        for s, (split, source) in enumerate(sources):
+        for s, (split, source, share) in enumerate(sources):
+            o = d if share is None else options[share]
+            roles = {**SHAREGPT_ROLES, **o.roles}
             src = per_source.setdefault(source, Counter(records_in=0, quarantined=0, duplicates=0))
             for line, rec in iter_source(source):
                 counts["records_in"] += 1
@@ -322,8 +329,8 @@ def read_records(
                 try:
                     if isinstance(rec, BadRecord):
                         raise rec
-                    shape = d.format if d.format != "auto" else detect_format(rec, d.columns)
-                    msgs = to_messages(rec, shape, d.columns, roles)
+                    shape = o.format if o.format != "auto" else detect_format(rec, o.columns)
+                    msgs = to_messages(rec, shape, o.columns, roles)
                 except BadRecord as e:
                     quarantine.write(
                         json.dumps({"source": source, "line": line, "reason": str(e)}, ensure_ascii=False)

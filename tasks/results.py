@@ -36,6 +36,9 @@ class FormatResult(StageResult):
     cache_key: str
     counts: dict
     cache_hit: bool = False
+    declared_key: str = ""  # the cache key without replayed sources: what the nightly fingerprint covers
+    sources: list = field(default_factory=list)  # the mix as a later run replays it
+    eval_slices: str = ""  # with data.slice_column: JSON list of each eval row's slice
 
     def template(self) -> str:
         return Path(self.chat_template).read_text(encoding="utf-8")
@@ -49,6 +52,8 @@ class TrainResult(StageResult):
     method: str
     train_loss: float
     global_step: int
+    started_from: str | None = None  # the champion version training continued from
+    weights_uri: str = ""  # the adapter logged to MLflow, for a later run's init_from
 
 
 @dataclass

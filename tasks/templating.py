@@ -10,6 +10,7 @@ shape whose template treats the content as more than text (trims it, branches on
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import re
 from pathlib import Path
@@ -29,6 +30,11 @@ ALPACA_TEMPLATE = (
 )
 SLOT = re.compile("\x00(\\d+)\x00")  # NUL never occurs in accepted data, so it cannot collide
 CHECKS_PER_SHAPE = 3
+
+
+def template_sha(template: str) -> str:
+    """How manifests name a chat template."""
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
 def chat_template(setting: str, tokenizer) -> str:

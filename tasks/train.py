@@ -33,6 +33,7 @@ from tasks import memory
 from tasks.config import PipelineConfig, deepspeed_config
 from tasks.files import read_json, write_json
 from tasks.hashing import file_sha256
+from tasks.lineage import Lineage, fetch_weights
 from tasks.models import resolve_model, sftflow_home
 from tasks.paths import CODE_ROOT
 from tasks.results import FormatResult, TrainResult
@@ -102,17 +103,41 @@ def _clean_shm(before: set[str]) -> None:
             pass
 
 
-def loss_curve(losses: list[float], path: Path) -> None:
+def starting_weights(cfg: PipelineConfig, lineage: Lineage | None, out: Path, log) -> Path | None:
+    """The champion's adapter or model folder for ``train.init_from: champion``, else None. An
+    adapter of another shape than ``train.lora`` is refused here, before any process starts."""
+    if cfg.train.init_from != "champion" or lineage is None:
+        return None
+    path = fetch_weights(cfg, lineage, out / "init")
+    log(f"train: starting from {lineage.label}: {path}")
+    config = path / "adapter_config.json"
+    if cfg.train.method != "full" and config.is_file():
+        theirs, ours = read_json(config), cfg.train.lora
+        for key, mine in (("r", ours.r), ("lora_alpha", ours.alpha)):
+            if theirs.get(key) != mine:
+                raise ValueError(
+                    f"train.init_from: champion: {lineage.label}'s adapter has {key}={theirs.get(key)}, "
+                    f"train.lora asks for {mine}; match it, or set train.init_from: base"
+                )
+    return path
+
+
+def loss_curve(losses: list[float], eval_losses: list, every: int, path: Path) -> None:
+    """Training loss per logged step, and eval loss at the steps it was measured (step 0 too)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("logged step")
-    ax.set_ylabel("training loss")
-    ax.set_title("training loss")
+    ax.plot([every * (i + 1) for i in range(len(losses))], losses, label="training loss")
+    if eval_losses:
+        steps, values = zip(*eval_losses)
+        ax.plot(steps, values, "o-", color="#e08a3c", label="eval loss")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -171,9 +196,17 @@ def supervise(cmd: list[str], env: dict, log_path: Path, timeout_s: float, log) 
 
 
 def run_train(
-    cfg: PipelineConfig, run_id: str, data: FormatResult, log=None, track: bool = False, resume: bool = True
+    cfg: PipelineConfig,
+    run_id: str,
+    data: FormatResult,
+    lineage: Lineage | None = None,
+    log=None,
+    track: bool = False,
+    resume: bool = True,
 ) -> TrainResult:
-    """Reads ``data.train_path`` and the base model; writes ``<run>/train/`` (see the module docstring).
+    """Reads ``data.train_path`` and the base model (with ``train.init_from: champion``, the
+    champion's adapter or weights that ``lineage`` names); writes ``<run>/train/`` (see the
+    module docstring).
 
     ``resume``: continue from the newest complete checkpoint (retries); otherwise start over.
     """
@@ -184,6 +217,10 @@ def run_train(
         stage.manifest.add_input("format_manifest", Path(data.train_path).parent / "manifest.json")
         model_path = resolve_model(cfg.model.name_or_path)
         memory.check(cfg, model_path, stage.log)
+        init = starting_weights(cfg, lineage, out, stage.log)
+        if init is not None:
+            stage.manifest.add_input("init_from", init)
+            stage.manifest.notes.append(f"started from {lineage.label}: {lineage.weights_uri}")
         spec = {
             "model_path": str(model_path),
             "train_path": data.train_path,
@@ -191,6 +228,9 @@ def run_train(
             "train": cfg.train.model_dump(mode="json"),
             "deepspeed": deepspeed_config(cfg),
             "mlflow_run_id": stage.run.id if stage.run else None,
+            "init_from": str(init) if init else None,
+            "eval_path": data.eval_path if cfg.train.eval_steps else None,
+            "eval_batch_size": cfg.eval.batch_size,
         }
         write_json(out / "spec.json", spec)
         write_json(out / "deepspeed.json", spec["deepspeed"])
@@ -205,7 +245,7 @@ def run_train(
 
         result = read_json(out / "result.json")
         if result["losses"]:
-            loss_curve(result["losses"], out / "loss.png")
+            loss_curve(result["losses"], result["eval_losses"], cfg.train.logging_steps, out / "loss.png")
         stage.manifest.outputs = {
             "model": result["output"],
             "checkpoints": str(out / "checkpoints"),
@@ -218,15 +258,26 @@ def run_train(
             for k in ("train_loss", "global_step", "world_size", "real_token_fraction", "train_runtime_s")
         }
         stage.manifest.metrics["resumed_from"] = result["resumed_from"]
+        stage.manifest.outputs["started_from"] = lineage.label if init else None
+        weights_uri = ""
         if stage.run is not None:
             send_pending_metrics(stage)
+            if cfg.train.method != "full":  # the next night may continue from it (full: the bundle's model)
+                stage.run.artifact(Path(result["output"]), "adapter")
+                weights_uri = f"runs:/{stage.run.id}/adapter"
         stage.artifact(
             *(out / n for n in ("deepspeed_resolved.json", "training_args.json", "train.log", "loss.png"))
         )
         return stage.finish(
             TrainResult(
-                run_id, result["output"], cfg.train.method, result["train_loss"], result["global_step"]
-            )
+                run_id,
+                result["output"],
+                cfg.train.method,
+                result["train_loss"],
+                result["global_step"],
+                lineage.version if init else None,
+                weights_uri,
+            )  # fmt: skip
         )
 
 
@@ -254,6 +305,8 @@ def _model_id(path: Path) -> str:
 
 
 @task(name="train", retries=1, retry_delay_seconds=10, tags=["gpu"])
-def train_task(cfg: PipelineConfig, run_id: str, data: FormatResult, resume: bool = True) -> TrainResult:
+def train_task(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, lineage: Lineage | None = None, resume: bool = True
+) -> TrainResult:
     """A retry resumes from the newest complete checkpoint, into the same MLflow run."""
-    return run_train(cfg, run_id, data, track=True, resume=resume)
+    return run_train(cfg, run_id, data, lineage, track=True, resume=resume)

@@ -30,6 +30,7 @@ from tasks.batching import Collator, TrainingCollator  # noqa: E402
 from tasks.faults import fault  # noqa: E402
 from tasks.files import write_json  # noqa: E402
 
+EVAL_ROW = "sftflow_eval"  # a column only the eval split has, so the collator tells its batches apart
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
 
 
@@ -45,6 +46,8 @@ class RecordingCollator(TrainingCollator):
         self.seen: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict:
+        if EVAL_ROW in rows[0]:  # an eval batch: not trained, not counted
+            return TrainingCollator(self.pad)(rows)
         real, total = self.real_tokens, self.total_tokens
         batch = super().__call__(rows)
         fingerprint = hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()[:16]
@@ -75,27 +78,32 @@ def build_model(spec: dict, dtype):
     from tasks.models import qlora_config
     from tasks.packed_attention import register
 
-    t = spec["train"]
+    t, init = spec["train"], spec.get("init_from")
     kwargs: dict = {"dtype": dtype, "attn_implementation": register()}
     if t["method"] == "qlora":
         kwargs["quantization_config"] = qlora_config(dtype, t["quantization_bits"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], **kwargs)
+    # full fine-tuning continues from the champion's weights; LoRA from its adapter on the base
+    weights = init if init and t["method"] == "full" else spec["model_path"]
+    model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     model.config.use_cache = False  # the packed-sequence mask is only built without a KV cache
     if t["method"] == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if t["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = t["lora"]
-    peft_cfg = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, peft_cfg)
+    if init:
+        model = PeftModel.from_pretrained(model, init, is_trainable=True)
+    else:
+        lora = t["lora"]
+        peft_cfg = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_cfg)
     if dtype != torch.float32:  # trainable LoRA weights stay fp32 for stable updates
         for p in model.parameters():
             if p.requires_grad:
@@ -225,7 +233,12 @@ def training_args(spec: dict, dtype):
     from transformers import TrainingArguments
 
     t, out = spec["train"], Path(spec["output_dir"])
+    evals = {}
+    if spec.get("eval_path"):  # eval loss before the first step and every eval_steps
+        evals = {"eval_strategy": "steps", "eval_steps": t["eval_steps"], "eval_on_start": True,
+                 "per_device_eval_batch_size": spec["eval_batch_size"], "prediction_loss_only": True}  # fmt: skip
     return TrainingArguments(
+        **evals,
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t["micro_batch_size"],
         gradient_accumulation_steps=t["gradient_accumulation_steps"],
@@ -254,6 +267,16 @@ def training_args(spec: dict, dtype):
         train_sampling_strategy="group_by_length" if t["group_by_length"] else "random",
         length_column_name="length",
     )
+
+
+def eval_rows(spec: dict):
+    """The format stage's eval split, marked for the collator, when eval loss is asked for."""
+    if not spec.get("eval_path"):
+        return None
+    from datasets import load_from_disk
+
+    rows = load_from_disk(spec["eval_path"])
+    return rows.add_column(EVAL_ROW, [1] * len(rows))
 
 
 def train(trainer, resume: Path | None):
@@ -286,12 +309,14 @@ def save_final(trainer, tok, out: Path, method: str, result, resume: Path | None
         shutil.rmtree(final)
     os.replace(tmp, final)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [[h["step"], h["eval_loss"]] for h in trainer.state.log_history if "eval_loss" in h]
     write_json(
         out / "result.json",
         {
             "global_step": trainer.state.global_step,
             "train_loss": result.training_loss,
             "losses": losses,
+            "eval_losses": eval_losses,
             "resumed_from": str(resume) if resume else None,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "real_token_fraction": guard.collator.real_fraction,
@@ -329,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         model=model,
         args=args,
         train_dataset=load_from_disk(spec["train_path"]),
+        eval_dataset=eval_rows(spec),
         data_collator=collator,
         processing_class=tok,
         callbacks=[guard],

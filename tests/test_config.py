@@ -165,3 +165,31 @@ def test_hub_names_follow_the_environment_not_the_entry_point(cli, tmp_path):
     assert offline.returncode == 2 and "data.path: 'someorg/somedata'" in offline.stderr
     online = cli("validate", str(path), env={"HF_HUB_OFFLINE": "0"})
     assert online.returncode == 0, online.stderr
+
+
+@pytest.mark.parametrize(
+    "sources, expected",
+    [
+        ("[{path: data/demo/train.jsonl}, {path: data/nope.jsonl, name: extra}]",
+         "data.sources.1: source 'extra': data/nope.jsonl does not exist"),
+        ("[{path: data/demo/train.jsonl, weight: 0, name: demo}]",
+         "source 'demo': weight 0.0 must be > 0 (leave the source out instead)"),
+        ("[{path: data/demo/train.jsonl, weight: 1, count: 5, name: demo}]",
+         "source 'demo': give one of weight, count or fraction, not ['weight', 'count']"),
+        ("[{path: data/demo/train.jsonl}, {path: data/demo/train.jsonl}]",
+         "the name(s) ['data/demo/train.jsonl'] are used twice"),
+        ("[{path: data/demo/train.jsonl, fraction: 1.5}]", "data.sources.0.fraction"),
+    ],
+)  # fmt: skip
+def test_a_bad_data_mix_names_the_source(tmp_path, sources, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["data.path=null", f"data.sources={sources}"])
+    assert expected in str(err.value)
+
+
+def test_data_path_and_sources_are_one_or_the_other():
+    with pytest.raises(ConfigError, match="give data.path .one source. or data.sources .a mix., not both"):
+        load_config("configs/tiny.yaml", ["data.sources=[{path: data/demo/train.jsonl}]"])
+    cfg = load_config("configs/tiny.yaml", ["data.format=alpaca"])
+    (only,) = cfg.data.mix()
+    assert only.path == "data/demo/train.jsonl" and only.format == "alpaca"

@@ -408,3 +408,32 @@ def test_the_slice_column_reaches_the_eval_records(tmp_path, tiny_model):
     rows = [json.loads(x) for x in open(result.eval_records)]
     by_answer = {r["output"]: r["category"] for r in records}
     assert rows and all(r["slice"] == by_answer[r["reference"]] for r in rows)
+
+
+def test_a_mix_takes_counts_fractions_and_weights_and_repeats_only_what_it_must():
+    import numpy as np
+
+    from tasks.config import SourceConfig
+    from tasks.mixing import Share, planned_counts, select
+
+    path = "data/demo/train.jsonl"
+    shares = [
+        Share(SourceConfig(path=path, name="all")),
+        Share(SourceConfig(path=path, name="count25", count=25)),
+        Share(SourceConfig(path=path, name="half", fraction=0.5)),
+        Share(SourceConfig(path=path, name="w2", weight=2)),
+        Share(SourceConfig(path=path, name="w1", weight=1)),
+        Share(SourceConfig(path=path, name="old"), replay=True),
+    ]
+    available = [7, 10, 9, 40, 50, 100]
+    counts = planned_counts(shares, available, replay=0.25)
+    # weights 2:1 sized by w2 (40 -> 60 in all); replay is a quarter of everything after it
+    assert counts[:5] == [7, 25, 4, 40, 20] and counts[5] == round(sum(counts[:5]) / 3)
+    source_of = np.repeat(np.arange(6), available)
+    train, evals = select(source_of, counts, 0.1, seed=0)
+    per = lambda idx: np.bincount(source_of[idx], minlength=6).tolist()
+    assert [a + b for a, b in zip(per(train), per(evals))] == counts
+    assert not set(train) & set(evals)  # a repeated record never lands in both splits
+    assert len(train) - len(set(train)) == 25 - 10  # only "count25" repeats, whole passes first
+    again = select(source_of, counts, 0.1, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(again, (train, evals)))

@@ -36,8 +36,9 @@ def test_the_flow_passes_each_stage_the_results_it_needs():
     """flows/sft.py is the table of contents: every stage after format takes earlier results."""
     source = (ROOT / "flows/sft.py").read_text()
     for line in (
-        "data = format_task(cfg, run_id)",
-        "trained = train_task(cfg, run_id, data)",
+        "start = lineage_task(cfg)",
+        "data = format_task(cfg, run_id, start)",
+        "trained = train_task(cfg, run_id, data, start)",
         "merged = merge_task(cfg, run_id, data, trained)",
         "scores = evaluate_task(cfg, run_id, data, merged)",
         "bundle = handoff_task(cfg, run_id, data, trained, merged, scores)",

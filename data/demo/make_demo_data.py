@@ -5,6 +5,10 @@ JSON, keys in a fixed order, adding the city's ISO 3166 country code:
 {"name": ..., "age": ..., "city": ..., "country": "PT"}. SmolLM2-135M-Instruct extracts the
 fields but pretty-prints them, drops or misnames the country, and often gets its code wrong,
 so exact match starts near 0. Deterministic: rerunning writes the same file.
+
+Each record also names its city's region (`region`), the slice column the nightly story's
+gate scores separately. `night2.jsonl` is the second night's new data: 300 more records
+from another seed.
 """
 
 import json
@@ -138,6 +142,16 @@ COUNTRY = {
     "Denver": "US",
 }
 CITIES = sorted(COUNTRY)
+ASIA_PACIFIC = {"IN", "JP", "LB", "CN", "KR", "VN", "AU"}
+AFRICA_AMERICAS = {"EG", "NG", "KE", "GH", "TN", "CO", "CA", "EC", "PE", "US"}
+
+
+def region(country: str) -> str:
+    if country in ASIA_PACIFIC:
+        return "Asia-Pacific"
+    return "Africa & Americas" if country in AFRICA_AMERICAS else "Europe"
+
+
 JOBS = [
     "nurse",
     "baker",
@@ -178,9 +192,9 @@ INSTRUCTIONS = [
 ]
 
 
-def main(n: int = 400, seed: int = 7) -> None:
+def main(name: str = "train.jsonl", n: int = 400, seed: int = 7) -> None:
     rng = random.Random(seed)
-    out = Path(__file__).with_name("train.jsonl")
+    out = Path(__file__).with_name(name)
     with out.open("w", encoding="utf-8") as f:
         for _ in range(n):
             city = rng.choice(CITIES)
@@ -195,6 +209,7 @@ def main(n: int = 400, seed: int = 7) -> None:
                 "instruction": rng.choice(INSTRUCTIONS),
                 "input": text,
                 "output": json.dumps(person, ensure_ascii=False),
+                "region": region(person["country"]),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(f"wrote {n} records to {out}")
@@ -202,3 +217,4 @@ def main(n: int = 400, seed: int = 7) -> None:
 
 if __name__ == "__main__":
     main()
+    main("night2.jsonl", n=300, seed=8)
