@@ -260,6 +260,13 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--resume", action="store_true", help="continue from the newest complete checkpoint"
             )
+    join = with_config(
+        sub.add_parser("join", help="another node of a train.launcher: per_node run: start its ranks")
+    )
+    join.add_argument("--run-id", required=True, help="the run node 0 trains (the same output_dir, shared)")
+    join.add_argument(
+        "--node-rank", type=int, required=True, help="this host's line in train.hostfile, from 0"
+    )
     reg = with_mlflow(sub.add_parser("registry", help="list versions, promote or roll back the champion"))
     reg.add_argument("action", choices=["list", "promote", "rollback"])
     reg.add_argument("name")
@@ -280,8 +287,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def cmd_join(args) -> int:
+    from tasks.train import join_training
+
+    cfg = _load(args)
+    if not cfg.train.hostfile or cfg.train.launcher != "per_node":
+        raise ValueError(f"{args.config}: join needs train.hostfile and train.launcher: per_node")
+    join_training(cfg, args.run_id, args.node_rank)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
+    "join": cmd_join,
     "validate": cmd_validate,
     "schema": cmd_schema,
     "registry": cmd_registry,

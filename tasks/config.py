@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.hashing import hash_json
+from tasks.multinode import is_loopback, read_hostfile
 
 DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
@@ -230,8 +231,16 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_processes: int = Field(1, gt=0, description="processes (GPUs) per node")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs")
-    master_addr: str = "127.0.0.1"
+    launcher: Literal["ssh", "per_node"] = Field(
+        "ssh",
+        description="multi-node: ssh (DeepSpeed's runner reaches every host with pdsh) or per_node "
+        "(this node is rank 0; each other host runs `sftflow join` with its node rank)",
+    )
+    master_addr: str = Field("127.0.0.1", description="multi-node: node 0's address the other hosts reach")
     master_port: int = Field(0, ge=0, lt=65536, description="0: pick a free port")
+    rendezvous_timeout_s: int = Field(
+        600, gt=0, description="how long the ranks wait for each other to join before failing"
+    )
     memory_budget_gb: float | None = Field(
         None,
         gt=0,
@@ -263,6 +272,8 @@ class TrainConfig(Section):
     def _hostfile(cls, v: str | None) -> str | None:
         if v is not None and not Path(v).is_file():
             raise ValueError(f"hostfile {v} does not exist")
+        if v is not None:
+            read_hostfile(v)
         return v
 
     @model_validator(mode="after")
@@ -279,6 +290,11 @@ class TrainConfig(Section):
             )
         if self.method == "qlora" and self.precision == "fp16":
             raise ValueError("method qlora with precision fp16 is unstable; use auto, bf16 or fp32")
+        if self.hostfile and len(read_hostfile(self.hostfile)) > 1 and is_loopback(self.master_addr):
+            raise ValueError(
+                f"master_addr {self.master_addr} is a loopback address, which the other hosts of "
+                f"{self.hostfile} cannot reach: set train.master_addr to node 0's address"
+            )
         return self
 
     @field_validator("deepspeed")

@@ -29,7 +29,8 @@ from tasks.config import PipelineConfig
 from tasks.dataplan import DataPlan, plan_data
 from tasks.files import atomic_dir, copy_tree, write_json
 from tasks.lineage import Lineage
-from tasks.mixing import planned_counts, recorded_source, select
+from tasks.losssets import retention_conversations
+from tasks.mixing import left_out_and_repeats, planned_counts, recorded_source, select
 from tasks.models import load_tokenizer
 from tasks.records import read_records
 from tasks.results import FormatResult
@@ -89,16 +90,6 @@ def split_train_eval(records, cfg: PipelineConfig, plan: DataPlan) -> tuple:
     mix = {s.source.label: {"available": a, "planned": c, "replay": s.replay}
            for s, a, c in zip(plan.shares, available, counts)}  # fmt: skip
     return records.select(train), records.select(evals), mix, left_out_and_repeats(train, evals, share)
-
-
-def left_out_and_repeats(train, evals, share) -> dict:
-    """What the mix did not take, and the extra copies it made, so the counts still add up."""
-    import numpy as np
-
-    taken = np.concatenate([train, evals])
-    unique = len(np.unique(taken))
-    return {"left_out_by_mix": int((share >= 0).sum()) - int((share[np.unique(taken)] >= 0).sum()),
-            "repeated_by_mix": len(taken) - unique}  # fmt: skip
 
 
 def length_histogram(lengths, max_len: int, path: Path) -> None:
@@ -328,6 +319,8 @@ def run_format(
     ``lineage`` names); writes ``<run>/format/`` (see the module docstring)."""
     d = cfg.data
     plan: DataPlan = plan_data(cfg, lineage)
+    if cfg.eval.retention.enabled:
+        retention_conversations(cfg)  # a bad retention set fails here, not after training
     cached = Path(cfg.output_dir) / ".cache" / "format" / plan.key
     # fresh: what a failed attempt left is never reused (the manifest is written last)
     with open_stage(cfg, run_id, "format", SECTIONS, log, track, fresh=True) as stage:

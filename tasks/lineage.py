@@ -66,7 +66,10 @@ def find_lineage(cfg: PipelineConfig, log=print) -> Lineage | None:
                 f"this run uses {cfg.train.method}; set train.init_from: base to start over"
             )
         if not found.weights_uri:
-            raise ValueError(f"train.init_from: champion: {found.label} records no weights ({WEIGHTS_TAG})")
+            raise ValueError(
+                f"train.init_from: champion: {found.label} records no weights ({WEIGHTS_TAG}; versions "
+                "registered before sftflow recorded them have none): set train.init_from: base for one night"
+            )
     log(
         f"lineage: {found.label}"
         + (f"; training starts from its {'weights' if cfg.train.method == 'full' else 'adapter'}"

@@ -17,9 +17,10 @@ from tasks.records import SHAREGPT_ROLES, BadRecord, detect_format, iter_source,
 from tasks.templating import Renderer, tokenize_conversations
 
 
-def retention_rows(cfg: PipelineConfig, tokenizer, template: str) -> list[dict]:
-    """The retention file's conversations, each one row (cut at data.max_seq_len); a bad record
-    is an error naming its line: a silently shrunk reference set would gate on something else."""
+def retention_conversations(cfg: PipelineConfig) -> list[list[dict]]:
+    """The retention file's conversations. A bad record is an error naming its line (a silently
+    shrunk reference set would gate on something else); the format stage asks first, so it
+    shows before training."""
     r = cfg.eval.retention
     path = r.file
     convs = []
@@ -33,6 +34,12 @@ def retention_rows(cfg: PipelineConfig, tokenizer, template: str) -> list[dict]:
             raise ValueError(f"eval.retention: {path}:{line}: {e}") from None
     if not convs:
         raise ValueError(f"eval.retention: {path} has no records")
+    return convs
+
+
+def retention_rows(cfg: PipelineConfig, tokenizer, template: str) -> list[dict]:
+    """The retention conversations, each one row (cut at data.max_seq_len)."""
+    convs = retention_conversations(cfg)
     ids, labels, lengths = tokenize_conversations(convs, Renderer(tokenizer, template), train_on_inputs=False)
     rows, start = [], 0
     for n in lengths.tolist():
@@ -42,7 +49,7 @@ def retention_rows(cfg: PipelineConfig, tokenizer, template: str) -> list[dict]:
                 "input_ids": ids[start : start + m].tolist(),
                 "labels": labels[start : start + m].tolist(),
                 "position_ids": list(range(m)),
-            }  # fmt: skip
+            }
         )
         start += n
     return rows

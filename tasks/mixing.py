@@ -7,8 +7,9 @@ Per source (after validation and deduplication), in the order of ``data.sources`
     fraction: f   round(f x its records)
     weight: w     the weighted sources share the mix in proportion to their weights, as many
                   records as the scarcest of them allows (none is repeated)
-    replay        the champion's own sources together make up ``data.replay`` of the training
-                  records, as far as they have records (shared in proportion to what each has)
+    replay        the champion's own sources together make up ``data.replay`` of the mix's
+                  records (train and eval alike), as far as they have records (shared in
+                  proportion to what each has)
 
 Without an eval file, the eval split is taken from each source's share (``eval_fraction`` of
 it, never a repeated record), so train and eval both follow the mix.
@@ -83,6 +84,13 @@ def select(
             train.append(np.concatenate([np.tile(np.sort(pool), whole), np.sort(pool[:rest])]))
     join = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
     return join(train), join(evals)
+
+
+def left_out_and_repeats(train, evals, share) -> dict:
+    """What the mix did not take, and the extra copies it made, so the counts still add up."""
+    taken = np.unique(np.concatenate([train, evals]))
+    return {"left_out_by_mix": int((share >= 0).sum() - (share[taken] >= 0).sum()),
+            "repeated_by_mix": len(train) + len(evals) - len(taken)}  # fmt: skip
 
 
 def recorded_source(source: SourceConfig) -> dict:

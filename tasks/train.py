@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from prefect import task
@@ -35,36 +36,28 @@ from tasks.files import read_json, write_json
 from tasks.hashing import file_sha256
 from tasks.lineage import Lineage, fetch_weights
 from tasks.models import resolve_model, sftflow_home
-from tasks.paths import CODE_ROOT
+from tasks.multinode import check_master_port, interface_for, not_joined, read_hostfile
+from tasks.paths import CODE_ROOT, stage_dir
 from tasks.results import FormatResult, TrainResult
 from tasks.stage import open_stage
 
 SECTIONS = ("model", "train")
+JOINED = "[train] joined"  # the worker's line once its process group is up
 
 
-def free_port() -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr, 0))
         return s.getsockname()[1]
 
 
-def launch_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
+def launch_command(cfg: PipelineConfig, spec_path: Path, port: int, node_rank: int = 0) -> list[str]:
     t = cfg.train
-    port = str(t.master_port or free_port())
-    if t.hostfile:  # the `deepspeed` runner reaches the other nodes (pdsh) and starts launch.py on each
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--hostfile",
-            t.hostfile,
-            "--num_gpus",
-            str(t.num_processes),
-            "--master_addr",
-            t.master_addr,
-            "--master_port",
-            port,
-        ]
+    if t.hostfile:  # DeepSpeed's runner: it reaches the other nodes with pdsh, or (per_node) starts this one
+        each = ["--no_ssh", "--node_rank", str(node_rank)] if t.launcher == "per_node" else []
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", t.hostfile, *each,
+               "--num_gpus", str(t.num_processes), "--master_addr", t.master_addr,
+               "--master_port", str(port)]  # fmt: skip
     else:  # one node: the per-node launcher the runner would start, without the runner's own interpreter (~3 s)
         world = base64.urlsafe_b64encode(
             json.dumps({"localhost": list(range(t.num_processes))}).encode()
@@ -79,6 +72,55 @@ def launch_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
             f"--master_port={port}",
         ]
     return cmd + ["--module", "tasks.train_worker", "--spec", str(spec_path)]
+
+
+def rendezvous_env(cfg: PipelineConfig, env: dict, log) -> dict:
+    """Across hosts, gloo binds to the address the hostname resolves to, often 127.0.0.1, and the
+    other node's connections are refused: pin it to the interface that reaches the master."""
+    name = cfg.train.hostfile and "GLOO_SOCKET_IFNAME" not in env and interface_for(cfg.train.master_addr)
+    if name:
+        env["GLOO_SOCKET_IFNAME"] = name
+        log(f"train: gloo talks to {cfg.train.master_addr} over {name} (GLOO_SOCKET_IFNAME)")
+    return env
+
+
+def supervise_node(
+    cfg: PipelineConfig, cmd: list[str], log_path: Path, node_rank: int, port: int, log
+) -> None:
+    """``supervise``, with a multi-node rendezvous failure said in terms of the hostfile's hosts."""
+    t = cfg.train
+    env = rendezvous_env(cfg, worker_env(cfg.mlflow_uri), log)
+    try:  # across hosts a missing peer blocks the rendezvous without a word: bound the wait
+        supervise(cmd, env, log_path, t.timeout_s, log, t.rendezvous_timeout_s if t.hostfile else None)
+    except NotJoined:
+        hosts = read_hostfile(t.hostfile)
+        raise RuntimeError(
+            not_joined(hosts, node_rank, t.master_addr, port, t.rendezvous_timeout_s)
+        ) from None
+
+
+def join_training(cfg: PipelineConfig, run_id: str, node_rank: int, log=print) -> None:
+    """Node ``node_rank`` of a ``launcher: per_node`` run: waits for node 0's train stage to write
+    its spec into the shared run folder, then starts this node's ranks with the same rendezvous."""
+    t, out = cfg.train, stage_dir(cfg.output_dir, run_id, "train")
+    hosts = read_hostfile(t.hostfile)
+    if not 0 < node_rank < len(hosts):
+        raise ValueError(
+            f"--node-rank {node_rank}: {t.hostfile} has node ranks 1 to {len(hosts) - 1} to join"
+        )
+    deadline = time.monotonic() + t.rendezvous_timeout_s
+    log(f"join: {hosts[node_rank][0]} (node rank {node_rank}) waiting for {out / 'spec.json'}")
+    while not (out / "spec.json").is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no {out / 'spec.json'} after {t.rendezvous_timeout_s} s: start run {run_id} on node 0 "
+                f"({hosts[0][0]}) with the same output_dir"
+            )
+        time.sleep(1)
+    port = read_json(out / "spec.json")["master_port"]
+    cmd = launch_command(cfg, out / "spec.json", port, node_rank)
+    log(f"join: {hosts[node_rank][0]} joins {t.master_addr}:{port}: " + " ".join(cmd[2:]))
+    supervise_node(cfg, cmd, out / f"node{node_rank}.log", node_rank, port, log)
 
 
 def worker_env(mlflow_uri: str) -> dict[str, str]:
@@ -143,11 +185,36 @@ def loss_curve(losses: list[float], eval_losses: list, every: int, path: Path) -
     plt.close(fig)
 
 
-def supervise(cmd: list[str], env: dict, log_path: Path, timeout_s: float, log) -> None:
+class NotJoined(RuntimeError):
+    """Not every rank joined the rendezvous in time."""
+
+
+def wait(
+    proc: subprocess.Popen, timeout_s: float, joined: threading.Event, join_timeout_s: float | None
+) -> int:
+    """The launcher's exit code; TimeoutExpired past ``timeout_s``, NotJoined when no rank said it
+    joined within ``join_timeout_s`` (None: no such deadline)."""
+    start = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            waited = time.monotonic() - start
+            if join_timeout_s is not None and not joined.is_set() and waited > join_timeout_s:
+                raise NotJoined(f"no rank joined within {join_timeout_s:g} s") from None
+            if waited > timeout_s:
+                raise
+
+
+def supervise(
+    cmd: list[str], env: dict, log_path: Path, timeout_s: float, log, join_timeout_s: float | None = None
+) -> None:
     """Run the launcher in its own process group, streaming its output into ``log_path`` (rank 0's
     ``[train]`` lines also into the stage log). The deadline counts whether or not anything is
-    printed; past it, or on any error here, the whole group is killed."""
+    printed; past it, past ``join_timeout_s`` without the rank's ``[train] joined`` line, or on
+    any error here, the whole group is killed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
+    joined = threading.Event()
     shm_before = set(glob.glob("/dev/shm/*deepspeed*"))
     with open(log_path, "a", encoding="utf-8", buffering=1) as logfile:  # line-buffered: tail -f works
         proc = subprocess.Popen(
@@ -166,6 +233,8 @@ def supervise(cmd: list[str], env: dict, log_path: Path, timeout_s: float, log) 
             for line in proc.stdout:
                 logfile.write(line)
                 tail.append(line.rstrip())
+                if JOINED in line:
+                    joined.set()
                 # the launcher prefixes rank output; our worker tags its own lines
                 if "[train]" in line or "Error" in line:
                     log(line.rstrip()[-400:])
@@ -173,7 +242,7 @@ def supervise(cmd: list[str], env: dict, log_path: Path, timeout_s: float, log) 
         reader = threading.Thread(target=pump, name="train-log", daemon=True)
         reader.start()
         try:
-            code = proc.wait(timeout=timeout_s)
+            code = wait(proc, timeout_s, joined, join_timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -221,7 +290,11 @@ def run_train(
         if init is not None:
             stage.manifest.add_input("init_from", init)
             stage.manifest.notes.append(f"started from {lineage.label}: {lineage.weights_uri}")
+        port = cfg.train.master_port or free_port(cfg.train.master_addr)
+        if cfg.train.hostfile:
+            check_master_port(cfg.train.master_addr, port, read_hostfile(cfg.train.hostfile)[0][0])
         spec = {
+            "master_port": port,
             "model_path": str(model_path),
             "train_path": data.train_path,
             "output_dir": str(out),
@@ -234,14 +307,14 @@ def run_train(
         }
         write_json(out / "spec.json", spec)
         write_json(out / "deepspeed.json", spec["deepspeed"])
-        cmd = launch_command(cfg, out / "spec.json")
+        cmd = launch_command(cfg, out / "spec.json", port)
         engine = (
             "without DeepSpeed" if cfg.train.deepspeed == "none" else f"with DeepSpeed {cfg.train.deepspeed}"
         )
         stage.log(
             f"train: {cfg.train.method} {engine}, {cfg.train.num_processes} process(es): " + " ".join(cmd[2:])
         )
-        supervise(cmd, worker_env(cfg.mlflow_uri), out / "train.log", cfg.train.timeout_s, stage.log)
+        supervise_node(cfg, cmd, out / "train.log", 0, port, stage.log)
 
         result = read_json(out / "result.json")
         if result["losses"]:

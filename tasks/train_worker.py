@@ -264,6 +264,7 @@ def training_args(spec: dict, dtype):
         disable_tqdm=True,
         logging_nan_inf_filter=False,
         ddp_backend=None if torch.cuda.is_available() else "gloo",
+        ddp_timeout=t["rendezvous_timeout_s"],  # a host that never joins fails the run, not hangs it
         train_sampling_strategy="group_by_length" if t["group_by_length"] else "random",
         length_column_name="length",
     )
@@ -347,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(spec["model_path"])
     collator = RecordingCollator(tok.pad_token_id)
     args = training_args(spec, dtype)
+    # the process group comes up with the device (every rank has joined); the train stage waits for this
+    print(f"[train] joined: rank {args.process_index} of {args.world_size} on {args.device}", flush=True)
     model = build_model(spec, dtype)
     model.register_forward_pre_hook(collator.on_forward, with_kwargs=True)
     guard = Guard(spec, collator)

@@ -193,3 +193,20 @@ def test_data_path_and_sources_are_one_or_the_other():
     cfg = load_config("configs/tiny.yaml", ["data.format=alpaca"])
     (only,) = cfg.data.mix()
     assert only.path == "data/demo/train.jsonl" and only.format == "alpaca"
+
+
+def test_a_bad_hostfile_or_a_loopback_master_for_several_hosts_is_refused(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_text("h1 slots=1\nh2 slots=one\n")
+    with pytest.raises(
+        ConfigError, match=r"train.hostfile: .*bad:2: expected 'host slots=N', got 'h2 slots=one'"
+    ):
+        load_config("configs/tiny.yaml", [f"train.hostfile={bad}"])
+    two = tmp_path / "two"
+    two.write_text("# node 0 first\nh1 slots=1\nh2 slots=1\n")
+    with pytest.raises(
+        ConfigError, match="master_addr 127.0.0.1 is a loopback address, which the other hosts"
+    ):
+        load_config("configs/tiny.yaml", [f"train.hostfile={two}"])
+    cfg = load_config("configs/tiny.yaml", [f"train.hostfile={two}", "train.master_addr=10.0.0.1"])
+    assert cfg.train.launcher == "ssh" and cfg.train.rendezvous_timeout_s == 600

@@ -437,3 +437,15 @@ def test_a_mix_takes_counts_fractions_and_weights_and_repeats_only_what_it_must(
     assert len(train) - len(set(train)) == 25 - 10  # only "count25" repeats, whole passes first
     again = select(source_of, counts, 0.1, seed=0)
     assert all(np.array_equal(x, y) for x, y in zip(again, (train, evals)))
+
+
+def test_a_bad_retention_record_fails_the_format_stage_naming_its_line(tmp_path):
+    retention = write_jsonl(
+        tmp_path / "keep.jsonl", [{"instruction": "Name a colour.", "output": "Red."}, "{oops"]
+    )
+    cfg = make_config(
+        tmp_path, "data/demo/train.jsonl", eval={"retention": {"enabled": True, "path": str(retention)}}
+    )
+    with pytest.raises(ValueError, match=r"eval.retention: .*keep\.jsonl:2: "):
+        run_format(cfg, "r1", log=lambda *_: None)
+    assert not (tmp_path / "runs" / "r1" / "format" / "train").exists()  # before any tokenizing

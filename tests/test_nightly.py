@@ -158,13 +158,26 @@ def test_a_candidate_that_improves_the_mean_but_breaks_a_slice_is_refused_naming
 
 
 def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promotes(tmp_path):
-    """The same recipe and data, another seed: a tie. The candidate's eval loss is a little
-    lower, on some rows and not others; min_delta 0 on the point would promote it."""
+    """A tie: the champion learned alpha, the candidate (from the base) beta, and the eval file
+    holds 13 alpha and 17 beta samples. Each model is far better on its own half, so the mean
+    edges up by the two-sample imbalance while the paired resamples swing both ways: min_delta 0
+    on the point would promote it, the bootstrap's lower bound does not clear 0."""
     from tasks.config import load_config
     from tasks.gate import gate
 
-    first = night(tmp_path, "--set", "train.seed=2")
-    second = night(tmp_path, "--set", "train.seed=1", "--set", "eval.gate.against=champion")
+    evals = write_jsonl(tmp_path / "eval.jsonl", codes("alpha", 13) + codes("beta", 17))
+    alpha = write_jsonl(tmp_path / "alpha.jsonl", codes("alpha", 90)[13:])
+    beta = write_jsonl(tmp_path / "beta.jsonl", codes("beta", 120)[17:])
+    keep = (
+        "--set",
+        f"data.eval_path={evals}",
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "eval.gate.against=champion",
+    )
+    first = night(tmp_path, "--set", f"data.path={alpha}", *keep)
+    second = night(tmp_path, "--set", f"data.path={beta}", *keep)
     assert first["promoted"] and not second["promoted"]
     interval = second["intervals"]["champion"]["eval_loss"]
     assert interval["point"] > 0 and interval["low"] <= 0 < interval["high"]
@@ -173,3 +186,4 @@ def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promot
         "configs/tiny.yaml", ["eval.gate.bootstrap_samples=0", "eval.gate.against=champion"]
     )
     assert gate(point_only, second["scores"])[0] is True
+    print(f"\nnoisy tie: eval_loss improvement vs champion {interval}")

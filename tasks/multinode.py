@@ -1,0 +1,86 @@
+"""The hosts of a multi-node launch, and what can be checked about them before anyone waits.
+
+Multi-node runs fail in ways that look like hangs: a worker that binds gloo to 127.0.0.1
+because the hostname resolves to loopback, a master port another process holds, a node that
+never joins. These are the checks and the messages that name the host instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import socket
+from pathlib import Path
+
+HOSTFILE_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:-]+)(\s+slots=(?P<slots>\d+))?\s*$")
+
+
+def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """(host, slots) per line of a DeepSpeed hostfile, in order; comments and blank lines skipped."""
+    hosts = []
+    for n, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = HOSTFILE_LINE.match(line)
+        if not m:
+            raise ValueError(f"{path}:{n}: expected 'host slots=N', got {raw.strip()!r}")
+        host = m["host"]
+        if host in (h for h, _ in hosts):
+            raise ValueError(f"{path}:{n}: host {host!r} is listed twice")
+        hosts.append((host, int(m["slots"] or 1)))
+    if not hosts:
+        raise ValueError(f"{path}: no hosts")
+    return hosts
+
+
+def is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def interface_for(addr: str) -> str | None:
+    """The network interface this machine reaches ``addr`` through (a UDP connect sends nothing;
+    the kernel picks the route and its source address)."""
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((addr, 9))
+        except OSError:
+            return None
+        local = s.getsockname()[0]
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    return None
+
+
+def check_master_port(addr: str, port: int, host: str) -> None:
+    """The rendezvous port must be free on node 0 before the launcher starts waiting on it."""
+    with socket.socket() as s:
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            reason = "is already taken" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise RuntimeError(
+                f"train.master_port {port} {reason} on {host} ({addr}), node 0 of train.hostfile: "
+                "pick another port, or 0 for a free one"
+            ) from None
+
+
+def not_joined(hosts: list[tuple[str, int]], node_rank: int, addr: str, port: int, waited: int) -> str:
+    """What a rendezvous that never completed means, from where it was waited for."""
+    if node_rank == 0:
+        others = ", ".join(f"{h} (node rank {i})" for i, (h, _) in enumerate(hosts) if i)
+        return (
+            f"rendezvous at {addr}:{port} timed out after {waited} s: {others} did not join (run `sftflow "
+            f"join` there; check that it reaches {addr}:{port}); killed this node's ranks"
+        )
+    return (
+        f"{hosts[node_rank][0]} (node rank {node_rank}) could not reach the master {hosts[0][0]} at "
+        f"{addr}:{port} within {waited} s (is node 0 training? does this host reach {addr}?)"
+    )

@@ -1,0 +1,156 @@
+"""DeepSpeed across two hosts: two network namespaces joined by a veth link, each with its own
+address, one process slot each, a real TCP rendezvous and gloo between them. Node 0 runs
+`sftflow train` with `train.launcher: per_node`; the other host runs `sftflow join`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+SUBNET = "10.77.{}.{}"
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """Hosts h1 (10.77.N.1) and h2 (10.77.N.2): namespaces, a veth pair, and a hostfile."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        if os.environ.get("SFTFLOW_REQUIRE_SERVICES") == "1":  # CI: these hosts must exist
+            pytest.fail("network namespaces need root and iproute2")
+        pytest.skip("network namespaces need root and iproute2")
+    tag = os.getpid() % 10000
+    names = [f"sft{tag}a", f"sft{tag}b"]
+    addrs = [SUBNET.format(tag % 250, i) for i in (1, 2)]
+    steps = [["ip", "netns", "add", n] for n in names]
+    steps.append(["ip", "link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"])
+    for ns, end, addr in zip(names, (f"v{tag}a", f"v{tag}b"), addrs):
+        steps += [["ip", "link", "set", end, "netns", ns], ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", end],
+                  ["ip", "-n", ns, "link", "set", end, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]  # fmt: skip
+    for step in steps:
+        subprocess.run(step, check=True, capture_output=True)
+    hostfile = tmp_path_factory.mktemp("hosts") / "hostfile"
+    hostfile.write_text("h1 slots=1\nh2 slots=1\n")
+    yield names, addrs, hostfile
+    for n in names:
+        subprocess.run(["ip", "netns", "delete", n], capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def no_ranks_left_behind(tmp_path):
+    """A failed assertion must not leave a host's launcher waiting (it runs in its own session)."""
+    yield
+    subprocess.run(["pkill", "-f", str(tmp_path)], capture_output=True)
+
+
+def settings(out: Path, hostfile: Path, master: str, port: int, **extra) -> list[str]:
+    pairs = {"output_dir": out, "train.hostfile": hostfile, "train.launcher": "per_node", "train.master_addr": master,
+             "train.master_port": port, "train.max_steps": 4, **extra}  # fmt: skip
+    return [arg for k, v in pairs.items() for arg in ("--set", f"{k}={v}")]
+
+
+def on_host(ns: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(train_dir: Path) -> list[dict]:
+    return [json.loads((train_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_hosts_train_as_one_world_with_the_losses_of_one_host_with_two_processes(hosts, tmp_path):
+    (h1, h2), (a1, _), hostfile = hosts
+    args = settings(tmp_path / "runs", hostfile, a1, free_port())
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "two-hosts", *args).returncode == 0
+    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "two-hosts", *args)
+    node1 = on_host(h2, "join", "configs/tiny.yaml", "--run-id", "two-hosts", "--node-rank", "1", *args)
+    out0, out1 = node0.communicate(timeout=600)[0], node1.communicate(timeout=600)[0]
+    assert node0.returncode == 0 and node1.returncode == 0, out0[-3000:] + out1[-3000:]
+    assert f"gloo talks to {a1} over" in out0 and f"join: h2 joins {a1}:" in out1
+    two_hosts = tmp_path / "runs" / "two-hosts" / "train"
+    r0, r1 = ranks(two_hosts)
+    assert r0["world_size"] == r1["world_size"] == 2 and (r0["rank"], r1["rank"]) == (0, 1)
+    assert not set(r0["first_batches"]) & set(r1["first_batches"])  # each host its own batches
+    assert r0["trainable_sha256"] == r1["trainable_sha256"]  # the same weights on both hosts
+
+    one = [
+        "--set",
+        f"output_dir={tmp_path / 'runs'}",
+        "--set",
+        "train.num_processes=2",
+        "--set",
+        "train.max_steps=4",
+    ]
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "one-host", *one).returncode == 0
+    res = run_cli("train", "configs/tiny.yaml", "--run-id", "one-host", *one)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one_host = tmp_path / "runs" / "one-host" / "train"
+    losses = [json.loads((d / "result.json").read_text())["losses"] for d in (two_hosts, one_host)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert [r["first_batches"] for r in ranks(one_host)] == [r0["first_batches"], r1["first_batches"]]
+    print(f"\nworld size 2 over {hostfile.read_text().split()}; batches h1 {r0['first_batches'][:2]} h2 "
+          f"{r1['first_batches'][:2]}; weights sha256 h1 {r0['trainable_sha256'][:16]} h2 "
+          f"{r1['trainable_sha256'][:16]}; losses two hosts {losses[0]} one host {losses[1]}")  # fmt: skip
+
+
+def test_a_host_that_never_joins_fails_in_bounded_time_naming_it(hosts, tmp_path):
+    (h1, _), (a1, _), hostfile = hosts
+    args = settings(tmp_path / "runs", hostfile, a1, free_port(), **{"train.rendezvous_timeout_s": 20})
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "alone", *args).returncode == 0
+    t0 = time.monotonic()
+    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "alone", *args)
+    out = node0.communicate(timeout=300)[0]
+    assert node0.returncode == 1 and time.monotonic() - t0 < 150, out[-3000:]
+    assert f"rendezvous at {a1}:" in out and "timed out after 20 s: h2 (node rank 1) did not join" in out
+
+
+def test_a_taken_master_port_fails_at_once_naming_the_host(hosts, tmp_path):
+    (h1, _), (a1, _), hostfile = hosts
+    port = free_port()
+    hold = f"import socket, time; s = socket.socket(); s.bind(('{a1}', {port})); s.listen(); print('held', flush=True)"
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", h1, sys.executable, "-c", hold + "; time.sleep(300)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = settings(tmp_path / "runs", hostfile, a1, port)
+        assert run_cli("format", "configs/tiny.yaml", "--run-id", "taken", *args).returncode == 0
+        t0 = time.monotonic()
+        node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "taken", *args)
+        out = node0.communicate(timeout=120)[0]
+        assert node0.returncode == 1 and time.monotonic() - t0 < 60, out[-3000:]
+        assert f"train.master_port {port} is already taken on h1 ({a1}), node 0 of train.hostfile" in out
+    finally:
+        holder.kill()
+
+
+def test_a_joining_host_that_cannot_reach_the_master_fails_naming_it(hosts, tmp_path):
+    (_, h2), (a1, _), hostfile = hosts
+    args = settings(tmp_path / "runs", hostfile, a1, free_port(), **{"train.rendezvous_timeout_s": 20})
+    spec = tmp_path / "runs" / "orphan" / "train" / "spec.json"  # as if node 0 had started, then died
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "orphan", *args).returncode == 0
+    res = run_cli("train", "configs/tiny.yaml", "--run-id", "orphan", "--set", f"output_dir={tmp_path / 'runs'}",
+                  "--set", "train.max_steps=1")  # fmt: skip
+    assert res.returncode == 0 and spec.is_file()
+    t0 = time.monotonic()
+    node1 = on_host(h2, "join", "configs/tiny.yaml", "--run-id", "orphan", "--node-rank", "1", *args)
+    out = node1.communicate(timeout=300)[0]
+    assert node1.returncode == 1 and time.monotonic() - t0 < 150, out[-3000:]
+    assert "h2 (node rank 1) could not reach the master h1 at" in out
