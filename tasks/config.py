@@ -34,6 +34,7 @@ class ModelConfig(Section):
     )
 
 
+RecordFormat = Literal["auto", "alpaca", "messages", "sharegpt", "completion"]
 KNOWN_COLUMNS = ("instruction", "input", "output", "system", "messages", "conversations", "prompt",
                  "completion", "text")  # fmt: skip
 
@@ -63,9 +64,7 @@ class SourceConfig(Section):
     )
     count: int | None = Field(None, gt=0, description="exactly this many records (repeated if it has fewer)")
     fraction: float | None = Field(None, gt=0, le=1, description="this share of the source's own records")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] | None = Field(
-        None, description="default: data.format"
-    )
+    format: RecordFormat | None = Field(None, description="default: data.format")
     columns: dict[str, str] | None = Field(None, description="default: data.columns")
     roles: dict[str, str] | None = Field(None, description="default: data.roles")
 
@@ -109,7 +108,7 @@ class DataConfig(Section):
     eval_path: str | list[str] | None = Field(
         None, description="separate eval data; otherwise eval_fraction is split off"
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = "auto"
+    format: RecordFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
     roles: dict[str, str] = Field(
         default_factory=dict,
@@ -364,13 +363,13 @@ class RetentionConfig(Section):
     """A fixed eval set, unrelated to the task, the candidate must not get worse on (its loss)."""
 
     path: str | None = Field(
-        None, description="default: the shipped general set (data/retention/general.jsonl); null: off"
+        None, description="a file of records (default: the shipped data/retention/general.jsonl)"
     )
     enabled: bool = False
     max_loss_increase: float = Field(
         0.05, ge=0, description="refuse if the candidate's loss on it exceeds a reference's by this share"
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = "auto"
+    format: RecordFormat = "auto"
 
     @field_validator("path")
     @classmethod

@@ -67,28 +67,29 @@ def plan_data(cfg: PipelineConfig, lineage: Lineage | None = None) -> DataPlan:
     """``lineage``: the champion this run starts from; with ``data.replay`` its sources join the mix."""
     d = cfg.data
     shares = [Share(s) for s in d.mix()]
+    files = [resolve_sources(s.source.path, f"data.sources[{s.source.label}]" if d.sources else "data.path")
+             for s in shares]  # fmt: skip
     if d.replay and lineage is not None:
-        known = [resolve_sources(s.source.path) for s in shares]
         for source in replay_sources(lineage):
-            if (files := resolve_sources(source["path"])) not in known:  # each file once, at its first share
-                known.append(files)
-                shares.append(Share(SourceConfig.model_validate(source), replay=True))
-    sources = []
-    for i, share in enumerate(shares):
-        field = f"data.sources[{share.source.label}]" if d.sources or share.replay else "data.path"
-        sources += [("train", f, i) for f in resolve_sources(share.source.path, field)]
+            share = Share(SourceConfig.model_validate(source), replay=True)
+            found = resolve_sources(share.source.path, f"data.sources[{share.source.label}]")
+            if found not in files:  # each file once, at its first share
+                shares.append(share)
+                files.append(found)
+    sources = [("train", f, i) for i, found in enumerate(files) for f in found]
     if d.eval_path:
         sources += [("eval", s, None) for s in resolve_sources(d.eval_path, "data.eval_path")]
     model_dir = resolve_model(cfg.model.name_or_path)
     hashes = [source_hash(s) for _, s, _ in sources]
     inputs = [(split, i, h) for (split, _, i), h in zip(sources, hashes)]
     settings = d.model_dump(mode="json", exclude={"path", "eval_path", "cache", "num_proc"})
-    settings["sources"] = [s.source.model_dump(mode="json", exclude={"path"}) for s in shares]
+    options = [s.source.model_dump(mode="json", exclude={"path"}) for s in shares]
+    settings["sources"] = options
     common = {"template": template_source(d.template), "tokenizer": tokenizer_hash(model_dir),
               "code": format_code_hash()}  # fmt: skip
     key = hash_json({"inputs": inputs, "data": settings, **common})
     declared = [x for x in inputs if x[1] is None or not shares[x[1]].replay]
-    settings["sources"] = [s.source.model_dump(mode="json", exclude={"path"}) for s in shares if not s.replay]
+    settings["sources"] = [o for o, s in zip(options, shares) if not s.replay]
     declared_key = hash_json({"inputs": declared, "data": settings, **common})
     data_hash = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     return DataPlan(sources, shares, hashes, model_dir, key, declared_key, data_hash)

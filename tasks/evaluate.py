@@ -24,6 +24,7 @@ from tasks.gate import (
     gate,
     intervals,
     lower_is_better,
+    resampled,
     retention_failures,
     shown,
     slice_failures,
@@ -242,11 +243,17 @@ def write_generations(
 
 
 def decide(
-    cfg: PipelineConfig, scores: dict, stats: dict[str, SampleStats], slices: list, row_slices: list | None
+    cfg: PipelineConfig,
+    scores: dict,
+    stats: dict[str, SampleStats],
+    slices: list,
+    row_slices: list | None,
+    values: dict,
 ):
     """The improvement intervals, the per-slice scores and the gate's verdict with its reason.
-    ``slices``: each generation sample's slice; ``row_slices``: each eval row's (for eval_loss)."""
-    bounds = intervals(cfg, stats)
+    ``slices``: each generation sample's slice; ``row_slices``: each eval row's (for eval_loss);
+    ``values``: every model's metrics on the bootstrap resamples (``gate.resampled``)."""
+    bounds = intervals(cfg, stats, values)
     by_slice, failures = {}, []
     metric = slice_metric(cfg, stats["candidate"], row_slices is not None)
     if cfg.data.slice_column and metric:
@@ -302,14 +309,15 @@ def run_evaluate(
                 path, cfg, template, records, eval_ds, eos_ids, stage.log, loss_sets
             )
         row_slices = read_json(Path(data.eval_slices)) if data.eval_slices else None
+        values = resampled(cfg, stats)  # once, for the gate's intervals and the chart's error bars
         bounds, by_slice, passed, reason = decide(
-            cfg, scores, stats, [r.get("slice") for r in records], row_slices
+            cfg, scores, stats, [r.get("slice") for r in records], row_slices, values
         )
         stage.log(f"evaluate: gate {'PASSED' if passed else 'NOT PASSED'}: {reason}")
 
         report = report_markdown(run_id, scores, records, preds, passed, reason, bounds, by_slice, cfg)
         (out / "report.md").write_text(report, encoding="utf-8")
-        bar_chart(scores, out / "metrics.png", spreads(cfg, stats))
+        bar_chart(scores, out / "metrics.png", spreads(cfg, values))
         write_generations(out / "generations.jsonl", records, preds, stopped)
         write_json(out / "scores.json", scores)
         stage.manifest.outputs = {

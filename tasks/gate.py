@@ -57,46 +57,53 @@ def improvement(metric: str, candidate: float, reference: float) -> float:
     return reference - candidate if lower_is_better(metric) else candidate - reference
 
 
-def intervals(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, dict[str, dict]]:
-    """reference -> metric -> {point, low, high}: the candidate's improvement, paired bootstrap."""
+def resampled(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, dict[str, np.ndarray]]:
+    """model -> metric -> the metric on each seeded resample, the same resamples for every model
+    (so differences are paired); empty when ``gate.bootstrap_samples`` is 0."""
     g = cfg.eval.gate
     if g.bootstrap_samples == 0:
         return {}
     rng = np.random.default_rng(g.seed)
     resamples: dict[int, np.ndarray] = {}
+    out: dict[str, dict[str, np.ndarray]] = {name: {} for name in stats}
+    for metric in stats["candidate"].stats:
+        n = stats["candidate"].size(metric)
+        if n not in resamples:
+            resamples[n] = rng.integers(0, n, size=(g.bootstrap_samples, n))
+        for name, model in stats.items():
+            if metric in model.stats:
+                out[name][metric] = np.array([model.value(metric, i) for i in resamples[n]])
+    return out
+
+
+def intervals(
+    cfg: PipelineConfig, stats: dict[str, SampleStats], values: dict | None = None
+) -> dict[str, dict[str, dict]]:
+    """reference -> metric -> {point, low, high}: the candidate's improvement, paired bootstrap.
+    ``values``: ``resampled``'s output, when the caller already has it."""
+    values = resampled(cfg, stats) if values is None else values
+    if not values:
+        return {}
+    tail = (1 - cfg.eval.gate.confidence) / 2 * 100
     candidate = stats["candidate"]
     out: dict[str, dict[str, dict]] = {}
     for ref in (r for r in ("base", "champion") if r in stats):
         out[ref] = {}
-        for metric in candidate.stats:
-            if metric not in stats[ref].stats:
-                continue
-            n = candidate.size(metric)
-            if n not in resamples:
-                resamples[n] = rng.integers(0, n, size=(g.bootstrap_samples, n))
-            pairs = ((candidate.value(metric, i), stats[ref].value(metric, i)) for i in resamples[n])
-            diffs = np.array([improvement(metric, c, r) for c, r in pairs])
-            tail = (1 - g.confidence) / 2 * 100
+        for metric in (m for m in candidate.stats if m in values[ref]):
+            diffs = improvement(metric, values["candidate"][metric], values[ref][metric])
             low, high = np.percentile(diffs, [tail, 100 - tail])
             point = improvement(metric, candidate.value(metric), stats[ref].value(metric))
             out[ref][metric] = {"point": point, "low": float(low), "high": float(high)}
     return out
 
 
-def spreads(cfg: PipelineConfig, stats: dict[str, SampleStats]) -> dict[str, dict[str, tuple]]:
-    """model -> metric -> (low, high): each model's own bootstrap interval, for the chart's error bars."""
-    g = cfg.eval.gate
-    if g.bootstrap_samples == 0:
-        return {}
-    rng, tail = np.random.default_rng(g.seed), (1 - g.confidence) / 2 * 100
-    out: dict[str, dict[str, tuple]] = {}
-    for name, model in stats.items():
-        out[name] = {}
-        for metric in model.stats:
-            n = model.size(metric)
-            values = [model.value(metric, rng.integers(0, n, n)) for _ in range(g.bootstrap_samples)]
-            out[name][metric] = tuple(float(x) for x in np.percentile(values, [tail, 100 - tail]))
-    return out
+def spreads(cfg: PipelineConfig, values: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, tuple]]:
+    """model -> metric -> (low, high): each model's own interval on the resamples, for the chart."""
+    tail = (1 - cfg.eval.gate.confidence) / 2 * 100
+    return {
+        name: {m: tuple(float(x) for x in np.percentile(v, [tail, 100 - tail])) for m, v in metrics.items()}
+        for name, metrics in values.items()
+    }
 
 
 def shown(interval: dict | None) -> str:

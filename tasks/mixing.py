@@ -37,16 +37,8 @@ def planned_counts(shares: list[Share], available: list[int], replay: float) -> 
     counts = [0] * len(shares)
     weighted = [i for i, s in enumerate(shares) if s.source.weight is not None and not s.replay]
     for i, share in enumerate(shares):
-        s = share.source
-        if share.replay or i in weighted:
-            continue
-        counts[i] = (
-            s.count
-            if s.count is not None
-            else round(s.fraction * available[i])
-            if s.fraction
-            else available[i]
-        )
+        if not share.replay and i not in weighted:
+            counts[i] = own_count(share.source, available[i])
     if weighted:
         total = sum(shares[i].source.weight for i in weighted)
         size = min(available[i] * total / shares[i].source.weight for i in weighted)
@@ -62,6 +54,13 @@ def planned_counts(shares: list[Share], available: list[int], replay: float) -> 
         for i in order[: want - sum(counts[i] for i in replayed)]:
             counts[i] += 1
     return counts
+
+
+def own_count(source: SourceConfig, available: int) -> int:
+    """A source without a weight: its count, its fraction of what it has, or all of it."""
+    if source.count is not None:
+        return source.count
+    return round(source.fraction * available) if source.fraction is not None else available
 
 
 def eval_size(n: int, fraction: float) -> int:
