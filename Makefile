@@ -13,7 +13,7 @@ export DO_NOT_TRACK ?= 1
 # Nothing the demo or the tests use comes from the hub; set HF_HUB_OFFLINE=0 to load hub datasets.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install vllm demo lint test test-fast bench stack stack-stop prefect-setup clean
+.PHONY: install vllm demo lint test test-fast test-docker bench stack stack-stop prefect-setup clean
 
 # `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
 # Without STACK_DB both serve the SQLite stores `make demo` writes (runs/mlflow.db and
@@ -60,6 +60,11 @@ test: lint vllm
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
 
+# The images built on a local CPU base and run, and the docker work pool (root: it installs
+# docker.io and debootstrap from Debian's packages and starts dockerd when none answers).
+test-docker: lint vllm
+	$(BIN)/pytest -q -m docker
+
 bench: install
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/format.py
@@ -96,9 +101,10 @@ stack-stop:
 	  kill -9 $$pid 2>/dev/null; rm -f $$f; echo "stopped $$p"; \
 	done
 
-# The work pool, the `gpu` tag limit (one train task at a time) and the deployments in prefect.yaml.
+# The work pools, the `gpu` tag limit (one train task at a time) and the deployments in prefect.yaml.
 prefect-setup: install
 	$(BIN)/prefect work-pool create sftflow-process --type process --overwrite
+	$(BIN)/prefect work-pool create sftflow-docker --type docker --overwrite
 	$(BIN)/prefect concurrency-limit create gpu 1
 	$(BIN)/prefect --no-prompt deploy --all
 

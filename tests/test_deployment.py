@@ -56,6 +56,7 @@ def prefect_stack(tmp_path_factory):
 
             # what `make prefect-setup` does
             prefect("work-pool", "create", "sftflow-process", "--type", "process")
+            prefect("work-pool", "create", "sftflow-docker", "--type", "docker")  # test_images.py runs it
             prefect("concurrency-limit", "create", "gpu", "1")
             prefect("--no-prompt", "deploy", "--all")
             worker_log = tmp / "worker.log"

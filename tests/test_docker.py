@@ -1,5 +1,5 @@
-"""docker/: no Docker engine runs here, so the Dockerfiles are linted with hadolint and the
-compose file is checked for structure and for versions that match the project's pins."""
+"""docker/ without an engine: the Dockerfiles linted with hadolint, their default bases and the
+compose file checked against the project's pins. tests/test_images.py builds and runs them."""
 
 import re
 import subprocess
@@ -26,11 +26,19 @@ def test_dockerfiles_pass_hadolint():
 def test_images_are_pinned_and_match_the_project():
     train = (DOCKER / "Dockerfile.train").read_text()
     serve = (DOCKER / "Dockerfile.serve").read_text()
-    assert f"deepspeed=={PINS['deepspeed']}" in train and "DS_BUILD_CPU_ADAM=1" in train
-    assert re.search(r"^FROM vllm/vllm-openai:v\d+\.\d+\.\d+$", serve, re.M)
+    # the default CUDA base ships the torch the project pins (constraints.txt: the CPU build of it)
+    base = re.search(r"^ARG BASE=pytorch/pytorch:(\S+)-cuda[\d.]+-cudnn\d+-devel$", train, re.M)
+    assert base and base.group(1) == PINS["torch"].split("+")[0]
     from tasks.handoff import VLLM_IMAGE
 
-    assert f"FROM {VLLM_IMAGE}" in serve  # the compose snippet in each bundle uses the same image
+    # the compose snippet in each bundle uses the same image, of the version configs/vllm pins
+    assert f"ARG BASE={VLLM_IMAGE}" in serve
+    assert all("\nFROM ${BASE}\n" in dockerfile for dockerfile in (train, serve))
+    # the train image installs under the project's constraints (deepspeed's pin among them)
+    assert "-c /tmp/constraints.txt -e ." in train and "constraints.txt" in train
+    assert VLLM_IMAGE.endswith(
+        ":v" + re.search(r"^vllm==(\S+)", (ROOT / "configs/vllm/cuda.txt").read_text(), re.M)[1]
+    )
 
 
 def test_compose_file_is_a_consistent_stack():

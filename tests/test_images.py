@@ -1,0 +1,258 @@
+"""docker/ for real: the train and serving images built on a local CPU base and run, the compose
+file validated by docker-compose, and a Prefect docker work pool running the pipeline in a
+container of the train image.
+
+The run directory and MLflow store sit on a volume mounted at the same path inside and outside
+the containers, so what a container recorded (paths included) reads the same on the host.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import ROOT
+from dockerhost import build, build_context, cpu_base, sh, start_engine
+from services import free_port, stop
+from test_deployment import wait_final
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+# full fine-tuning long enough for the 2-layer model to end its turns (as in test_vllm.py), so
+# the served answers can stop on their own and be compared with the evaluated ones
+FULL = [
+    "train.method=full", "train.max_steps=80", "train.learning_rate=1e-2", "train.save_steps=100",
+    "eval.max_new_tokens=48", "serve.served_model_name=model",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    proc = start_engine(tmp_path_factory.mktemp("dockerd") / "dockerd.log")
+    yield
+    if proc is not None:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def train_image(engine) -> dict:
+    built = build("Dockerfile.train", "sftflow-train:test", BASE=cpu_base())
+    print(f"\ntrain image: {built}")
+    return built
+
+
+def mlflow_client(runs: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{runs}/mlflow.db"
+    return MlflowClient(uri, uri)
+
+
+@pytest.fixture(scope="module")
+def container_run(train_image, tmp_path_factory, prefect_server) -> dict:
+    """`sftflow run configs/tiny.yaml` in a container of the train image, reporting to the tests'
+    Prefect server; the run directory and MLflow store on a mounted volume."""
+    store = tmp_path_factory.mktemp("store")
+    runs = store / "runs"
+    sets = [x for s in [f"output_dir={runs}", *FULL] for x in ("--set", s)]
+    env = ["-e", f"PREFECT_API_URL={prefect_server}"] if prefect_server else []
+    t0 = time.monotonic()
+    done = sh(
+        "docker", "run", "--rm", "--network", "host", "-v", f"{store}:{store}", *env, "-e", "HF_HUB_OFFLINE=1",
+        train_image["tag"], "sftflow", "run", "configs/tiny.yaml", *sets, "--summary-json", f"{store}/summary.json",
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((store / "summary.json").read_text())
+    print(f"\ncontainer run: {time.monotonic() - t0:.0f}s; {done.stdout[-1500:]}")
+    return {"runs": runs, "summary": summary, "stdout": done.stdout}
+
+
+def test_tiny_pipeline_in_the_train_image_is_read_from_the_host(container_run):
+    """The registry the container wrote is read on the host: the version, its run, its bundle."""
+    summary, runs = container_run["summary"], container_run["runs"]
+    client = mlflow_client(runs)
+    versions = client.search_model_versions(f"name = '{summary['registered_model']}'")
+    assert [str(v.version) for v in versions] == [str(summary["version"])] == ["1"]
+    version = versions[0]
+    assert version.tags["sftflow.run_id"] == summary["run_id"]
+    assert str(client.get_model_version_by_alias(summary["registered_model"], "champion").version) == "1"
+    assert client.get_run(version.run_id).info.status == "FINISHED"
+    scored = summary["scores"]["candidate"]["eval_loss"]
+    assert float(version.tags["metric.eval_loss"]) == pytest.approx(scored, abs=1e-4)
+    bundle = Path(summary["bundle"])
+    assert (
+        bundle.is_relative_to(runs)
+        and json.loads((bundle / "serve.json").read_text())["served_model_name"] == "model"
+    )
+    # the train stage ran DeepSpeed in the container, on the image's CPU torch
+    train = json.loads((Path(summary["run_dir"]) / "train/manifest.json").read_text())
+    assert train["status"] == "completed" and summary["steps"] == 80
+
+
+def test_serving_image_serves_what_the_container_evaluated(engine, container_run, tmp_path):
+    """vLLM for CPU in the serving image, on the bundle the container run made: the smoke test
+    passes from the host and the answers are the ones the evaluate stage scored."""
+    from tasks.files import read_jsonl
+    from tasks.serving import smoke_test
+
+    built = build("Dockerfile.serve", "sftflow-serve:test", BASE=cpu_base(), VLLM_PINS="configs/vllm/cpu.txt")
+    print(f"\nserving image: {built}")
+    summary, port = container_run["summary"], free_port()
+    name = f"sftflow-serve-test-{port}"
+    sh(
+        "docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--shm-size", "1g",
+        "-v", f"{summary['bundle']}:/bundle:ro", "-e", "VLLM_CPU_KVCACHE_SPACE=1", built["tag"],
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        waited = wait_container(name, url, 600)
+        rows = read_jsonl(Path(summary["run_dir"]) / "evaluate/generations.jsonl")[:3]
+        smoke = smoke_test(url, "model", [r["prompt"] for r in rows], max_tokens=48)
+        print(f"serving container healthy after {waited:.0f}s; smoke: {smoke}")
+        assert smoke["passed"], smoke["failures"]
+        assert [a["answer"].strip() for a in smoke["answers"]] == [r["candidate"] for r in rows]
+    except Exception:
+        print(sh("docker", "logs", "--tail", "40", name, check=False).stderr)
+        raise
+    finally:
+        sh("docker", "rm", "-f", name, check=False)
+
+
+def wait_container(name: str, url: str, timeout: float) -> float:
+    """Seconds until the container's server answers ``/models``; fails at once if it exits."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if sh("docker", "inspect", "-f", "{{.State.Running}}", name).stdout.strip() != "true":
+            raise RuntimeError(f"container {name} exited before it was healthy")
+        try:
+            if httpx.get(url + "/models", timeout=5).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def local_stack(folder: Path, images: dict[str, str], bundle: Path) -> tuple[Path, dict[str, int]]:
+    """docker/compose.yaml with what cannot run here replaced: locally built images for the ones
+    it pulls, no GPU reservations, free host ports on 127.0.0.1, the bundle at its own path."""
+    compose = yaml.safe_load((ROOT / "docker/compose.yaml").read_text())
+    ports = {}
+    for name, svc in compose["services"].items():
+        svc.pop("build", None)
+        svc.pop("deploy", None)
+        svc["image"] = images[name]
+        for i, mapping in enumerate(svc.get("ports", [])):
+            ports[name] = free_port()
+            svc["ports"][i] = f"127.0.0.1:{ports[name]}:{mapping.split(':')[-1]}"
+        svc["volumes"] = [
+            v.replace("./initdb", str(ROOT / "docker/initdb")).replace("./bundle", str(bundle))
+            for v in svc.get("volumes", [])
+        ]
+    compose["services"]["vllm"]["environment"] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    path = folder / "compose.yaml"
+    path.write_text(yaml.safe_dump(compose, sort_keys=False))
+    return path, ports
+
+
+def test_compose_stack_validates_and_comes_up_on_local_images(engine, train_image, container_run, tmp_path):
+    """`docker-compose config` passes on docker/compose.yaml; the whole stack then comes up on
+    local images (the official postgres, Prefect and MLflow images cannot be pulled here): the
+    Prefect server and MLflow server on their PostgreSQL databases, the worker in its pool, and
+    vLLM serving the container run's bundle."""
+    done = sh("docker-compose", "-f", str(ROOT / "docker/compose.yaml"), "config", check=False)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert set(services) == {"postgres", "prefect-server", "mlflow-server", "worker", "vllm"}
+
+    postgres = build_context(ROOT / "tests/images/postgres", "sftflow-postgres:test")
+    serve = build("Dockerfile.serve", "sftflow-serve:test", BASE=cpu_base(), VLLM_PINS="configs/vllm/cpu.txt")
+    images = {"postgres": postgres, "prefect-server": train_image["tag"], "mlflow-server": train_image["tag"],
+              "worker": train_image["tag"], "vllm": serve["tag"]}  # fmt: skip
+    path, ports = local_stack(tmp_path, images, Path(container_run["summary"]["bundle"]))
+    compose = ["docker-compose", "-p", f"sftflowtest{ports['vllm']}", "-f", str(path)]
+    try:
+        sh(*compose, "up", "-d", timeout=600)
+        prefect = f"http://127.0.0.1:{ports['prefect-server']}/api"
+        t0 = time.monotonic()
+        wait_http_ok(f"{prefect}/health", 300)
+        wait_http_ok(f"http://127.0.0.1:{ports['mlflow-server']}/health", 300)
+        workers = wait_http_ok(f"{prefect}/work_pools/sftflow-process/workers/filter", 120, post={})
+        wait_http_ok(f"http://127.0.0.1:{ports['vllm']}/v1/models", 600)
+        print(f"\ncompose stack up in {time.monotonic() - t0:.0f}s; worker {workers[0]['name']}")
+        assert workers and workers[0]["status"] == "ONLINE"
+        tables = sh(*compose, "exec", "-T", "postgres", "psql", "-U", "sftflow", "-d", "mlflow", "-Atc",
+                    "select count(*) from alembic_version").stdout  # fmt: skip
+        assert tables.strip() == "1"  # MLflow migrated its own database
+    except Exception:
+        print(sh(*compose, "logs", "--tail", "30", check=False).stdout[-6000:])
+        raise
+    finally:
+        sh(*compose, "down", "-v", check=False, timeout=300)
+
+
+def wait_http_ok(url: str, timeout: float, post: dict | None = None):
+    """The JSON of the first 200 answer (a non-empty one, for a list) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(url, json=post, timeout=5) if post is not None else httpx.get(url, timeout=5)
+            body = r.json() if "json" in r.headers.get("content-type", "") else r.text
+            if r.status_code == 200 and body != []:
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def test_docker_pool_deployment_runs_the_pipeline_in_a_container(train_image, prefect_server, tmp_path):
+    """prefect.yaml's on-demand-docker deployment on a docker work pool: `prefect deployment run`
+    is picked up by a prefect-docker worker, runs in a container of the train image, completes."""
+    if prefect_server is None:
+        pytest.skip("needs the tests' Prefect server (PostgreSQL)")
+    env = {**__import__("os").environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home"),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}  # fmt: skip
+
+    def prefect(*args):
+        done = subprocess.run(
+            [PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    prefect("work-pool", "create", "sftflow-docker", "--type", "docker", "--overwrite")
+    prefect("--no-prompt", "deploy", "--name", "on-demand-docker")
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "sftflow-docker"], cwd=ROOT, env=env,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    try:
+        out = prefect(
+            "deployment", "run", "sft-pipeline/on-demand-docker",
+            "-p", "config_path=configs/tiny.yaml", "-p", f"overrides={json.dumps([f'output_dir={runs}'])}",
+            # the test's image, the run directory mounted at its own path, no GPU to request here
+            "--job-variable", f"image={train_image['tag']}",
+            "--job-variable", f"volumes={json.dumps([f'{runs}:{runs}'])}",
+            "--job-variable", "container_create_kwargs={}",
+        )  # fmt: skip
+        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+        run = wait_final(prefect_server, flow_run_id, 900)
+    finally:
+        stop(worker)
+    print(f"\ndocker-pool flow run: {run['state']['name']} after {run['total_run_time']:.0f}s")
+    assert run["state"]["type"] == "COMPLETED", (run["state"], log.read_text()[-4000:])
+    infra = httpx.get(f"{prefect_server}/flow_runs/{flow_run_id}").json()["infrastructure_pid"]
+    assert infra and len(infra.split(":")[-1]) == 64  # a Docker container id, not a local process
+    versions = mlflow_client(runs).search_model_versions("name = 'tiny'")
+    assert [str(v.version) for v in versions] == ["1"]
