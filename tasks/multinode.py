@@ -84,3 +84,36 @@ def not_joined(hosts: list[tuple[str, int]], node_rank: int, addr: str, port: in
         f"{hosts[node_rank][0]} (node rank {node_rank}) could not reach the master {hosts[0][0]} at "
         f"{addr}:{port} within {waited} s (is node 0 training? does this host reach {addr}?)"
     )
+
+
+# pdsh's line when ssh could not connect to a host or log in there
+SSH_FAILED = re.compile(r"^pdsh@\S+: (?P<host>\S+): ssh exited with exit code 255")
+
+
+def not_started(host: str, why: str, node0: str) -> str:
+    return (
+        f"pdsh could not start the ranks of {host}: {why} (does `ssh {host}` log in without a password "
+        f"from {node0}?); killed the other hosts' ranks"
+    )
+
+
+# What ranks started over ssh need from the train stage's environment: pdsh gives them sshd's.
+# DeepSpeed's runner forwards PYTHON* and MLFLOW* variables itself, and a DS_ENV_FILE's lines.
+REMOTE_ENV = ("SFTFLOW_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
+
+
+def remote_env_file(env: dict[str, str], path: Path, log) -> Path:
+    """The environment file (DeepSpeed's ``.deepspeed_env`` format) for the ranks pdsh starts.
+    An MLflow URI with credentials stays out of it: the runner would put it on the ssh command line."""
+    from tasks.models import sftflow_home
+    from tasks.tracking import redact
+
+    keep = {k: env[k] for k in REMOTE_ENV if k in env} | {"SFTFLOW_HOME": str(sftflow_home())}
+    uri = env.get("SFTFLOW_MLFLOW_URI", "")
+    if uri and redact(uri) == uri:
+        keep["SFTFLOW_MLFLOW_URI"] = uri
+    elif uri:
+        log("train: the MLflow URI holds credentials, which are not sent to the ssh-started ranks: "
+            "training metrics are logged when the stage ends, not live")  # fmt: skip
+    path.write_text("".join(f"{k}={v}\n" for k, v in keep.items()))
+    return path.resolve()

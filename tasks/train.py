@@ -36,7 +36,15 @@ from tasks.files import read_json, write_json
 from tasks.hashing import file_sha256
 from tasks.lineage import Lineage, fetch_weights
 from tasks.models import resolve_model, sftflow_home
-from tasks.multinode import check_master_port, interface_for, not_joined, read_hostfile
+from tasks.multinode import (
+    SSH_FAILED,
+    check_master_port,
+    interface_for,
+    not_joined,
+    not_started,
+    read_hostfile,
+    remote_env_file,
+)
 from tasks.paths import CODE_ROOT, stage_dir
 from tasks.results import FormatResult, TrainResult
 from tasks.stage import open_stage
@@ -90,6 +98,8 @@ def supervise_node(
     """``supervise``, with a multi-node rendezvous failure said in terms of the hostfile's hosts."""
     t = cfg.train
     env = rendezvous_env(cfg, worker_env(cfg.mlflow_uri), log)
+    if t.hostfile and t.launcher == "ssh":
+        env["DS_ENV_FILE"] = str(remote_env_file(env, log_path.parent / "deepspeed_env", log))
     try:  # across hosts a missing peer blocks the rendezvous without a word: bound the wait
         supervise(cmd, env, log_path, t.timeout_s, log, t.rendezvous_timeout_s if t.hostfile else None)
     except NotJoined:
@@ -97,6 +107,8 @@ def supervise_node(
         raise RuntimeError(
             not_joined(hosts, node_rank, t.master_addr, port, t.rendezvous_timeout_s)
         ) from None
+    except Unreachable as e:
+        raise RuntimeError(not_started(*e.args, read_hostfile(t.hostfile)[0][0])) from None
 
 
 def join_training(cfg: PipelineConfig, run_id: str, node_rank: int, log=print) -> None:
@@ -189,16 +201,26 @@ class NotJoined(RuntimeError):
     """Not every rank joined the rendezvous in time."""
 
 
+class Unreachable(RuntimeError):
+    """pdsh could not start a host's ranks; the others would wait for them until the deadline."""
+
+
 def wait(
-    proc: subprocess.Popen, timeout_s: float, joined: threading.Event, join_timeout_s: float | None
+    proc: subprocess.Popen,
+    timeout_s: float,
+    joined: threading.Event,
+    join_timeout_s: float | None,
+    unreachable: list[tuple[str, str]],
 ) -> int:
     """The launcher's exit code; TimeoutExpired past ``timeout_s``, NotJoined when no rank said it
-    joined within ``join_timeout_s`` (None: no such deadline)."""
+    joined within ``join_timeout_s`` (None: no such deadline), Unreachable once pdsh says so."""
     start = time.monotonic()
     while True:
         try:
             return proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
+            if unreachable:
+                raise Unreachable(*unreachable[0]) from None
             waited = time.monotonic() - start
             if join_timeout_s is not None and not joined.is_set() and waited > join_timeout_s:
                 raise NotJoined(f"no rank joined within {join_timeout_s:g} s") from None
@@ -214,7 +236,7 @@ def supervise(
     printed; past it, past ``join_timeout_s`` without the rank's ``[train] joined`` line, or on
     any error here, the whole group is killed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    joined = threading.Event()
+    joined, unreachable = threading.Event(), []
     shm_before = set(glob.glob("/dev/shm/*deepspeed*"))
     with open(log_path, "a", encoding="utf-8", buffering=1) as logfile:  # line-buffered: tail -f works
         proc = subprocess.Popen(
@@ -235,6 +257,9 @@ def supervise(
                 tail.append(line.rstrip())
                 if JOINED in line:
                     joined.set()
+                elif m := SSH_FAILED.match(line):  # ssh's own reason is the host's line before it
+                    why = [x for x in tail if x.startswith(f"{m['host']}: ssh")] or [line.strip()]
+                    unreachable.append((m["host"], why[-1]))
                 # the launcher prefixes rank output; our worker tags its own lines
                 if "[train]" in line or "Error" in line:
                     log(line.rstrip()[-400:])
@@ -242,7 +267,7 @@ def supervise(
         reader = threading.Thread(target=pump, name="train-log", daemon=True)
         reader.start()
         try:
-            code = wait(proc, timeout_s, joined, join_timeout_s)
+            code = wait(proc, timeout_s, joined, join_timeout_s, unreachable)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

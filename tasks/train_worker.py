@@ -121,7 +121,12 @@ class Guard(TrainerCallback):
         self.step_ends: list[list] = []
         self.client = None
         self.pending: list = []
-        if spec.get("mlflow_run_id") and int(os.environ.get("RANK", "0")) == 0:
+        # ranks started over ssh have no MLflow URI when it holds credentials (tasks/multinode.py)
+        if (
+            spec.get("mlflow_run_id")
+            and int(os.environ.get("RANK", "0")) == 0
+            and "SFTFLOW_MLFLOW_URI" in os.environ
+        ):
             from tasks.tracking import mlflow_client
 
             self.client = mlflow_client(os.environ["SFTFLOW_MLFLOW_URI"])
@@ -343,6 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.models import load_tokenizer, pick_dtype
 
     t, out = spec["train"], Path(spec["output_dir"])
+    if t["hostfile"] and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # ranks started over ssh don't inherit the train stage's choice, and each host has its own
+        from tasks.multinode import interface_for
+
+        if name := interface_for(os.environ["MASTER_ADDR"]):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
     set_seed(t["seed"])
     dtype = pick_dtype(t["precision"])
     tok = load_tokenizer(spec["model_path"])

@@ -1,6 +1,8 @@
 """DeepSpeed across two hosts: two network namespaces joined by a veth link, each with its own
-address, one process slot each, a real TCP rendezvous and gloo between them. Node 0 runs
-`sftflow train` with `train.launcher: per_node`; the other host runs `sftflow join`."""
+address, one process slot each, a real TCP rendezvous and gloo between them. With
+`train.launcher: per_node` node 0 runs `sftflow train` and the other host `sftflow join`; with
+`train.launcher: ssh` DeepSpeed's runner on node 0 starts both hosts' ranks with pdsh, through an
+sshd in each namespace."""
 
 import json
 import os
@@ -56,10 +58,46 @@ def settings(out: Path, hostfile: Path, master: str, port: int, **extra) -> list
     return [arg for k, v in pairs.items() for arg in ("--set", f"{k}={v}")]
 
 
-def on_host(ns: str, *args: str) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def ssh_hosts(hosts, tmp_path_factory):
+    """An sshd on each host that lets this user in with a key, and `ssh` on PATH configured to
+    reach h1 and h2 with it: what a cluster's ~/.ssh/config does. pdsh and sshd from Debian's packages."""
+    (names, addrs, _), tmp = hosts, tmp_path_factory.mktemp("ssh")
+    if missing := [
+        pkg for cmd, pkg in (("sshd", "openssh-server"), ("pdsh", "pdsh")) if not shutil.which(cmd)
+    ]:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, capture_output=True)
+    for key in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)], check=True)
+    shutil.copy(tmp / "id.pub", tmp / "authorized_keys")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    options = {"HostKey": tmp / "host_key", "AuthorizedKeysFile": tmp / "authorized_keys", "StrictModes": "no",
+               "PidFile": "none", "UsePAM": "no"}  # fmt: skip
+    daemons = [
+        subprocess.Popen(["ip", "netns", "exec", ns, shutil.which("sshd"), "-D", "-e", "-f", "/dev/null",
+                          "-o", f"ListenAddress={addr}", *[f"-o{k}={v}" for k, v in options.items()]],
+                         stdout=(tmp / f"sshd-{ns}.log").open("w"), stderr=subprocess.STDOUT)
+        for ns, addr in zip(names, addrs)
+    ]  # fmt: skip
+    hosts_config = "".join(f"Host h{i}\n  HostName {a}\n" for i, a in enumerate(addrs, 1))
+    (tmp / "ssh_config").write_text(
+        hosts_config + f"Host h9\n  HostName {addrs[0].rsplit('.', 1)[0]}.9\nHost *\n  IdentityFile {tmp / 'id'}\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n  ConnectTimeout 5\n"
+        "  LogLevel ERROR\n"
+    )  # fmt: skip
+    (tmp / "bin").mkdir()
+    (tmp / "bin/ssh").write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {tmp / "ssh_config"} "$@"\n')
+    (tmp / "bin/ssh").chmod(0o755)
+    yield {"PATH": f"{tmp / 'bin'}:{os.environ['PATH']}"}
+    for daemon in daemons:
+        daemon.kill()
+
+
+def on_host(ns: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-m", "flows.cli", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
@@ -73,7 +111,9 @@ def ranks(train_dir: Path) -> list[dict]:
     return [json.loads((train_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_hosts_train_as_one_world_with_the_losses_of_one_host_with_two_processes(hosts, tmp_path):
+def test_two_hosts_train_as_one_world_with_the_losses_of_one_host_with_two_processes(
+    hosts, one_host, tmp_path
+):
     (h1, h2), (a1, _), hostfile = hosts
     args = settings(tmp_path / "runs", hostfile, a1, free_port())
     assert run_cli("format", "configs/tiny.yaml", "--run-id", "two-hosts", *args).returncode == 0
@@ -83,28 +123,31 @@ def test_two_hosts_train_as_one_world_with_the_losses_of_one_host_with_two_proce
     assert node0.returncode == 0 and node1.returncode == 0, out0[-3000:] + out1[-3000:]
     assert f"gloo talks to {a1} over" in out0 and f"join: h2 joins {a1}:" in out1
     two_hosts = tmp_path / "runs" / "two-hosts" / "train"
+    assert_like_one_host(two_hosts, one_host, hostfile, "per_node")
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory) -> Path:
+    """The same 4 steps on one host with 2 processes: what the two-host runs must reproduce."""
+    out = tmp_path_factory.mktemp("one-host")
+    one = ["--set", f"output_dir={out}", "--set", "train.num_processes=2", "--set", "train.max_steps=4"]
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "one-host", *one).returncode == 0
+    res = run_cli("train", "configs/tiny.yaml", "--run-id", "one-host", *one)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "one-host" / "train"
+
+
+def assert_like_one_host(two_hosts: Path, one_host: Path, hostfile: Path, launcher: str) -> None:
+    """World size 2, disjoint batches, one set of weights, and the one-host run's batches and losses."""
     r0, r1 = ranks(two_hosts)
     assert r0["world_size"] == r1["world_size"] == 2 and (r0["rank"], r1["rank"]) == (0, 1)
     assert not set(r0["first_batches"]) & set(r1["first_batches"])  # each host its own batches
     assert r0["trainable_sha256"] == r1["trainable_sha256"]  # the same weights on both hosts
-
-    one = [
-        "--set",
-        f"output_dir={tmp_path / 'runs'}",
-        "--set",
-        "train.num_processes=2",
-        "--set",
-        "train.max_steps=4",
-    ]
-    assert run_cli("format", "configs/tiny.yaml", "--run-id", "one-host", *one).returncode == 0
-    res = run_cli("train", "configs/tiny.yaml", "--run-id", "one-host", *one)
-    assert res.returncode == 0, res.stderr[-3000:]
-    one_host = tmp_path / "runs" / "one-host" / "train"
     losses = [json.loads((d / "result.json").read_text())["losses"] for d in (two_hosts, one_host)]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert [r["first_batches"] for r in ranks(one_host)] == [r0["first_batches"], r1["first_batches"]]
-    print(f"\nworld size 2 over {hostfile.read_text().split()}; batches h1 {r0['first_batches'][:2]} h2 "
-          f"{r1['first_batches'][:2]}; weights sha256 h1 {r0['trainable_sha256'][:16]} h2 "
+    print(f"\n{launcher}: world size 2 over {hostfile.read_text().split()}; batches h1 {r0['first_batches'][:2]} "
+          f"h2 {r1['first_batches'][:2]}; weights sha256 h1 {r0['trainable_sha256'][:16]} h2 "
           f"{r1['trainable_sha256'][:16]}; losses two hosts {losses[0]} one host {losses[1]}")  # fmt: skip
 
 
@@ -154,3 +197,32 @@ def test_a_joining_host_that_cannot_reach_the_master_fails_naming_it(hosts, tmp_
     out = node1.communicate(timeout=300)[0]
     assert node1.returncode == 1 and time.monotonic() - t0 < 150, out[-3000:]
     assert "h2 (node rank 1) could not reach the master h1 at" in out
+
+
+def test_the_ssh_launcher_starts_both_hosts_ranks_over_pdsh(hosts, ssh_hosts, one_host, tmp_path):
+    """`train.launcher: ssh`: the train stage on h1 runs DeepSpeed's runner, which starts one rank
+    on each host with pdsh over ssh; the ranks find their own gloo interface."""
+    (h1, _), (a1, _), hostfile = hosts
+    args = settings(tmp_path / "runs", hostfile, a1, free_port(), **{"train.launcher": "ssh"})
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "ssh", *args).returncode == 0
+    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "ssh", *args, env=ssh_hosts)
+    out = node0.communicate(timeout=600)[0]
+    assert node0.returncode == 0, out[-3000:]
+    train = tmp_path / "runs" / "ssh" / "train"
+    log = (train / "train.log").read_text()
+    assert "h1: [train] joined: rank 0 of 2" in log and "h2: [train] joined: rank 1 of 2" in log  # pdsh's
+    assert "SFTFLOW_HOME=" in (train / "deepspeed_env").read_text()
+    assert_like_one_host(train, one_host, hostfile, "ssh")
+
+
+def test_the_ssh_launcher_names_a_host_it_cannot_reach(hosts, ssh_hosts, tmp_path):
+    (h1, _), (a1, _), _ = hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h1 slots=1\nh9 slots=1\n")  # h9: an address no host has
+    args = settings(tmp_path / "runs", hostfile, a1, free_port(), **{"train.launcher": "ssh"})
+    assert run_cli("format", "configs/tiny.yaml", "--run-id", "ssh-down", *args).returncode == 0
+    t0 = time.monotonic()
+    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "ssh-down", *args, env=ssh_hosts)
+    out = node0.communicate(timeout=300)[0]
+    assert node0.returncode == 1 and time.monotonic() - t0 < 120, out[-3000:]
+    assert "pdsh could not start the ranks of h9: h9: ssh: connect to host" in out
