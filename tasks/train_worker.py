@@ -121,12 +121,10 @@ class Guard(TrainerCallback):
         self.step_ends: list[list] = []
         self.client = None
         self.pending: list = []
-        # ranks started over ssh have no MLflow URI when it holds credentials (tasks/multinode.py)
-        if (
-            spec.get("mlflow_run_id")
-            and int(os.environ.get("RANK", "0")) == 0
-            and "SFTFLOW_MLFLOW_URI" in os.environ
-        ):
+        self.tracked = bool(spec.get("mlflow_run_id")) and int(os.environ.get("RANK", "0")) == 0
+        # ranks started over ssh have no MLflow URI when it holds credentials (tasks/multinode.py):
+        # their metrics go to the file the train stage sends at its end
+        if self.tracked and "SFTFLOW_MLFLOW_URI" in os.environ:
             from tasks.tracking import mlflow_client
 
             self.client = mlflow_client(os.environ["SFTFLOW_MLFLOW_URI"])
@@ -152,7 +150,7 @@ class Guard(TrainerCallback):
         logs["peak_memory_gb"] = _peak_memory_gb()
         shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)))
         print(f"[train] step {state.global_step}/{state.max_steps} {shown}", flush=True)
-        if self.client is not None:
+        if self.tracked:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
@@ -167,6 +165,8 @@ class Guard(TrainerCallback):
         """Send what MLflow has not got yet. An outage must not stop training: what cannot be sent
         is kept and sent later (at the end, what is still pending goes to a file the train stage
         logs once MLflow is back)."""
+        if self.client is None:
+            return
         try:
             while self.pending:
                 self.client.log_batch(self.spec["mlflow_run_id"], metrics=self.pending[:1000])
@@ -179,7 +179,7 @@ class Guard(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, **kw):
-        if self.client is not None and self.pending:
+        if self.pending:
             self.flush()
             if self.pending:
                 write_json(

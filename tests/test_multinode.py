@@ -226,3 +226,16 @@ def test_the_ssh_launcher_names_a_host_it_cannot_reach(hosts, ssh_hosts, tmp_pat
     out = node0.communicate(timeout=300)[0]
     assert node0.returncode == 1 and time.monotonic() - t0 < 120, out[-3000:]
     assert "pdsh could not start the ranks of h9: h9: ssh: connect to host" in out
+
+
+def test_the_ssh_ranks_environment_file_leaves_credentials_out(tmp_path):
+    from tasks.multinode import remote_env_file
+
+    said = []
+    env = {"HF_HOME": "/h", "SFTFLOW_MLFLOW_URI": "sqlite:////runs/mlflow.db", "SECRET_TOKEN": "x"}
+    lines = remote_env_file(env, tmp_path / "plain", said.append).read_text().splitlines()
+    assert "HF_HOME=/h" in lines and "SFTFLOW_MLFLOW_URI=sqlite:////runs/mlflow.db" in lines
+    assert not any(line.startswith("SECRET_TOKEN") for line in lines) and said == []
+    env["SFTFLOW_MLFLOW_URI"] = "https://user:pass@mlflow.example.com"
+    text = remote_env_file(env, tmp_path / "secret", said.append).read_text()
+    assert "pass" not in text and "SFTFLOW_HOME=" in text and "credentials" in said[0]
