@@ -7,6 +7,7 @@ the containers, so what a container recorded (paths included) reads the same on 
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def test_docker_pool_deployment_runs_the_pipeline_in_a_container(train_image, pr
     is picked up by a prefect-docker worker, runs in a container of the train image, completes."""
     if prefect_server is None:
         pytest.skip("needs the tests' Prefect server (PostgreSQL)")
-    env = {**__import__("os").environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home"),
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home"),
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}  # fmt: skip
 
     def prefect(*args):
