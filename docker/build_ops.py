@@ -1,8 +1,9 @@
 """Build DeepSpeed's JIT ops into the image (TORCH_EXTENSIONS_DIR), so no run stops to compile them.
 
 With nvcc (the CUDA devel bases), the CUDA accelerator's CPU Adam (ZeRO offload) and fused Adam,
-compiled for TORCH_CUDA_ARCH_LIST; no GPU is needed to compile. Without it, what `make install`
-builds for the CPU accelerator: CPU Adam and the shared-memory collectives.
+compiled for TORCH_CUDA_ARCH_LIST without a GPU (this branch has not run: no CUDA base can be
+pulled where the tests run). Without nvcc, what `make install` builds for the CPU accelerator:
+CPU Adam and the shared-memory collectives. Either way for this machine's CPU (-march=native).
 """
 
 import os
