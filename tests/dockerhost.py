@@ -79,12 +79,13 @@ def torch_wheel() -> Path:
 def build(dockerfile: str, tag: str, **args: str) -> dict:
     """``docker build`` from the project root with the CPU torch wheel in docker/wheels/;
     returns the build's seconds and the image's size."""
-    wheel = ROOT / "docker/wheels" / torch_wheel().name
+    source = torch_wheel()
+    wheel = ROOT / "docker/wheels" / source.name
     if not wheel.exists():
         try:
-            os.link(torch_wheel(), wheel)
+            os.link(source, wheel)
         except OSError:
-            shutil.copy(torch_wheel(), wheel)
+            shutil.copy(source, wheel)
     t0 = time.monotonic()
     build_args = [x for k, v in args.items() for x in ("--build-arg", f"{k}={v}")]
     sh("docker", "build", "-q", "-f", str(ROOT / "docker" / dockerfile), *build_args, "-t", tag, str(ROOT))

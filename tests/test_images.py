@@ -113,7 +113,9 @@ def test_serving_image_serves_what_the_container_evaluated(engine, container_run
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        waited = wait_container(name, url, 600)
+        t0 = time.monotonic()
+        wait_http_ok(url + "/models", 600, container=name)
+        waited = time.monotonic() - t0
         rows = read_jsonl(Path(summary["run_dir"]) / "evaluate/generations.jsonl")[:3]
         smoke = smoke_test(url, "model", [r["prompt"] for r in rows], max_tokens=48)
         print(f"serving container healthy after {waited:.0f}s; smoke: {smoke}")
@@ -124,21 +126,6 @@ def test_serving_image_serves_what_the_container_evaluated(engine, container_run
         raise
     finally:
         sh("docker", "rm", "-f", name, check=False)
-
-
-def wait_container(name: str, url: str, timeout: float) -> float:
-    """Seconds until the container's server answers ``/models``; fails at once if it exits."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if sh("docker", "inspect", "-f", "{{.State.Running}}", name).stdout.strip() != "true":
-            raise RuntimeError(f"container {name} exited before it was healthy")
-        try:
-            if httpx.get(url + "/models", timeout=5).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
 def local_stack(folder: Path, images: dict[str, str], bundle: Path) -> tuple[Path, dict[str, int]]:
@@ -199,10 +186,16 @@ def test_compose_stack_validates_and_comes_up_on_local_images(engine, train_imag
         sh(*compose, "down", "-v", check=False, timeout=300)
 
 
-def wait_http_ok(url: str, timeout: float, post: dict | None = None):
-    """The JSON of the first 200 answer (a non-empty one, for a list) within ``timeout``."""
+def wait_http_ok(url: str, timeout: float, post: dict | None = None, container: str | None = None):
+    """The JSON of the first 200 answer (a non-empty one, for a list) within ``timeout``; fails
+    at once if ``container`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if (
+            container
+            and sh("docker", "inspect", "-f", "{{.State.Running}}", container).stdout.strip() != "true"
+        ):
+            raise RuntimeError(f"container {container} exited before {url} answered")
         try:
             r = httpx.post(url, json=post, timeout=5) if post is not None else httpx.get(url, timeout=5)
             body = r.json() if "json" in r.headers.get("content-type", "") else r.text

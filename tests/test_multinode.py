@@ -7,7 +7,6 @@ sshd in each namespace."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
+from services import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 SUBNET = "10.77.{}.{}"
@@ -99,12 +99,6 @@ def on_host(ns: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         ["ip", "netns", "exec", ns, sys.executable, "-m", "flows.cli", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ranks(train_dir: Path) -> list[dict]:
