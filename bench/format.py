@@ -149,7 +149,7 @@ def trl(model_dir: Path, convs, max_len: int, work: Path) -> float | None:
         return None
     from datasets import Dataset
 
-    from tasks.models import load_model, load_tokenizer
+    from tasks.models.loading import load_model, load_tokenizer
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
@@ -208,7 +208,7 @@ def main() -> None:
         )
         return
     n = 20_000 if a.quick else a.records
-    from tasks.models import load_tokenizer, resolve_model
+    from tasks.models.loading import load_tokenizer, resolve_model
 
     model_dir = resolve_model("smollm2-135m")
     tok = load_tokenizer(model_dir)

@@ -43,9 +43,10 @@ def make_run(work: Path, model: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from tasks.config import load_config
-    from tasks.manifest import Manifest
-    from tasks.models import CHATML_TEMPLATE, load_model, resolve_model
-    from tasks.results import FormatResult, TrainResult
+    from tasks.core.manifest import Manifest
+    from tasks.core.results import FormatResult, TrainResult
+    from tasks.data.templating import CHATML_TEMPLATE
+    from tasks.models.loading import load_model, resolve_model
 
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={work}", f"model.name_or_path={model}"])
     fmt_dir, train_dir = work / "b/format", work / "b/train"
@@ -90,15 +91,18 @@ def child(approach: str, work: Path, model: str) -> None:
 
     from tasks.config import load_config
     from tasks.merge import compare_logits, iter_logits, run_merge, verification_inputs
-    from tasks.models import load_model, load_tokenizer, resolve_model
+    from tasks.models.loading import load_model, load_tokenizer, resolve_model
 
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={work}", f"model.name_or_path={model}"])
     base = resolve_model(model)
     baseline = status_mb("VmRSS")
     if approach == "sftflow":
-        from tasks.results import FormatResult, TrainResult
+        from tasks.core.results import FormatResult, TrainResult
 
-        data, trained = FormatResult.from_manifest(cfg, "b"), TrainResult.from_manifest(cfg, "b")
+        data, trained = (
+            FormatResult.from_manifest(cfg.output_dir, "b"),
+            TrainResult.from_manifest(cfg.output_dir, "b"),
+        )
         res = run_merge(cfg, "b", data, trained, log=lambda *_: None)
         diff = res.max_logit_diff
     else:
@@ -125,7 +129,7 @@ def main() -> None:
         child(args.child[0], Path(args.child[1]), args.child[2])
         return
     model = "tiny-llama" if args.quick else "smollm2-135m"
-    from tasks.models import resolve_model
+    from tasks.models.loading import resolve_model
 
     weights = sum(p.stat().st_size for p in resolve_model(model).glob("*.safetensors")) / 2**20
     ratios: dict[str, list[float]] = {"sftflow": [], "naive": []}

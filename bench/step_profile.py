@@ -7,7 +7,7 @@ The rows are the format stage's packed rows of data/demo/train.jsonl. Two set-up
 model, step for step:
 - default: what transformers does with packed rows (position_ids restarting, no mask): SDPA
   over each whole row under a block-diagonal mask, the LM head on every position;
-- sftflow: the train stage's set-up: attention per example (tasks/packed_attention.py) and the
+- sftflow: the train stage's set-up: attention per example (tasks/training/attention.py) and the
   LM head only where a label is (TrainingCollator's logits_to_keep).
 Each phase is the median of --steps steps after one warm-up step; the loss and the gradients of
 both set-ups are compared, and torch.profiler lists the ops of one sftflow step.
@@ -63,9 +63,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.batching import Collator, TrainingCollator
-    from tasks.models import load_tokenizer, resolve_model
-    from tasks.packed_attention import register
+    from tasks.data.batching import Collator, TrainingCollator
+    from tasks.models.loading import load_tokenizer, resolve_model
+    from tasks.training.attention import register
 
     name = "tiny-llama" if a.quick else "smollm2-135m"
     path = resolve_model(name)

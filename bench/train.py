@@ -228,7 +228,7 @@ def run_peer(name: str, data: Path, work: Path, a) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
 
-    from tasks.models import load_tokenizer, resolve_model
+    from tasks.models.loading import load_tokenizer, resolve_model
 
     set_seed(42)
     path = resolve_model(a.model)
@@ -338,7 +338,7 @@ def main() -> None:
         os._exit(0)  # skip torch's and gloo's teardown
     from transformers import AutoConfig
 
-    from tasks.models import load_model, load_tokenizer, resolve_model
+    from tasks.models.loading import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(a.model)
     n = sum(x.numel() for x in load_model(path).parameters())

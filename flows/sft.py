@@ -25,16 +25,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from tasks.config import load_config
+from tasks.core.paths import new_run_id, run_dir
+from tasks.core.quiet import quiet_libraries
+from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
+from tasks.core.stage import stage_logger
+from tasks.core.tracking import Tracker, redact
 from tasks.evaluate import evaluate_task
 from tasks.format import format_task
 from tasks.handoff import handoff_task
 from tasks.lineage import lineage_task
 from tasks.merge import merge_task
-from tasks.paths import new_run_id, run_dir
-from tasks.quiet import quiet_libraries
-from tasks.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
-from tasks.stage import stage_logger
-from tasks.tracking import Tracker, redact
 from tasks.train import train_task
 from tasks.unchanged import unchanged_task
 
@@ -54,7 +54,7 @@ def sft_pipeline(
                    "seconds": round(time.monotonic() - t0, 2)}  # fmt: skip
         message = f"unchanged since version {same.version} (run {same.run_id})"
         return Completed(name="Unchanged", message=message, data=summary)
-    tracker = Tracker(cfg, run_id)  # fails fast when MLflow cannot be reached
+    tracker = Tracker(cfg.tracking_target, run_id)  # fails fast when MLflow cannot be reached
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
     try:

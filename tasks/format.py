@@ -7,10 +7,10 @@ used), ``quarantine.jsonl``, ``stats.json`` and ``token_lengths.png``.
 
 Every record is either accepted or written to ``quarantine.jsonl`` with its file, line and
 reason; the counts always add up (records_in = accepted + quarantined + duplicates + too_long +
-left_out_by_mix - repeated_by_mix, the last two from a data mix: ``tasks/mixing.py``).
+left_out_by_mix - repeated_by_mix, the last two from a data mix: ``tasks/data/mixing.py``).
 Memory stays bounded: validated records stream into an Arrow file, and tokenizing and packing
 are ``datasets.map`` passes over it (``data.num_proc``). The output is cached under
-``<output_dir>/.cache/format/<key>`` (``tasks/dataplan.py`` says what the key covers).
+``<output_dir>/.cache/format/<key>`` (``tasks/data/plan.py`` says what the key covers).
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ from pathlib import Path
 from prefect import task
 
 from tasks.config import PipelineConfig
-from tasks.dataplan import DataPlan, plan_data
-from tasks.files import atomic_dir, copy_tree, write_json
-from tasks.lineage import Lineage
-from tasks.losssets import retention_conversations
-from tasks.mixing import left_out_and_repeats, planned_counts, recorded_source, select
-from tasks.models import load_tokenizer
-from tasks.records import read_records
-from tasks.results import FormatResult
-from tasks.stage import Stage, open_stage, prefect_markdown
-from tasks.templating import (
+from tasks.core.errors import InputError
+from tasks.core.files import atomic_dir, copy_tree, write_json
+from tasks.core.results import FormatResult, Lineage
+from tasks.core.stage import Stage, open_stage, prefect_markdown
+from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
+from tasks.data.plan import DataPlan, plan_data
+from tasks.data.records import read_records
+from tasks.data.templating import (
     TOO_LONG,
     TRUNCATED,
     Renderer,
@@ -45,8 +43,10 @@ from tasks.templating import (
     tokenize_batch,
     with_positions,
 )
+from tasks.evaluation.losssets import retention_conversations
+from tasks.models.loading import load_tokenizer, resolve_model
 
-SECTIONS = ("data", "model")
+SECTIONS = ("model", "data", "eval")  # eval: the retention set is checked before training
 PACK_WINDOW = 2000  # examples per best-fit-decreasing window: bounded memory, ~full rows
 
 
@@ -75,7 +75,7 @@ def no_progress_bars():
 
 
 def split_train_eval(records, cfg: PipelineConfig, plan: DataPlan) -> tuple:
-    """The mix's records (tasks/mixing.py) split into train and eval: an explicit eval file, or
+    """The mix's records (tasks/data/mixing.py) split into train and eval: an explicit eval file, or
     a seeded eval_fraction of each source's share (file order kept within each split)."""
     import numpy as np
 
@@ -114,7 +114,7 @@ def check_bad_fraction(counts: Counter, quarantine: Path, limit: float) -> None:
         return
     lines = quarantine.read_text(encoding="utf-8").splitlines()[:5]
     first = "\n".join("  {source}:{line}: {reason}".format(**json.loads(x)) for x in lines)
-    raise ValueError(
+    raise InputError(
         f"{bad:.1%} of {counts['records_in']} records are bad (data.max_bad_fraction is {limit:.1%}); "
         f"first ones:\n{first}\nall of them: {quarantine}"
     )
@@ -264,7 +264,7 @@ def build_dataset(cfg: PipelineConfig, plan: DataPlan, renderer: Renderer, out: 
     log("format: mix " + ", ".join(f"{k}: {v['train']} train / {v['eval']} eval" for k, v in mix.items()))
     counts["accepted"] = counts["train"] + counts["eval"]
     if not counts["train"] or not counts["eval"]:
-        raise ValueError(
+        raise InputError(
             f"format: no {'train' if not counts['train'] else 'eval'} records left after validation "
             f"and length filtering (counts {dict(counts)})"
         )
@@ -318,12 +318,12 @@ def run_format(
     """Reads the data sources the config names (and with ``data.replay``, those of the champion
     ``lineage`` names); writes ``<run>/format/`` (see the module docstring)."""
     d = cfg.data
-    plan: DataPlan = plan_data(cfg, lineage)
+    plan: DataPlan = plan_data(cfg.data, resolve_model(cfg.model.name_or_path), lineage)
     if cfg.eval.retention.enabled:
-        retention_conversations(cfg)  # a bad retention set fails here, not after training
+        retention_conversations(cfg.eval.retention)  # a bad retention set fails here, not after training
     cached = Path(cfg.output_dir) / ".cache" / "format" / plan.key
     # fresh: what a failed attempt left is never reused (the manifest is written last)
-    with open_stage(cfg, run_id, "format", SECTIONS, log, track, fresh=True) as stage:
+    with open_stage(cfg.scope(SECTIONS), run_id, "format", log, track, fresh=True) as stage:
         out = stage.dir
         for (split, src, _), sha in zip(plan.sources, plan.hashes):
             stage.manifest.add_input(f"{split}:{src}", src, sha)

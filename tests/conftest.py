@@ -78,7 +78,7 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from tasks.models import resolve_model
+    from tasks.models.loading import resolve_model
 
     return resolve_model("tiny-llama")
 
@@ -119,7 +119,7 @@ def llama_on_tiny_tokenizer(target: Path, **shape) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.models import resolve_model
+    from tasks.models.loading import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
     special = {

@@ -29,7 +29,7 @@ def test_images_are_pinned_and_match_the_project():
     # the default CUDA base ships the torch the project pins (constraints.txt: the CPU build of it)
     base = re.search(r"^ARG BASE=pytorch/pytorch:(\S+)-cuda[\d.]+-cudnn\d+-devel$", train, re.M)
     assert base and base.group(1) == PINS["torch"].split("+")[0]
-    from tasks.handoff import VLLM_IMAGE
+    from tasks.serving.bundle import VLLM_IMAGE
 
     # the compose snippet in each bundle uses the same image, of the version configs/vllm pins
     assert f"ARG BASE={VLLM_IMAGE}" in serve

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks.evaluate import bar_chart, gate, report_markdown
-from tasks.gate import intervals, slice_failures, slice_scores
+from tasks.evaluation.gate import gate, intervals, slice_failures, slice_scores
+from tasks.evaluation.report import bar_chart, report_markdown
 
 from conftest import make_config
 
@@ -60,7 +60,7 @@ def cfg_with(tmp_path, **gate_cfg):
     ],
 )
 def test_gate(tmp_path, gate_cfg, scores, passed, fragment):
-    ok, reason = gate(cfg_with(tmp_path, **gate_cfg), scores)
+    ok, reason = gate(cfg_with(tmp_path, **gate_cfg).eval.gate, scores)
     assert ok is passed
     assert fragment in reason
 
@@ -102,7 +102,7 @@ def test_the_chart_draws_what_the_scores_say_each_metric_on_its_own_scale(tmp_pa
 
 
 def stats_of(**metrics):
-    from tasks.gate import SampleStats
+    from tasks.evaluation.gate import SampleStats
 
     return SampleStats({m: ("mean", np.array(v, dtype=float)) for m, v in metrics.items()})
 
@@ -124,12 +124,12 @@ def test_a_noisy_tie_is_refused_where_a_point_comparison_would_promote(tmp_path)
     candidate = [1.0] * 18 + [0.0] * 2 + [1.0] * 3 + [0.0] * 17
     stats = {"base": stats_of(exact_match=base), "candidate": stats_of(exact_match=candidate)}
     cfg = exact_match_cfg(tmp_path)
-    assert gate(cfg, scored(stats))[0] is True  # the point estimate alone
-    bounds = intervals(cfg, stats)
-    ok, reason = gate(cfg, scored(stats), bounds)
+    assert gate(cfg.eval.gate, scored(stats))[0] is True  # the point estimate alone
+    bounds = intervals(cfg.eval.gate, stats)
+    ok, reason = gate(cfg.eval.gate, scored(stats), bounds)
     assert not ok and "improvement +0.0250 (95% CI" in reason and "lower bound <= min_delta 0.0" in reason
     assert bounds["base"]["exact_match"]["low"] < 0 < bounds["base"]["exact_match"]["high"]
-    assert intervals(cfg, stats) == bounds  # seeded
+    assert intervals(cfg.eval.gate, stats) == bounds  # seeded
 
 
 def test_a_real_improvement_is_promoted_with_its_interval(tmp_path):
@@ -138,8 +138,8 @@ def test_a_real_improvement_is_promoted_with_its_interval(tmp_path):
         "candidate": stats_of(exact_match=[1.0] * 34 + [0.0] * 6),
     }
     cfg = exact_match_cfg(tmp_path, min_delta=0.5)
-    bounds = intervals(cfg, stats)
-    ok, reason = gate(cfg, scored(stats), bounds)
+    bounds = intervals(cfg.eval.gate, stats)
+    ok, reason = gate(cfg.eval.gate, scored(stats), bounds)
     assert (
         ok and "lower bound > min_delta 0.5" in reason and 0.5 < bounds["base"]["exact_match"]["low"] < 0.85
     )
@@ -154,21 +154,23 @@ def test_a_regressed_slice_refuses_promotion_naming_it(tmp_path):
     cfg = exact_match_cfg(tmp_path)
     by_slice = slice_scores("exact_match", stats, slices)
     assert by_slice["math"] == {"n": 10, "base": 1.0, "candidate": pytest.approx(0.2)}
-    failures = slice_failures(cfg, "exact_match", by_slice)
-    ok, reason = gate(cfg, scored(stats), intervals(cfg, stats), failures)
+    failures = slice_failures(cfg.eval.gate, cfg.data.slice_column, "exact_match", by_slice)
+    ok, reason = gate(cfg.eval.gate, scored(stats), intervals(cfg.eval.gate, stats), failures)
     assert not ok and len(failures) == 1
     assert (
         "slice category='math' (10 samples): exact_match 0.2000 vs base 1.0000, a regression of 0.8000"
         in reason
     )
-    assert intervals(cfg, stats)["base"]["exact_match"]["low"] > 0  # the mean alone would have promoted it
+    assert (
+        intervals(cfg.eval.gate, stats)["base"]["exact_match"]["low"] > 0
+    )  # the mean alone would have promoted it
 
 
 def test_resampled_bleu_and_loss_are_the_corpus_metrics_of_the_resample():
     import sacrebleu
     from sacrebleu.metrics import BLEU
 
-    from tasks.gate import SampleStats
+    from tasks.evaluation.gate import SampleStats
 
     preds = ["the cat sat on the mat", "a dog barks at night", "rain falls in spring", "the sun is hot today"]
     refs = [

@@ -7,9 +7,9 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from tasks.batching import IGNORE, Collator
+from tasks.data.batching import IGNORE, Collator
 from tasks.format import run_format
-from tasks.models import load_model, load_tokenizer
+from tasks.models.loading import load_model, load_tokenizer
 
 from conftest import make_config, write_jsonl
 
@@ -158,8 +158,8 @@ def test_training_attention_and_loss_positions_change_nothing_but_cost(tmp_path,
     the loss and gradients transformers' default gives on the same packed rows."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.batching import TrainingCollator
-    from tasks.packed_attention import register
+    from tasks.data.batching import TrainingCollator
+    from tasks.training.attention import register
 
     cfg = make_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", CHAT + ALPACA), data={"packing": True})
     rows = list(load_from_disk(run_format(cfg, "r1", log=lambda *_: None).train_path))[:3]
@@ -310,7 +310,7 @@ def test_truncate_and_error_modes(tmp_path, tiny_model):
 
 
 def test_template_fast_path_matches_the_real_renderer(tiny_model):
-    from tasks.templating import Renderer
+    from tasks.data.templating import Renderer
 
     tok = load_tokenizer(tiny_model)
     trimming = (
@@ -383,8 +383,8 @@ def test_cache_hit_and_each_invalidation(tmp_path, tiny_model):
     assert not _run(tmp_path, str(data), run="e", max_seq_len=200)[1].cache_hit  # a setting
     assert not _run(tmp_path, str(data), run="f", train_on_inputs=True)[1].cache_hit
     assert format_from_edited_copy(tmp_path, data, None, run="g0")  # an unedited copy hits,
-    for module in ("tasks/models.py", "tasks/batching.py"):  # an edit of the code misses
-        assert not format_from_edited_copy(tmp_path, data, module, run=f"g-{module[6:-3]}")
+    for module in ("tasks/models/loading.py", "tasks/data/batching.py"):  # an edit of the code misses
+        assert not format_from_edited_copy(tmp_path, data, module, run=f"g-{module[6:-3].replace('/', '-')}")
     tok = load_tokenizer(tiny_model)  # the tokenizer
     tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     tok.save_pretrained(tmp_path / "tok2")
@@ -414,7 +414,7 @@ def test_a_mix_takes_counts_fractions_and_weights_and_repeats_only_what_it_must(
     import numpy as np
 
     from tasks.config import SourceConfig
-    from tasks.mixing import Share, planned_counts, select
+    from tasks.data.mixing import Share, planned_counts, select
 
     path = "data/demo/train.jsonl"
     shares = [

@@ -100,8 +100,8 @@ def test_tiny_pipeline_in_the_train_image_is_read_from_the_host(container_run):
 def test_serving_image_serves_what_the_container_evaluated(engine, container_run, tmp_path):
     """vLLM for CPU in the serving image, on the bundle the container run made: the smoke test
     passes from the host and the answers are the ones the evaluate stage scored."""
-    from tasks.files import read_jsonl
-    from tasks.serving import smoke_test
+    from tasks.core.files import read_jsonl
+    from tasks.serving.server import smoke_test
 
     built = build("Dockerfile.serve", "sftflow-serve:test", BASE=cpu_base(), VLLM_PINS="configs/vllm/cpu.txt")
     print(f"\nserving image: {built}")

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tasks.core.results import FormatResult, TrainResult
 from tasks.format import run_format
 from tasks.merge import run_merge
-from tasks.results import FormatResult, TrainResult
 from tasks.train import run_train
 
 from conftest import llama_on_tiny_tokenizer, make_config
@@ -31,7 +31,11 @@ def trained(tmp_path, method: str, merge=None, model=None, **train):
 def merge(cfg):
     """The merge stage on run "r", its inputs rebuilt from the format and train manifests."""
     return run_merge(
-        cfg, "r", FormatResult.from_manifest(cfg, "r"), TrainResult.from_manifest(cfg, "r"), log=quiet
+        cfg,
+        "r",
+        FormatResult.from_manifest(cfg.output_dir, "r"),
+        TrainResult.from_manifest(cfg.output_dir, "r"),
+        log=quiet,
     )
 
 
@@ -105,7 +109,7 @@ def test_a_sharded_merge_equals_peft_computed_independently(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tasks.merge import verification_inputs
-    from tasks.models import load_tokenizer
+    from tasks.models.loading import load_tokenizer
 
     # about 10 MB of fp32 weights, so a 1 MB shard limit gives several shards
     base = llama_on_tiny_tokenizer(
@@ -141,7 +145,7 @@ def test_zero3_full_fine_tuning_saves_trained_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from tasks.models import resolve_model
+    from tasks.models.loading import resolve_model
 
     cfg = trained(tmp_path, "full", deepspeed="zero3")
     saved = load_file(str(cfg.output_dir / "r/train/model/model.safetensors"))

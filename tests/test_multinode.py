@@ -223,7 +223,7 @@ def test_the_ssh_launcher_names_a_host_it_cannot_reach(hosts, ssh_hosts, tmp_pat
 
 
 def test_the_ssh_ranks_environment_file_leaves_credentials_out(tmp_path):
-    from tasks.multinode import remote_env_file
+    from tasks.training.hosts import remote_env_file
 
     said = []
     env = {"HF_HOME": "/h", "SFTFLOW_MLFLOW_URI": "sqlite:////runs/mlflow.db", "SECRET_TOKEN": "x"}

@@ -49,7 +49,7 @@ def test_a_mix_of_two_sources_lands_in_the_recorded_proportions(nights):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from tasks.models import resolve_model
+    from tasks.models.loading import resolve_model
 
     _, first, _ = nights
     mix = manifest(first, "format")["metrics"]["mix"]
@@ -97,9 +97,10 @@ def test_night_two_replays_the_champions_sources_at_the_set_share(nights):
 
 
 def test_init_from_changes_the_fingerprint_and_replayed_sources_do_not(tmp_path):
-    from tasks.dataplan import plan_data
-    from tasks.fingerprint import pipeline_fingerprint
-    from tasks.lineage import Lineage
+    from tasks.core.results import Lineage
+    from tasks.data.plan import plan_data
+    from tasks.models.loading import resolve_model
+    from tasks.registry.fingerprint import pipeline_fingerprint
 
     from conftest import make_config
 
@@ -107,15 +108,15 @@ def test_init_from_changes_the_fingerprint_and_replayed_sources_do_not(tmp_path)
     cont = make_config(
         tmp_path, "data/demo/train.jsonl", data={"replay": 0.2}, train={"init_from": "champion"}
     )
-    key = plan_data(cfg).declared_key
+    key = plan_data(cfg.data, resolve_model(cfg.model.name_or_path)).declared_key
     assert pipeline_fingerprint(cfg, key) != pipeline_fingerprint(cont, key)
     old = write_jsonl(tmp_path / "old.jsonl", codes("old", 5))
     champion = Lineage("3", "r", "lora", "runs:/x/adapter", [{"path": [str(old)], "name": "replay old"}])
-    with_replay = plan_data(cfg, champion)
+    with_replay = plan_data(cfg.data, resolve_model(cfg.model.name_or_path), champion)
     assert with_replay.key != key and with_replay.declared_key == key
     old.unlink()
     with pytest.raises(FileNotFoundError, match=r"champion version 3 was trained on .*old\.jsonl"):
-        plan_data(cfg, champion)
+        plan_data(cfg.data, resolve_model(cfg.model.name_or_path), champion)
 
 
 def test_the_retention_set_catches_a_candidate_that_forgot_it(tmp_path):
@@ -163,7 +164,7 @@ def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promot
     edges up by the two-sample imbalance while the paired resamples swing both ways: min_delta 0
     on the point would promote it, the bootstrap's lower bound does not clear 0."""
     from tasks.config import load_config
-    from tasks.gate import gate
+    from tasks.evaluation.gate import gate
 
     evals = write_jsonl(tmp_path / "eval.jsonl", codes("alpha", 13) + codes("beta", 17))
     alpha = write_jsonl(tmp_path / "alpha.jsonl", codes("alpha", 90)[13:])
@@ -185,5 +186,5 @@ def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promot
     point_only = load_config(
         "configs/tiny.yaml", ["eval.gate.bootstrap_samples=0", "eval.gate.against=champion"]
     )
-    assert gate(point_only, second["scores"])[0] is True
+    assert gate(point_only.eval.gate, second["scores"])[0] is True
     print(f"\nnoisy tie: eval_loss improvement vs champion {interval}")

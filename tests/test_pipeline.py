@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.paths import STAGES
+from tasks.core.paths import STAGES
 
 pytestmark = pytest.mark.slow
 MANIFEST_KEYS = {
@@ -126,18 +126,18 @@ def test_the_serve_line_is_shell_quoted(first_run):
 
 def test_each_stage_result_rebuilds_from_its_manifest(first_run):
     from tasks.config import load_config
-    from tasks.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
+    from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
 
     from conftest import ROOT
 
     out, summary, _ = first_run
     cfg, run_id = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={out}"]), summary["run_id"]
-    assert FormatResult.from_manifest(cfg, run_id).counts == summary["counts"]
-    assert TrainResult.from_manifest(cfg, run_id).global_step == summary["steps"] == 12
-    assert MergeResult.from_manifest(cfg, run_id).max_logit_diff == summary["merge_max_logit_diff"]
-    scores = EvalResult.from_manifest(cfg, run_id)
+    assert FormatResult.from_manifest(cfg.output_dir, run_id).counts == summary["counts"]
+    assert TrainResult.from_manifest(cfg.output_dir, run_id).global_step == summary["steps"] == 12
+    assert MergeResult.from_manifest(cfg.output_dir, run_id).max_logit_diff == summary["merge_max_logit_diff"]
+    scores = EvalResult.from_manifest(cfg.output_dir, run_id)
     assert scores.scores == summary["scores"] and scores.gate_passed == summary["promoted"]
-    handoff = HandoffResult.from_manifest(cfg, run_id)
+    handoff = HandoffResult.from_manifest(cfg.output_dir, run_id)
     assert (handoff.version, handoff.serve_script) == (summary["version"], summary["serve_script"])
 
 
@@ -235,10 +235,10 @@ def test_a_run_without_a_prefect_server_is_what_make_demo_does(tmp_path):
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(first_run):
-    from tasks.evaluate import generate
-    from tasks.files import read_jsonl
-    from tasks.models import load_model, load_tokenizer
-    from tasks.templating import stop_token_ids
+    from tasks.core.files import read_jsonl
+    from tasks.data.templating import stop_token_ids
+    from tasks.evaluation.scoring import generate
+    from tasks.models.loading import load_model, load_tokenizer
 
     _, summary, _ = first_run
     run = Path(summary["run_dir"])

@@ -108,7 +108,7 @@ def test_the_unchanged_lookup_reads_sqlite_as_mlflow_does_without_importing_it(t
     expected = tagged_versions(uri)
     assert [v for v, _ in expected] == ["1", "3"] and expected[1][1]["sftflow.run_id"] == "run3"
     code = (
-        "import json, sys; from tasks.registry import versions_tagged; "
+        "import json, sys; from tasks.registry.versions import versions_tagged; "
         f"print(json.dumps(versions_tagged({uri!r}, 'lookup', 'sftflow.fingerprint', 'aaa'))); "
         "print('mlflow' in sys.modules)"
     )
@@ -119,7 +119,7 @@ def test_the_unchanged_lookup_reads_sqlite_as_mlflow_does_without_importing_it(t
 
 
 def test_the_unchanged_lookup_reads_a_tracking_server_as_mlflow_does(server):
-    from tasks.registry import versions_tagged
+    from tasks.registry.versions import versions_tagged
 
     expected = tagged_versions(server["uri"])
     assert versions_tagged(server["uri"], "lookup", "sftflow.fingerprint", "aaa") == expected

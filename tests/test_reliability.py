@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.format import run_format
-from tasks.train_worker import COMPLETE
+from tasks.training.worker import COMPLETE
 
 from conftest import ROOT, make_config, run_cli
 from services import free_port

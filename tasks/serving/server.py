@@ -1,0 +1,288 @@
+"""vLLM pre-flight checks, a server for the duration of a block, the OpenAI-compatible smoke test
+and LoRA hot swap.
+
+The checks catch what otherwise fails at serving time: an architecture vLLM has no
+implementation for, a LoRA rank above ``--max-lora-rank``, adapter features vLLM's LoRA
+path does not load, a missing chat template, and a generation config whose EOS does not
+include the template's end-of-turn token (the "never stops generating" failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.core.errors import InputError, StageFailed, StageTimeout
+from tasks.data.templating import end_of_turn_id
+
+# vLLM's model registry, for when vLLM itself is not installed (it lives in its own image).
+VLLM_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "PhiForCausalLM",
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "FalconForCausalLM",
+    "StableLmForCausalLM",
+    "Starcoder2ForCausalLM",
+    "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+    "GraniteForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "InternLM2ForCausalLM",
+    "BaichuanForCausalLM",
+    "CohereForCausalLM",
+    "ExaoneForCausalLM",
+    "GPTBigCodeForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+}
+
+
+def supported_architectures() -> set[str]:
+    try:
+        from vllm import ModelRegistry
+
+        return set(ModelRegistry.get_supported_archs())
+    except ImportError:
+        return VLLM_ARCHITECTURES
+
+
+def preflight(
+    bundle: Path, model_dir: Path, template: str, max_lora_rank: int, adapter_dir: Path | None = None
+) -> tuple[list[str], list[str]]:
+    """Refuse (ValueError) what vLLM cannot serve; fix in the bundle what can be fixed.
+
+    Returns notes saying what was fixed and extra vLLM server arguments. Nothing outside
+    the bundle is modified: in adapter mode the base stays as it is and the fixes travel
+    as ``--chat-template`` / ``--generation-config`` pointing into the bundle.
+    """
+    from transformers import AutoTokenizer
+
+    notes: list[str] = []
+    extra: list[str] = []
+    config = json.loads((model_dir / "config.json").read_text())
+    archs = config.get("architectures") or []
+    supported = supported_architectures()
+    if not any(a in supported for a in archs):
+        raise InputError(
+            f"{model_dir}/config.json: architectures {archs} are not served by vLLM "
+            f"(known: {', '.join(sorted(supported)[:8])}, ...)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+        if int(adapter.get("r", 0)) > max_lora_rank:
+            raise InputError(
+                f"adapter rank r={adapter['r']} exceeds serve.max_lora_rank={max_lora_rank} "
+                "(vLLM's --max-lora-rank)"
+            )
+        if adapter.get("modules_to_save"):
+            raise InputError(
+                f"the adapter has modules_to_save {adapter['modules_to_save']}, which vLLM's LoRA "
+                "loader does not serve: use serve.mode merged"
+            )
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            added = len(AutoTokenizer.from_pretrained(adapter_dir)) - len(tokenizer)
+            if added > 0:
+                raise InputError(
+                    f"the adapter's tokenizer adds {added} token(s) to the base's: added tokens "
+                    "need serve.mode merged"
+                )
+    (bundle / "chat_template.jinja").write_text(template, encoding="utf-8")
+    if (tokenizer.chat_template or "").strip() != template.strip():
+        extra += ["--chat-template", "chat_template.jinja"]
+        notes.append(
+            "the model's tokenizer has no (or another) chat template: vLLM is given the one training used"
+        )
+    eot_id = end_of_turn_id(tokenizer, template)
+    gen_path = model_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if eot_id is not None and eot_id not in eos_ids:
+        gen["eos_token_id"] = eos_ids + [eot_id]
+        # merged: the bundle's own copy, replaced, since it may be a hard link to the merge output
+        if adapter_dir is None:
+            target = gen_path
+        else:
+            target, extra = bundle / "generation_config.json", extra + ["--generation-config", "."]
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(gen, indent=2) + "\n")
+        os.replace(tmp, target)
+        notes.append(
+            f"generation_config.json: eos_token_id {eos_ids} did not include the end-of-turn token "
+            f"{tokenizer.convert_ids_to_tokens(eot_id)!r} ({eot_id}); now it does, so generation stops after an answer"
+        )
+    return notes, extra
+
+
+# ---------------------------------------------------------------- a running server
+
+
+def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> float:
+    """Poll ``/v1/models`` until it answers; fail early if the server process exits."""
+    t0 = time.monotonic()
+    url = base_url.rstrip("/") + "/models"
+    last = ""
+    while time.monotonic() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise StageFailed(f"the serving process exited with code {proc.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            last = str(e)
+        time.sleep(1)
+    raise StageTimeout(
+        f"{url} did not answer within {timeout_s:.0f}s (serve.health_timeout_s; last error: {last})"
+    )
+
+
+def launch(
+    argv: list[str], cwd: Path, env: dict, base_url: str, timeout_s: float, log_path: Path, log=print
+) -> tuple[subprocess.Popen, float]:
+    """Start a server in its own process group; return it once ``base_url`` answers, and how long that took."""
+    log(f"serve: starting {shlex.join(argv)} (log: {log_path})")
+    out = log_path.open("w")
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        waited = wait_healthy(base_url, timeout_s, proc)
+    except Exception as e:
+        stop(proc)
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise StageFailed(f"{e}; the server's log ({log_path}) ends with:\n{tail}") from None
+    log(f"serve: healthy after {waited:.1f}s")
+    return proc, waited
+
+
+@contextlib.contextmanager
+def running(
+    argv: list[str], cwd: Path, env: dict, timeout_s: float, log_path: Path, log=print
+) -> Iterator[tuple[str, float]]:
+    """A server on a free port of 127.0.0.1 for the duration of the block, stopped on the way out
+    (failures too); yields its OpenAI base URL and its start time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    proc, waited = launch(
+        [*argv, "--host", "127.0.0.1", "--port", str(port)], cwd, env, url, timeout_s, log_path, log
+    )
+    try:
+        yield url, waited
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a server and every process of its group (vLLM's engine, workers and resource tracker)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + grace_s
+    while True:  # helpers may outlive the main process by a moment while they clean up
+        try:
+            os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
+def smoke_test(
+    base_url: str, model: str, prompts: list[list[dict]], max_tokens: int, api_key: str = "EMPTY"
+) -> dict:
+    """``/v1/models`` plus one chat completion per prompt; every answer must be non-empty and
+    end because the model stopped (finish_reason "stop"), not because it ran out of tokens."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=1)
+    models = [m.id for m in client.models.list().data]
+    # vLLM lists exactly its --served-model-name (and LoRA names); a mismatch would only surface
+    # as a 404 per request. (transformers serve lists hub-cached models only, often none.)
+    if models and model not in models:
+        return {
+            "endpoint": base_url,
+            "models": models,
+            "answers": [],
+            "passed": False,
+            "failures": [f"the endpoint serves {models}, not {model!r} (check serve.served_model_name)"],
+        }
+    answers, failures = [], []
+    for messages in prompts:
+        t0 = time.monotonic()
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0
+        )
+        choice = r.choices[0]
+        text = choice.message.content or ""
+        answers.append(
+            {
+                "prompt": messages[-1]["content"][:200],
+                "answer": text[:500],
+                "finish_reason": choice.finish_reason,
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+        )
+        if not text.strip():
+            failures.append(f"empty answer to {messages[-1]['content'][:60]!r}")
+        elif choice.finish_reason != "stop":
+            failures.append(
+                f"finish_reason {choice.finish_reason!r} (not 'stop') for "
+                f"{messages[-1]['content'][:60]!r}: the model did not end its turn within {max_tokens} tokens"
+            )
+    return {
+        "endpoint": base_url,
+        "models": models,
+        "answers": answers,
+        "passed": not failures,
+        "failures": failures,
+    }
+
+
+def hot_swap(base_url: str, lora_name: str, lora_path: str, api_key: str = "EMPTY") -> None:
+    """Load a new adapter into a running vLLM (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True there)."""
+    root = base_url.rstrip("/")
+    for path, body in (
+        ("/unload_lora_adapter", {"lora_name": lora_name}),
+        ("/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path}),
+    ):
+        req = urllib.request.Request(
+            root + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+        )
+        try:
+            urllib.request.urlopen(req, timeout=60).read()
+        except urllib.error.HTTPError as e:
+            if path == "/unload_lora_adapter" and e.code in (400, 404):
+                continue  # nothing loaded under that name yet
+            raise StageFailed(f"vLLM refused {path}: {e.code} {e.read()[:300]!r}") from None
