@@ -95,23 +95,13 @@ def run_evaluate(
         models = {"base": resolve_model(cfg.model.name_or_path), "candidate": Path(merged.model_path)}
         if champion_path is not None:
             models["champion"] = champion_path
-        scores, preds, stopped, stats = {}, {}, {}, {}
-        for name, path in models.items():
-            stage.log(f"evaluate: scoring {name} on {len(records)} samples ...")
-            scores[name], preds[name], stopped[name], stats[name] = score_model(
-                path, cfg, template, records, eval_ds, eos_ids, stage.log, loss_sets
-            )
+        scores, preds, stopped, stats = score_models(
+            cfg, models, template, records, eval_ds, eos_ids, loss_sets, stage.log
+        )
         row_slices = read_json(Path(data.eval_slices)) if data.eval_slices else None
         values = resampled(cfg.eval.gate, stats)  # once, for the gate's intervals and the chart's error bars
-        d = decide(
-            cfg.eval,
-            cfg.data.slice_column,
-            scores,
-            stats,
-            [r.get("slice") for r in records],
-            row_slices,
-            values,
-        )
+        slices = [r.get("slice") for r in records]
+        d = decide(cfg.eval, cfg.data.slice_column, scores, stats, slices, row_slices, values)
         stage.log(f"evaluate: gate {'PASSED' if d.passed else 'NOT PASSED'}: {d.reason}")
         report = report_markdown(
             run_id, scores, records, preds, d.passed, d.reason, d.intervals, d.slices, cfg.eval.gate.confidence,
@@ -136,6 +126,19 @@ def run_evaluate(
                 intervals=d.intervals, slices=d.slices, generations=str(out / "generations.jsonl"), dtype=dtype,
             )
         )  # fmt: skip
+
+
+def score_models(
+    cfg: PipelineConfig, models: dict, template, records, eval_ds, eos_ids, loss_sets, log
+) -> tuple:
+    """Each model's (scores, answers, whether each answer stopped, per-sample statistics), by name."""
+    scores, preds, stopped, stats = {}, {}, {}, {}
+    for name, path in models.items():
+        log(f"evaluate: scoring {name} on {len(records)} samples ...")
+        scores[name], preds[name], stopped[name], stats[name] = score_model(
+            path, cfg, template, records, eval_ds, eos_ids, log, loss_sets
+        )
+    return scores, preds, stopped, stats
 
 
 def extra_loss_sets(cfg: PipelineConfig, run_id: str, tokenizer, template: str, log) -> dict:

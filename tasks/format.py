@@ -33,6 +33,7 @@ from tasks.core.stage import Stage, open_stage, prefect_markdown
 from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
 from tasks.data.plan import DataPlan, plan_data
 from tasks.data.records import read_records
+from tasks.data.report import length_histogram, summary_markdown
 from tasks.data.templating import (
     TOO_LONG,
     TRUNCATED,
@@ -90,22 +91,6 @@ def split_train_eval(records, cfg: PipelineConfig, plan: DataPlan) -> tuple:
     mix = {s.source.label: {"available": a, "planned": c, "replay": s.replay}
            for s, a, c in zip(plan.shares, available, counts)}  # fmt: skip
     return records.select(train), records.select(evals), mix, left_out_and_repeats(train, evals, share)
-
-
-def length_histogram(lengths, max_len: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(lengths, bins=min(60, max(10, len(lengths) // 20)), color="#3b75af")
-    ax.axvline(max_len, color="#c44", linestyle="--", label=f"max_seq_len {max_len}")
-    ax.set(xlabel="tokens per example", ylabel="examples", title="Token lengths of accepted train records")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def check_bad_fraction(counts: Counter, quarantine: Path, limit: float) -> None:
@@ -336,35 +321,17 @@ def run_format(
             (out / "chat_template.jinja").write_text(template, encoding="utf-8")
             stats = build_dataset(cfg, plan, Renderer(tokenizer, template), out, stage.log)
         template = (out / "chat_template.jinja").read_text(encoding="utf-8")
-        stage.manifest.outputs = {
-            "train": str(out / "train"),
-            "eval": str(out / "eval"),
-            "quarantine": str(out / "quarantine.jsonl"),
-            "eval_records": str(out / "eval_records.jsonl"),
-            "chat_template": str(out / "chat_template.jinja"),
-            "token_lengths_png": str(out / "token_lengths.png"),
-            "data_hash": plan.data_hash,
-            "template_sha256": template_sha(template),
-            "cache": {"key": plan.key, "hit": bool(hit), "dir": str(cached)},
-            "sources": [recorded_source(share.source) for share in plan.shares],
-            "replayed_from": lineage.label if lineage and d.replay else None,
-        }
+        replayed = lineage.label if lineage and d.replay else None
+        stage.manifest.outputs = format_outputs(out, plan, template, bool(hit), cached, replayed)
         stage.manifest.metrics = stats
         write_json(out / "stats.json", stats)
         result = FormatResult(
-            run_id,
-            str(out / "train"),
-            str(out / "eval"),
-            str(out / "eval_records.jsonl"),
-            str(out / "chat_template.jinja"),
-            plan.data_hash,
-            plan.key,
-            dict(stats["counts"]),
-            bool(hit),
-            plan.declared_key,
-            stage.manifest.outputs["sources"],
-            str(out / "eval_slices.json") if (out / "eval_slices.json").is_file() else "",
-        )
+            run_id=run_id, train_path=str(out / "train"), eval_path=str(out / "eval"),
+            eval_records=str(out / "eval_records.jsonl"), chat_template=str(out / "chat_template.jinja"),
+            data_hash=plan.data_hash, cache_key=plan.key, counts=dict(stats["counts"]), cache_hit=bool(hit),
+            declared_key=plan.declared_key, sources=stage.manifest.outputs["sources"],
+            eval_slices=str(out / "eval_slices.json") if (out / "eval_slices.json").is_file() else "",
+        )  # fmt: skip
         stage.finish(result)
         if d.cache and not hit:
             store_in_cache(out, cached, stage.log)
@@ -380,22 +347,23 @@ def run_format(
     return result
 
 
-def summary_markdown(result: FormatResult, stats: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:,} |" for k, v in result.counts.items())
-    columns = ("records_in", "accepted", "quarantined", "duplicates", "too_long")
-    sources = "\n".join(
-        f"| `{name}` | " + " | ".join(str(c.get(k, 0)) for k in columns) + " |"
-        for name, c in stats["per_source"].items()
-    )
-    fill = stats.get("real_token_fraction")
-    return (
-        f"# Format: `{result.run_id}`{' (from cache)' if result.cache_hit else ''}\n\n"
-        f"| count | value |\n|---|---|\n{rows}\n| train rows | {stats['train_rows']:,} |\n"
-        f"| real-token fraction | {f'{fill:.1%}' if fill else 'no packing'} |\n"
-        f"| tokens p50 / p99 / max | {stats['length_p50']} / {stats['length_p99']} / {stats['length_max']} |\n\n"
-        f"| source | records in | accepted | quarantined | duplicates | too long |\n|---|---|---|---|---|---|\n"
-        f"{sources}\n"
-    )
+def format_outputs(
+    out: Path, plan: DataPlan, template: str, hit: bool, cached: Path, replayed: str | None
+) -> dict:
+    """The manifest's outputs: every file the stage wrote, the data hash, the cache and the mix."""
+    return {
+        "train": str(out / "train"),
+        "eval": str(out / "eval"),
+        "quarantine": str(out / "quarantine.jsonl"),
+        "eval_records": str(out / "eval_records.jsonl"),
+        "chat_template": str(out / "chat_template.jinja"),
+        "token_lengths_png": str(out / "token_lengths.png"),
+        "data_hash": plan.data_hash,
+        "template_sha256": template_sha(template),
+        "cache": {"key": plan.key, "hit": hit, "dir": str(cached)},
+        "sources": [recorded_source(share.source) for share in plan.shares],
+        "replayed_from": replayed,
+    }
 
 
 @task(name="format", retries=2, retry_delay_seconds=5)

@@ -249,52 +249,66 @@ def run_handoff(
         parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores)
         smoke_result = smoke(cfg, Path(data.eval_records), out, stage.log) if cfg.serve.endpoint else None
         mv = register(cfg, run_id, stage, bundle, info, data, trained, scores, parity)
-        name, uri = cfg.registered_model, cfg.mlflow_uri
-        set_alias(uri, name, "candidate", mv.version)
-        aliases = ["candidate"]
-        if scores.gate_passed:
-            promote(uri, name, mv.version)
-            aliases.append("champion")
-            stage.log(f"handoff: {name}@champion -> version {mv.version}")
-            if cfg.serve.hot_swap:
-                hot_swap(
-                    cfg.serve.endpoint,
-                    cfg.served_model_name,
-                    str((bundle / "adapter").resolve()),
-                    os.environ.get(cfg.serve.api_key_env, "EMPTY"),
-                )
-                stage.log(f"handoff: hot-swapped adapter {cfg.served_model_name} into {cfg.serve.endpoint}")
-        else:
-            stage.log(f"handoff: not promoted ({scores.reason}); champion unchanged")
-        stage.manifest.outputs = {
-            "bundle": str(bundle),
-            "serve_json": str(bundle / "serve.json"),
-            "registered_model": name,
-            "version": str(mv.version),
-            "aliases": aliases,
-            "model_uri": f"models:/{name}/{mv.version}",
-            "smoke": str(out / "smoke.json") if smoke_result else None,
-        }
-        stage.manifest.metrics = {"smoke_passed": int(smoke_result["passed"])} if smoke_result else {}
-        if parity:
-            stage.manifest.outputs["parity"] = str(out / "parity.json")
-            stage.manifest.metrics |= {
-                f"parity.{k}": parity[k]
-                for k in ("template_match", "agreement", "stop_mismatches", "server_start_s")
-            }
+        aliases = move_aliases(cfg, stage, mv.version, bundle, scores)
+        record_handoff(stage, bundle, cfg.registered_model, str(mv.version), aliases, parity, smoke_result)
         serve_script = f"cd {shlex.quote(str(bundle))} && ./serve.sh"
         stage.tags({"sftflow.version": mv.version, "sftflow.serve_script": serve_script})
         if smoke_result:
-            stage.artifact(out / "smoke.json")
-            prefect_markdown(
-                f"smoke-{cfg.run_name}",
-                smoke_markdown(cfg.serve.endpoint, smoke_result),
-                "OpenAI-compatible smoke test",
-            )
-        figures = {k: v for k, v in (parity or {}).items() if k not in ("items", "failures")}
+            markdown = smoke_markdown(cfg.serve.endpoint, smoke_result)
+            prefect_markdown(f"smoke-{cfg.run_name}", markdown, "OpenAI-compatible smoke test")
         return stage.finish(
-            HandoffResult(run_id, str(bundle), name, str(mv.version), aliases, serve_script, figures)
-        )
+            HandoffResult(
+                run_id=run_id, bundle=str(bundle), registered_model=cfg.registered_model, version=str(mv.version),
+                aliases=aliases, serve_script=serve_script,
+                parity={k: v for k, v in (parity or {}).items() if k not in ("items", "failures")},
+            )
+        )  # fmt: skip
+
+
+def move_aliases(cfg: PipelineConfig, stage: Stage, version, bundle: Path, scores: EvalResult) -> list[str]:
+    """``candidate`` always; ``champion`` (and a hot swap into the endpoint) when the gate passed."""
+    name, uri = cfg.registered_model, cfg.mlflow_uri
+    set_alias(uri, name, "candidate", version)
+    if not scores.gate_passed:
+        stage.log(f"handoff: not promoted ({scores.reason}); champion unchanged")
+        return ["candidate"]
+    promote(uri, name, version)
+    stage.log(f"handoff: {name}@champion -> version {version}")
+    if cfg.serve.hot_swap:
+        adapter = str((bundle / "adapter").resolve())
+        key = os.environ.get(cfg.serve.api_key_env, "EMPTY")
+        hot_swap(cfg.serve.endpoint, cfg.served_model_name, adapter, key)
+        stage.log(f"handoff: hot-swapped adapter {cfg.served_model_name} into {cfg.serve.endpoint}")
+    return ["candidate", "champion"]
+
+
+def record_handoff(
+    stage: Stage,
+    bundle: Path,
+    name: str,
+    version: str,
+    aliases: list[str],
+    parity: dict | None,
+    smoke: dict | None,
+) -> None:
+    """The manifest's outputs and metrics: the bundle, its version and aliases, parity and smoke figures."""
+    out = stage.dir
+    stage.manifest.outputs = {
+        "bundle": str(bundle),
+        "serve_json": str(bundle / "serve.json"),
+        "registered_model": name,
+        "version": version,
+        "aliases": aliases,
+        "model_uri": f"models:/{name}/{version}",
+        "smoke": str(out / "smoke.json") if smoke else None,
+    }
+    stage.manifest.metrics = {"smoke_passed": int(smoke["passed"])} if smoke else {}
+    if parity:
+        stage.manifest.outputs["parity"] = str(out / "parity.json")
+        figures = ("template_match", "agreement", "stop_mismatches", "server_start_s")
+        stage.manifest.metrics |= {f"parity.{k}": parity[k] for k in figures}
+    if smoke:
+        stage.artifact(out / "smoke.json")
 
 
 def smoke_markdown(endpoint: str, result: dict) -> str:

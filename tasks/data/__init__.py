@@ -1,0 +1,63 @@
+"""Records, data mixes, the data plan, chat templates and masks, packing, the collator."""
+
+from tasks.data.batching import IGNORE, Collator, TrainingCollator
+from tasks.data.mixing import Share, left_out_and_repeats, planned_counts, recorded_source, select
+from tasks.data.plan import DataPlan, plan_data
+from tasks.data.records import (
+    SHAREGPT_ROLES,
+    BadRecord,
+    detect_format,
+    iter_source,
+    read_records,
+    to_messages,
+)
+from tasks.data.report import length_histogram, summary_markdown
+from tasks.data.templating import (
+    CHATML_TEMPLATE,
+    TOO_LONG,
+    TRUNCATED,
+    Renderer,
+    chat_template,
+    end_of_turn_id,
+    pack,
+    prompt_text,
+    stop_token_ids,
+    template_sha,
+    tokenize_batch,
+    tokenize_conversations,
+    with_positions,
+)
+
+__all__ = [
+    "BadRecord",
+    "CHATML_TEMPLATE",
+    "Collator",
+    "DataPlan",
+    "IGNORE",
+    "Renderer",
+    "SHAREGPT_ROLES",
+    "Share",
+    "TOO_LONG",
+    "TRUNCATED",
+    "TrainingCollator",
+    "chat_template",
+    "detect_format",
+    "end_of_turn_id",
+    "iter_source",
+    "left_out_and_repeats",
+    "length_histogram",
+    "pack",
+    "plan_data",
+    "planned_counts",
+    "prompt_text",
+    "read_records",
+    "recorded_source",
+    "select",
+    "stop_token_ids",
+    "summary_markdown",
+    "template_sha",
+    "to_messages",
+    "tokenize_batch",
+    "tokenize_conversations",
+    "with_positions",
+]

@@ -1,0 +1,25 @@
+"""vLLM's venv and server, the pre-flight, the parity gate, what a bundle carries.
+
+``tasks.serving.pyfunc`` is copied into each bundle and not imported here."""
+
+from tasks.serving.bundle import VLLM_IMAGE, compose_snippet, serve_argv, write_mlmodel
+from tasks.serving.parity import ParityError, parity_gate, parity_table
+from tasks.serving.server import hot_swap, preflight, smoke_test, stop, wait_healthy
+from tasks.serving.venv import server_env, vllm_python
+
+__all__ = [
+    "ParityError",
+    "VLLM_IMAGE",
+    "compose_snippet",
+    "hot_swap",
+    "parity_gate",
+    "parity_table",
+    "preflight",
+    "serve_argv",
+    "server_env",
+    "smoke_test",
+    "stop",
+    "vllm_python",
+    "wait_healthy",
+    "write_mlmodel",
+]

@@ -1,0 +1,20 @@
+"""DeepSpeed's launcher and its supervision, the memory estimate, hosts, attention per packed example.
+
+The per-rank program, ``tasks.training.worker``, is started by module name and not imported here."""
+
+from tasks.training.attention import register
+from tasks.training.deepspeed import deepspeed_config
+from tasks.training.hosts import check_master_port, remote_env_file
+from tasks.training.launcher import free_port, launch_command, supervise_node
+from tasks.training.memory import estimate
+
+__all__ = [
+    "check_master_port",
+    "deepspeed_config",
+    "estimate",
+    "free_port",
+    "launch_command",
+    "register",
+    "remote_env_file",
+    "supervise_node",
+]
