@@ -24,7 +24,6 @@ def find_lineage(
     """The current champion when this run starts from it or replays its data, else None."""
     if train.init_from == "base" and not data.replay:
         return None
-
     mv = alias_version(uri, name, "champion")
     if mv is None:
         log(f"lineage: {name} has no champion yet: training from the base, nothing to replay")

@@ -1,0 +1,37 @@
+"""The data plan: what the format stage will read, and a cache key that moves only with its inputs."""
+
+import json
+
+import pytest
+
+from tasks.config import DataConfig
+from tasks.core.errors import MissingError
+from tasks.core.results import Lineage
+from tasks.data.plan import plan_data
+
+
+def write(path, n, tag="x"):
+    rows = [{"instruction": f"{tag} {i}", "output": str(i)} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_key_follows_contents_and_settings_not_unrelated_paths(tmp_path, tiny_model):
+    data = write(tmp_path / "a.jsonl", 5)
+    key = plan_data(DataConfig(path=str(data)), tiny_model).key
+    assert plan_data(DataConfig(path=str(data), num_proc=2, cache=False), tiny_model).key == key
+    assert plan_data(DataConfig(path=str(data), max_seq_len=128), tiny_model).key != key
+    write(data, 6)
+    assert plan_data(DataConfig(path=str(data)), tiny_model).key != key
+
+
+def test_replayed_sources_join_the_mix_but_not_the_declared_key(tmp_path, tiny_model):
+    data, old = write(tmp_path / "a.jsonl", 5), write(tmp_path / "old.jsonl", 3, "old")
+    d = DataConfig(path=str(data), replay=0.2)
+    champion = Lineage("2", "r", "lora", "runs:/x/adapter", [{"path": [str(old)], "name": "old"}])
+    plain, replayed = plan_data(d, tiny_model), plan_data(d, tiny_model, champion)
+    assert [s.replay for s in replayed.shares] == [False, True]
+    assert replayed.declared_key == plain.declared_key and replayed.key != plain.key
+    old.unlink()
+    with pytest.raises(MissingError, match="champion version 2 was trained on .*old.jsonl"):
+        plan_data(d, tiny_model, champion)
