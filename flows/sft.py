@@ -50,8 +50,12 @@ def sft_pipeline(
     # A nightly run with the same data, config and code has nothing to train: say so and stop
     # (Prefect records it as "Unchanged"; MLflow gets no empty run).
     if not force and (same := unchanged_task(cfg)):
-        summary = {"run_id": run_id, "unchanged": True, "same_as": dataclasses.asdict(same),
-                   "seconds": round(time.monotonic() - t0, 2)}  # fmt: skip
+        summary = {
+            "run_id": run_id,
+            "unchanged": True,
+            "same_as": dataclasses.asdict(same),
+            "seconds": round(time.monotonic() - t0, 2),
+        }
         message = f"unchanged since version {same.version} (run {same.run_id})"
         return Completed(name="Unchanged", message=message, data=summary)
     tracker = Tracker(cfg.tracking_target, run_id)  # fails fast when MLflow cannot be reached
@@ -90,13 +94,26 @@ def run_summary(
 ) -> dict:
     """What `sftflow run` prints and `--summary-json` writes."""
     return {
-        "run_id": run_id, "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()), "counts": data.counts,
-        "train_loss": trained.train_loss, "steps": trained.global_step, "started_from": trained.started_from,
-        "merge_max_logit_diff": merged.max_logit_diff, "scores": scores.scores, "intervals": scores.intervals,
+        "run_id": run_id,
+        "run_dir": str(run_dir(cfg.output_dir, run_id).resolve()),
+        "counts": data.counts,
+        "train_loss": trained.train_loss,
+        "steps": trained.global_step,
+        "started_from": trained.started_from,
+        "merge_max_logit_diff": merged.max_logit_diff,
+        "scores": scores.scores,
+        "intervals": scores.intervals,
         "slices": scores.slices,
-        "promoted": scores.gate_passed, "gate": scores.reason, "registered_model": bundle.registered_model,
-        "version": bundle.version, "aliases": bundle.aliases, "bundle": bundle.bundle,
-        "serve_script": bundle.serve_script, "parity": bundle.parity, "mlflow_uri": redact(cfg.mlflow_uri),
+        "promoted": scores.gate_passed,
+        "gate": scores.reason,
+        "registered_model": bundle.registered_model,
+        "version": bundle.version,
+        "aliases": bundle.aliases,
+        "bundle": bundle.bundle,
+        "serve_script": bundle.serve_script,
+        "parity": bundle.parity,
+        "mlflow_uri": redact(cfg.mlflow_uri),
         "mlflow_run_id": mlflow_run_id,
-        "prefect_flow_run_id": flow_run.id, "seconds": round(time.monotonic() - t0, 2),
-    }  # fmt: skip
+        "prefect_flow_run_id": flow_run.id,
+        "seconds": round(time.monotonic() - t0, 2),
+    }

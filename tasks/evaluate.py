@@ -104,9 +104,17 @@ def run_evaluate(
         d = decide(cfg.eval, cfg.data.slice_column, scores, stats, slices, row_slices, values)
         stage.log(f"evaluate: gate {'PASSED' if d.passed else 'NOT PASSED'}: {d.reason}")
         report = report_markdown(
-            run_id, scores, records, preds, d.passed, d.reason, d.intervals, d.slices, cfg.eval.gate.confidence,
+            run_id,
+            scores,
+            records,
+            preds,
+            d.passed,
+            d.reason,
+            d.intervals,
+            d.slices,
+            cfg.eval.gate.confidence,
             cfg.data.slice_column,
-        )  # fmt: skip
+        )
         write_outputs(out, report, scores, records, preds, stopped, spreads(cfg.eval.gate, values))
         stage.manifest.outputs = {
             "report": str(out / "report.md"),
@@ -122,10 +130,17 @@ def run_evaluate(
         dtype = str(pick_dtype(cfg.merge.dtype)).removeprefix("torch.")
         return stage.finish(
             EvalResult(
-                run_id=run_id, scores=scores, gate_passed=d.passed, reason=d.reason, report=report,
-                intervals=d.intervals, slices=d.slices, generations=str(out / "generations.jsonl"), dtype=dtype,
+                run_id=run_id,
+                scores=scores,
+                gate_passed=d.passed,
+                reason=d.reason,
+                report=report,
+                intervals=d.intervals,
+                slices=d.slices,
+                generations=str(out / "generations.jsonl"),
+                dtype=dtype,
             )
-        )  # fmt: skip
+        )
 
 
 def score_models(

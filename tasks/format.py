@@ -88,8 +88,10 @@ def split_train_eval(records, cfg: PipelineConfig, plan: DataPlan) -> tuple:
     train, evals = select(share, counts, 0.0 if d.eval_path else d.eval_fraction, d.seed)
     if d.eval_path:
         evals = np.flatnonzero(np.asarray(records.data.column("split")) == 1)
-    mix = {s.source.label: {"available": a, "planned": c, "replay": s.replay}
-           for s, a, c in zip(plan.shares, available, counts)}  # fmt: skip
+    mix = {
+        s.source.label: {"available": a, "planned": c, "replay": s.replay}
+        for s, a, c in zip(plan.shares, available, counts)
+    }
     return records.select(train), records.select(evals), mix, left_out_and_repeats(train, evals, share)
 
 
@@ -326,12 +328,19 @@ def run_format(
         stage.manifest.metrics = stats
         write_json(out / "stats.json", stats)
         result = FormatResult(
-            run_id=run_id, train_path=str(out / "train"), eval_path=str(out / "eval"),
-            eval_records=str(out / "eval_records.jsonl"), chat_template=str(out / "chat_template.jinja"),
-            data_hash=plan.data_hash, cache_key=plan.key, counts=dict(stats["counts"]), cache_hit=bool(hit),
-            declared_key=plan.declared_key, sources=stage.manifest.outputs["sources"],
+            run_id=run_id,
+            train_path=str(out / "train"),
+            eval_path=str(out / "eval"),
+            eval_records=str(out / "eval_records.jsonl"),
+            chat_template=str(out / "chat_template.jinja"),
+            data_hash=plan.data_hash,
+            cache_key=plan.key,
+            counts=dict(stats["counts"]),
+            cache_hit=bool(hit),
+            declared_key=plan.declared_key,
+            sources=stage.manifest.outputs["sources"],
             eval_slices=str(out / "eval_slices.json") if (out / "eval_slices.json").is_file() else "",
-        )  # fmt: skip
+        )
         stage.finish(result)
         if d.cache and not hit:
             store_in_cache(out, cached, stage.log)

@@ -258,11 +258,15 @@ def run_handoff(
             prefect_markdown(f"smoke-{cfg.run_name}", markdown, "OpenAI-compatible smoke test")
         return stage.finish(
             HandoffResult(
-                run_id=run_id, bundle=str(bundle), registered_model=cfg.registered_model, version=str(mv.version),
-                aliases=aliases, serve_script=serve_script,
+                run_id=run_id,
+                bundle=str(bundle),
+                registered_model=cfg.registered_model,
+                version=str(mv.version),
+                aliases=aliases,
+                serve_script=serve_script,
                 parity={k: v for k, v in (parity or {}).items() if k not in ("items", "failures")},
             )
-        )  # fmt: skip
+        )
 
 
 def move_aliases(cfg: PipelineConfig, stage: Stage, version, bundle: Path, scores: EvalResult) -> list[str]:

@@ -34,6 +34,7 @@ from tasks.training import memory
 from tasks.training.deepspeed import deepspeed_config
 from tasks.training.hosts import check_master_port
 from tasks.training.launcher import free_port, launch_command, supervise_node
+from tasks.training.report import loss_curve
 
 SECTIONS = ("model", "data", "train", "eval", "tracking")  # eval: the batch size of eval_steps
 
@@ -81,27 +82,6 @@ def starting_weights(cfg: PipelineConfig, lineage: Lineage | None, out: Path, lo
     return path
 
 
-def loss_curve(losses: list[float], eval_losses: list, every: int, path: Path) -> None:
-    """Training loss per logged step, and eval loss at the steps it was measured (step 0 too)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot([every * (i + 1) for i in range(len(losses))], losses, label="training loss")
-    if eval_losses:
-        steps, values = zip(*eval_losses)
-        ax.plot(steps, values, "o-", color="#e08a3c", label="eval loss")
-        ax.legend()
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run_train(
     cfg: PipelineConfig,
     run_id: str,
@@ -137,11 +117,15 @@ def run_train(
         record_training(cfg, stage, result, model_path, lineage if init else None)
         return stage.finish(
             TrainResult(
-                run_id=run_id, output=result["output"], method=cfg.train.method, train_loss=result["train_loss"],
-                global_step=result["global_step"], started_from=lineage.version if init else None,
+                run_id=run_id,
+                output=result["output"],
+                method=cfg.train.method,
+                train_loss=result["train_loss"],
+                global_step=result["global_step"],
+                started_from=lineage.version if init else None,
                 weights_uri=publish_weights(cfg, stage, Path(result["output"])),
             )
-        )  # fmt: skip
+        )
 
 
 def worker_spec(cfg: PipelineConfig, data: FormatResult, model_path: Path, init, port: int, stage) -> dict:

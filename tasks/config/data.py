@@ -13,8 +13,17 @@ from pydantic import Field, field_validator, model_validator
 from tasks.config.base import Section
 
 RecordFormat = Literal["auto", "alpaca", "messages", "sharegpt", "completion"]
-KNOWN_COLUMNS = ("instruction", "input", "output", "system", "messages", "conversations", "prompt",
-                 "completion", "text")  # fmt: skip
+KNOWN_COLUMNS = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "text",
+)
 
 
 def check_roles(v: dict[str, str] | None) -> dict[str, str] | None:

@@ -88,14 +88,21 @@ def select(
 def left_out_and_repeats(train, evals, share) -> dict:
     """What the mix did not take, and the extra copies it made, so the counts still add up."""
     taken = np.unique(np.concatenate([train, evals]))
-    return {"left_out_by_mix": int((share >= 0).sum() - (share[taken] >= 0).sum()),
-            "repeated_by_mix": len(train) + len(evals) - len(taken)}  # fmt: skip
+    return {
+        "left_out_by_mix": int((share >= 0).sum() - (share[taken] >= 0).sum()),
+        "repeated_by_mix": len(train) + len(evals) - len(taken),
+    }
 
 
 def recorded_source(source: SourceConfig) -> dict:
     """A source as a later run replays it: absolute paths, its reading options, no amount."""
     paths = [source.path] if isinstance(source.path, str) else source.path
     name = source.label if source.label.startswith("replay ") else f"replay {source.label}"
-    update = {"path": [str(Path(p).resolve()) if Path(p).exists() else p for p in paths], "name": name,
-              "weight": None, "count": None, "fraction": None}  # fmt: skip
+    update = {
+        "path": [str(Path(p).resolve()) if Path(p).exists() else p for p in paths],
+        "name": name,
+        "weight": None,
+        "count": None,
+        "fraction": None,
+    }
     return source.model_copy(update=update).model_dump(mode="json")

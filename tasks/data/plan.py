@@ -64,8 +64,10 @@ def plan_data(d: DataConfig, model_dir: Path, lineage: Lineage | None = None) ->
     """``model_dir``: the model whose tokenizer the data is for. ``lineage``: the champion this run
     starts from; with ``data.replay`` its sources join the mix."""
     shares = [Share(s) for s in d.mix()]
-    files = [resolve_sources(s.source.path, f"data.sources[{s.source.label}]" if d.sources else "data.path")
-             for s in shares]  # fmt: skip
+    files = [
+        resolve_sources(s.source.path, f"data.sources[{s.source.label}]" if d.sources else "data.path")
+        for s in shares
+    ]
     if d.replay and lineage is not None:
         for source in replay_sources(lineage):
             share = Share(SourceConfig.model_validate(source), replay=True)
@@ -81,8 +83,11 @@ def plan_data(d: DataConfig, model_dir: Path, lineage: Lineage | None = None) ->
     settings = d.model_dump(mode="json", exclude={"path", "eval_path", "cache", "num_proc"})
     options = [s.source.model_dump(mode="json", exclude={"path"}) for s in shares]
     settings["sources"] = options
-    common = {"template": template_source(d.template), "tokenizer": tokenizer_hash(model_dir),
-              "code": format_code_hash()}  # fmt: skip
+    common = {
+        "template": template_source(d.template),
+        "tokenizer": tokenizer_hash(model_dir),
+        "code": format_code_hash(),
+    }
     key = hash_json({"inputs": inputs, "data": settings, **common})
     declared = [x for x in inputs if x[1] is None or not shares[x[1]].replay]
     settings["sources"] = [o for o, s in zip(options, shares) if not s.replay]

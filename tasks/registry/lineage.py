@@ -55,10 +55,13 @@ def find_lineage(
             )
     log(
         f"lineage: {found.label}"
-        + (f"; training starts from its {'weights' if train.method == 'full' else 'adapter'}"
-           if train.init_from == "champion" else "")
+        + (
+            f"; training starts from its {'weights' if train.method == 'full' else 'adapter'}"
+            if train.init_from == "champion"
+            else ""
+        )
         + (f"; replaying {data.replay:.0%} from its {len(found.sources)} source(s)" if data.replay else "")
-    )  # fmt: skip
+    )
     return found
 
 

@@ -85,7 +85,9 @@ def remote_env_file(env: dict[str, str], path: Path, log) -> Path:
     if uri and redact(uri) == uri:
         keep["SFTFLOW_MLFLOW_URI"] = uri
     elif uri:
-        log("train: the MLflow URI holds credentials, which are not sent to the ssh-started ranks: "
-            "training metrics are logged when the stage ends, not live")  # fmt: skip
+        log(
+            "train: the MLflow URI holds credentials, which are not sent to the ssh-started ranks: "
+            "training metrics are logged when the stage ends, not live"
+        )
     path.write_text("".join(f"{k}={v}\n" for k, v in keep.items()))
     return path.resolve()

@@ -34,9 +34,20 @@ def free_port(addr: str = "127.0.0.1") -> int:
 def launch_command(t: TrainConfig, spec_path: Path, port: int, node_rank: int = 0) -> list[str]:
     if t.hostfile:  # DeepSpeed's runner: it reaches the other nodes with pdsh, or (per_node) starts this one
         each = ["--no_ssh", "--node_rank", str(node_rank)] if t.launcher == "per_node" else []
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", t.hostfile, *each,
-               "--num_gpus", str(t.num_processes), "--master_addr", t.master_addr,
-               "--master_port", str(port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            t.hostfile,
+            *each,
+            "--num_gpus",
+            str(t.num_processes),
+            "--master_addr",
+            t.master_addr,
+            "--master_port",
+            str(port),
+        ]
     else:  # one node: the per-node launcher the runner would start, without the runner's own interpreter (~3 s)
         world = base64.urlsafe_b64encode(
             json.dumps({"localhost": list(range(t.num_processes))}).encode()

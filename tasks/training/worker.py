@@ -10,7 +10,6 @@ from rank 0, and saves the adapter (or the full model) atomically.
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import json
 import math
@@ -29,46 +28,14 @@ from transformers import TrainerCallback  # noqa: E402
 from tasks.core.faults import fault  # noqa: E402
 from tasks.core.files import write_json  # noqa: E402
 from tasks.core.tracking import mlflow_client  # noqa: E402
-from tasks.data.batching import Collator, TrainingCollator  # noqa: E402
+from tasks.data.batching import Collator  # noqa: E402
 from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config  # noqa: E402
 from tasks.training.attention import register  # noqa: E402
+from tasks.training.collating import EVAL_ROW, RecordingCollator  # noqa: E402
 from tasks.training.hosts import interface_for  # noqa: E402
 from tasks.training.memory import ADVICE  # noqa: E402
 
-EVAL_ROW = "sftflow_eval"  # a column only the eval split has, so the collator tells its batches apart
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
-
-
-class RecordingCollator(TrainingCollator):
-    """The training collator, counting what was trained: the dataloader collates one batch ahead
-    of the step, so a batch counts (tokens, and a fingerprint of it in ``seen``) only when the
-    model's forward takes it (``on_forward``, a forward pre-hook)."""
-
-    def __init__(self, pad_token_id: int):
-        super().__init__(pad_token_id)
-        self.waiting: collections.deque = collections.deque()
-        self.trained_real = self.trained_total = 0
-        self.seen: list[str] = []
-
-    def __call__(self, rows: list[dict]) -> dict:
-        if EVAL_ROW in rows[0]:  # an eval batch: not trained, not counted
-            return TrainingCollator(self.pad)(rows)
-        real, total = self.real_tokens, self.total_tokens
-        batch = super().__call__(rows)
-        fingerprint = hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest()[:16]
-        self.waiting.append((self.real_tokens - real, self.total_tokens - total, fingerprint))
-        return batch
-
-    def on_forward(self, module, args, kwargs) -> None:
-        if module.training and self.waiting:
-            real, total, fingerprint = self.waiting.popleft()
-            self.trained_real += real
-            self.trained_total += total
-            self.seen.append(fingerprint)
-
-    @property
-    def real_fraction(self) -> float:
-        return self.trained_real / self.trained_total if self.trained_total else 0.0
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -240,8 +207,13 @@ def training_args(spec: dict, dtype):
     t, out = spec["train"], Path(spec["output_dir"])
     evals = {}
     if spec.get("eval_path"):  # eval loss before the first step and every eval_steps
-        evals = {"eval_strategy": "steps", "eval_steps": t["eval_steps"], "eval_on_start": True,
-                 "per_device_eval_batch_size": spec["eval_batch_size"], "prediction_loss_only": True}  # fmt: skip
+        evals = {
+            "eval_strategy": "steps",
+            "eval_steps": t["eval_steps"],
+            "eval_on_start": True,
+            "per_device_eval_batch_size": spec["eval_batch_size"],
+            "prediction_loss_only": True,
+        }
     return TrainingArguments(
         **evals,
         output_dir=str(out / "checkpoints"),
