@@ -20,9 +20,9 @@ from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.core.files import read_json, read_jsonl
 from tasks.core.paths import CODE_ROOT, stage_dir
 from tasks.core.results import EvalResult, FormatResult, MergeResult
-from tasks.core.stage import open_stage, prefect_markdown
+from tasks.core.stage import Stage, open_stage, prefect_markdown
 from tasks.data.templating import stop_token_ids, template_sha
-from tasks.evaluation.gate import SampleStats, decide, resampled, spreads
+from tasks.evaluation.gate import Decision, SampleStats, decide, resampled, spreads
 from tasks.evaluation.losssets import past_eval_sets, retention_rows
 from tasks.evaluation.report import report_markdown, write_outputs
 from tasks.evaluation.scoring import generate, metric_stats, row_losses
@@ -103,29 +103,12 @@ def run_evaluate(
         slices = [r.get("slice") for r in records]
         d = decide(cfg.eval, cfg.data.slice_column, scores, stats, slices, row_slices, values)
         stage.log(f"evaluate: gate {'PASSED' if d.passed else 'NOT PASSED'}: {d.reason}")
+        verdict = (d.passed, d.reason, d.intervals, d.slices)
         report = report_markdown(
-            run_id,
-            scores,
-            records,
-            preds,
-            d.passed,
-            d.reason,
-            d.intervals,
-            d.slices,
-            cfg.eval.gate.confidence,
-            cfg.data.slice_column,
+            run_id, scores, records, preds, *verdict, cfg.eval.gate.confidence, cfg.data.slice_column
         )
         write_outputs(out, report, scores, records, preds, stopped, spreads(cfg.eval.gate, values))
-        stage.manifest.outputs = {
-            "report": str(out / "report.md"),
-            "chart": str(out / "metrics.png"),
-            "generations": str(out / "generations.jsonl"),
-            "gate_passed": d.passed,
-            "reason": d.reason,
-        }
-        stage.manifest.metrics = {**scores, "improvement": d.intervals, "slices": d.slices}
-        stage.artifact(*(out / n for n in ("report.md", "metrics.png", "generations.jsonl", "scores.json")))
-        stage.tags({"sftflow.promote": d.passed, "sftflow.gate": d.reason[:4000]})
+        record_evaluation(stage, scores, d)
         prefect_markdown(f"evaluation-{cfg.run_name}", report, f"evaluation of {run_id}")
         dtype = str(pick_dtype(cfg.merge.dtype)).removeprefix("torch.")
         return stage.finish(
@@ -141,6 +124,21 @@ def run_evaluate(
                 dtype=dtype,
             )
         )
+
+
+def record_evaluation(stage: Stage, scores: dict, d: Decision) -> None:
+    """The manifest's outputs and metrics, the artifacts MLflow gets, and the gate's tags."""
+    out = stage.dir
+    stage.manifest.outputs = {
+        "report": str(out / "report.md"),
+        "chart": str(out / "metrics.png"),
+        "generations": str(out / "generations.jsonl"),
+        "gate_passed": d.passed,
+        "reason": d.reason,
+    }
+    stage.manifest.metrics = {**scores, "improvement": d.intervals, "slices": d.slices}
+    stage.artifact(*(out / n for n in ("report.md", "metrics.png", "generations.jsonl", "scores.json")))
+    stage.tags({"sftflow.promote": d.passed, "sftflow.gate": d.reason[:4000]})
 
 
 def score_models(

@@ -5,17 +5,7 @@ import errno
 import pytest
 
 from tasks.config import load_config
-from tasks.core.errors import (
-    ConfigError,
-    DiskFull,
-    InputError,
-    MissingError,
-    OutOfMemory,
-    SftflowError,
-    StageFailed,
-    StageTimeout,
-    Unreachable,
-)
+from tasks.core import errors
 from tasks.core.hashing import imports_hash
 from tasks.core.results import MergeResult
 from tasks.core.stage import open_stage
@@ -26,18 +16,18 @@ from conftest import ROOT
 @pytest.mark.parametrize(
     "error, builtin",
     [
-        (InputError, ValueError),
-        (MissingError, FileNotFoundError),
-        (StageFailed, RuntimeError),
-        (Unreachable, ConnectionError),
-        (StageTimeout, TimeoutError),
-        (OutOfMemory, MemoryError),
-        (DiskFull, OSError),
+        (errors.InputError, ValueError),
+        (errors.MissingError, FileNotFoundError),
+        (errors.StageFailed, RuntimeError),
+        (errors.Unreachable, ConnectionError),
+        (errors.StageTimeout, TimeoutError),
+        (errors.OutOfMemory, MemoryError),
+        (errors.DiskFull, OSError),
     ],
 )
 def test_each_error_is_an_sftflow_error_and_the_builtin_it_stands_for(error, builtin):
-    assert issubclass(error, SftflowError) and issubclass(error, builtin)
-    assert issubclass(ConfigError, SftflowError)
+    assert issubclass(error, errors.SftflowError) and issubclass(error, builtin)
+    assert issubclass(errors.ConfigError, errors.SftflowError)
 
 
 def tiny(tmp_path):
@@ -58,7 +48,8 @@ def test_a_full_disk_inside_a_stage_names_the_stage_and_its_folder(tmp_path):
     scope = tiny(tmp_path).scope(("merge",))
     with (
         pytest.raises(
-            DiskFull, match=r"No space left on device: the merge stage could not write under .*r1/merge"
+            errors.DiskFull,
+            match=r"No space left on device: the merge stage could not write under .*r1/merge",
         ),
         open_stage(scope, "r1", "merge", log=lambda _: None),
     ):
