@@ -160,18 +160,18 @@ def extra_loss_sets(cfg: PipelineConfig, run_id: str, tokenizer, template: str, 
     if cfg.eval.retention.enabled:
         sets["retention_loss"] = retention_rows(cfg.eval.retention, cfg.data.max_seq_len, tokenizer, template)
         log(f"evaluate: retention set {cfg.eval.retention.file}: {len(sets['retention_loss'])} conversations")
-    versions = all_versions(cfg.mlflow_uri, cfg.registered_model) if cfg.eval.past_eval_sets else []
-    past = past_eval_sets(
-        cfg.eval.past_eval_sets,
-        versions,
-        cfg.output_dir,
-        cfg.model.name_or_path,
-        run_id,
-        template_sha(template),
-        log,
-    )
-    for version, rows in past.items():
-        sets[f"past_{version}_loss"] = rows
+    if cfg.eval.past_eval_sets:
+        versions = all_versions(cfg.mlflow_uri, cfg.registered_model)
+        past = past_eval_sets(
+            cfg.eval.past_eval_sets,
+            versions,
+            cfg.output_dir,
+            cfg.model.name_or_path,
+            run_id,
+            template_sha(template),
+            log,
+        )
+        sets |= {f"past_{version}_loss": rows for version, rows in past.items()}
     return sets
 
 

@@ -116,8 +116,17 @@ def served_like_evaluated(
         return None
     tokenizer = load_tokenizer(merged.model_path)  # what evaluate generated with
     tokenizer.chat_template = data.template()
-    limits = (cfg.serve, cfg.served_model_name, cfg.eval.max_new_tokens)
-    result = parity_gate(*limits, bundle, info, tokenizer, scores, stage.dir, stage.log)
+    result = parity_gate(
+        cfg.serve,
+        cfg.served_model_name,
+        cfg.eval.max_new_tokens,
+        bundle,
+        info,
+        tokenizer,
+        scores,
+        stage.dir,
+        stage.log,
+    )
     markdown = (stage.dir / "parity.md").read_text(encoding="utf-8")
     prefect_markdown(f"parity-{cfg.run_name}", markdown, "train/serve parity: vLLM vs the evaluated model")
     if stage.run is not None:

@@ -111,8 +111,7 @@ def run_train(
         port = cfg.train.master_port or free_port(cfg.train.master_addr)
         if cfg.train.hostfile:
             check_master_port(cfg.train.master_addr, port, read_hostfile(cfg.train.hostfile)[0][0])
-        spec = worker_spec(cfg, data, model_path, init, port, stage)
-        launch(cfg, spec, port, stage)
+        launch(cfg, worker_spec(cfg, data, model_path, init, port, stage), port, stage)
         result = read_json(out / "result.json")
         record_training(cfg, stage, result, model_path, lineage if init else None)
         return stage.finish(
@@ -128,8 +127,8 @@ def run_train(
         )
 
 
-def worker_spec(cfg: PipelineConfig, data: FormatResult, model_path: Path, init, port: int, stage) -> dict:
-    """What every rank reads (``spec.json``): the train section, DeepSpeed's config and the paths."""
+def worker_spec(cfg: PipelineConfig, data: FormatResult, model_path: Path, init, port: int, stage) -> Path:
+    """``spec.json``, what every rank reads: the train section, DeepSpeed's config and the paths."""
     spec = {
         "master_port": port,
         "model_path": str(model_path),
@@ -144,12 +143,12 @@ def worker_spec(cfg: PipelineConfig, data: FormatResult, model_path: Path, init,
     }
     write_json(stage.dir / "spec.json", spec)
     write_json(stage.dir / "deepspeed.json", spec["deepspeed"])
-    return spec
+    return stage.dir / "spec.json"
 
 
-def launch(cfg: PipelineConfig, spec: dict, port: int, stage) -> None:
+def launch(cfg: PipelineConfig, spec_path: Path, port: int, stage) -> None:
     """DeepSpeed's launcher on this node, supervised until the ranks end."""
-    cmd = launch_command(cfg.train, stage.dir / "spec.json", port)
+    cmd = launch_command(cfg.train, spec_path, port)
     engine = "without DeepSpeed" if cfg.train.deepspeed == "none" else f"with DeepSpeed {cfg.train.deepspeed}"
     stage.log(
         f"train: {cfg.train.method} {engine}, {cfg.train.num_processes} process(es): " + " ".join(cmd[2:])

@@ -198,8 +198,17 @@ def broken_gate(served_run, tmp_path, break_bundle) -> tuple[dict, list[str]]:
     scores = EvalResult.from_manifest(cfg.output_dir, run.name)
     tokenizer = load_tokenizer(run / "merge/model")
     tokenizer.chat_template = (run / "format/chat_template.jinja").read_text()
-    limits = (cfg.serve, cfg.served_model_name, cfg.eval.max_new_tokens)
-    result = parity_gate(*limits, bundle, info, tokenizer, scores, tmp_path, print)
+    result = parity_gate(
+        cfg.serve,
+        cfg.served_model_name,
+        cfg.eval.max_new_tokens,
+        bundle,
+        info,
+        tokenizer,
+        scores,
+        tmp_path,
+        print,
+    )
     assert servers_under(tmp_path) == []
     return result, result["failures"]
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-from flows.cli.common import load, quiet_defaults
+from flows.cli.common import quiet_defaults
 from flows.cli.parser import parser
+from tasks.config import load_config
 from tasks.core.errors import ConfigError, SftflowError
 from tasks.core.paths import STAGES
 
@@ -43,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("registry promote needs NAME VERSION")
     module, name = COMMANDS[args.command]
     try:
-        # the config validated and the environment set before Prefect or MLflow are imported
-        cfg = load(args) if hasattr(args, "config") and args.command != "validate" else quiet_defaults(None)
+        # the config validated, and the environment set before Prefect or MLflow are imported;
+        # validate and schema only read, and leave no state behind
+        cfg = load_config(args.config, args.set) if hasattr(args, "config") else None
+        if args.command not in ("validate", "schema"):
+            quiet_defaults(cfg)
         command = getattr(importlib.import_module(f"flows.cli.{module}"), name)
         return command(args, cfg)
     except ConfigError as e:

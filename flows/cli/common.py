@@ -1,12 +1,11 @@
-"""What every command does first: load and validate the config, and set the environment
-Prefect and MLflow read before they are imported."""
+"""The environment every command that runs sets first, before Prefect or MLflow are imported."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
 
 
 def quiet_defaults(cfg: PipelineConfig | None) -> None:
@@ -20,9 +19,3 @@ def quiet_defaults(cfg: PipelineConfig | None) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def load(args) -> PipelineConfig:
-    cfg = load_config(args.config, getattr(args, "set", None))
-    quiet_defaults(cfg)
-    return cfg

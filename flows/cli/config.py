@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
 
 
 def validate(args, cfg) -> int:
-    cfg = load_config(args.config, args.set)
     print(
         f"{args.config}: valid (run_name={cfg.run_name}, method={cfg.train.method}, "
         f"deepspeed={cfg.train.deepspeed}, config hash {cfg.section_hash()})"

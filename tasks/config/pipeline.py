@@ -65,18 +65,18 @@ class PipelineConfig(Section):
 
     @property
     def tracking_target(self) -> TrackingTarget:
-        return TrackingTarget(
-            self.mlflow_uri,
-            self.tracking.experiment,
-            self.output_dir,
-            self.model_dump(mode="json"),
-            self.section_hash(),
-        )
+        return self._tracking_target(self.model_dump(mode="json"))
 
     def scope(self, sections: tuple[str, ...]) -> StageScope:
         """What a stage that declared ``sections`` hands the stage scaffold."""
         data = self.model_dump(mode="json")
-        return StageScope(self.output_dir, {s: data[s] for s in sections}, self.tracking_target)
+        return StageScope(self.output_dir, {s: data[s] for s in sections}, self._tracking_target(data))
+
+    def _tracking_target(self, data: dict) -> TrackingTarget:
+        """``data``: this config as JSON, dumped once by the caller."""
+        return TrackingTarget(
+            self.mlflow_uri, self.tracking.experiment, self.output_dir, data, hash_json(data)
+        )
 
     def section_hash(self, *sections: str) -> str:
         data = self.model_dump(mode="json")

@@ -167,7 +167,7 @@ def list_versions(uri: str, name: str) -> list[str]:
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     rows = []
-    for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+    for mv in sorted(all_versions(uri, name), key=lambda v: int(v.version)):
         metrics = {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")}
         rows.append(
             f"v{mv.version}  run={mv.tags.get('sftflow.run_id', '?')}  "
