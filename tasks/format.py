@@ -240,6 +240,9 @@ def build_dataset(cfg: PipelineConfig, plan: DataPlan, renderer: Renderer, out: 
     *parts, mix, mixed = split_train_eval(Dataset.from_file(str(work / "records.arrow")), cfg, plan)
     counts.update(mixed)
     for split, part in zip(("train", "eval"), parts):
+        if not len(part):
+            files = sorted({s for sp, s, _ in plan.sources if sp == split or not d.eval_path})
+            raise InputError(f"format: no {split} records in {', '.join(files)} (counts {dict(counts)})")
         kept[split], records[split], procs[split] = tokenize_split(
             part, split, cfg, renderer, names, work, key, counts, per_source, per_entry
         )

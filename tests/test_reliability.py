@@ -13,11 +13,23 @@ import pytest
 from tasks.format import run_format
 from tasks.training.worker import COMPLETE
 
-from conftest import ROOT, make_config, run_cli
+from conftest import ROOT, make_config, run_cli, write_jsonl
 from services import free_port
 
 pytestmark = pytest.mark.reliability
 GOOD = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    schema = pa.schema([("instruction", pa.string()), ("output", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    return sink.getvalue()
 
 
 def good(i: int) -> dict:
@@ -122,6 +134,14 @@ def test_csv_json_and_parquet_bad_records(tmp_path, tiny_model):
         ("data.txt", b"hello", "unsupported file type '.txt'"),
         ("missing.jsonl", None, "missing.jsonl does not exist"),
         ("allbad.jsonl", b"nope\n" * 10, "100.0% of 10 records are bad"),
+        # an empty night's drop is a clear error, not a KeyError out of pyarrow
+        ("empty.jsonl", b"", "empty.jsonl: no records"),
+        ("blank.jsonl", b"\n  \n\r\n", "blank.jsonl: no records"),
+        ("empty.json", b"[]", "empty.json: no records"),
+        ("header.csv", b"instruction,output\n", "header.csv: no records"),
+        ("empty.csv", b"", "empty.csv: the CSV file has no header row"),
+        ("none.parquet", parquet_bytes([]), "none.parquet: no records"),
+        ("garbage.parquet", b"not parquet\n", "garbage.parquet: not a Parquet file"),
     ],
 )
 def test_whole_file_problems_are_one_clear_error(tmp_path, tiny_model, name, content, message):
@@ -130,6 +150,14 @@ def test_whole_file_problems_are_one_clear_error(tmp_path, tiny_model, name, con
         path.write_bytes(content)
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run_format(make_config(tmp_path, path, data={"max_bad_fraction": 0.5}), "r", log=lambda *_: None)
+
+
+def test_an_empty_eval_file_beside_good_training_data_is_named(tmp_path, tiny_model):
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_jsonl(train, [good(i) for i in range(20)])
+    evals.write_text("\n")
+    with pytest.raises(ValueError, match=re.escape(f"no eval records in {evals}")):
+        run_format(make_config(tmp_path, train, data={"eval_path": str(evals)}), "r", log=lambda *_: None)
 
 
 def test_the_user_sees_the_message_not_a_traceback(tmp_path):

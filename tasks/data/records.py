@@ -192,9 +192,19 @@ def iter_source(source: str) -> Iterator[tuple[int, dict | BadRecord]]:
     elif path.suffix == ".csv":
         yield from _csv(path)
     else:
-        import pyarrow.parquet as pq
+        yield from _rows(_parquet_batches(path))
 
-        yield from _rows(b.to_pylist() for b in pq.ParquetFile(path).iter_batches(batch_size=1000))
+
+def _parquet_batches(path: Path) -> Iterator[list[dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a Parquet file ({e})") from None
+    for batch in file.iter_batches(batch_size=1000):
+        yield batch.to_pylist()
 
 
 # ---------------------------------------------------------------- shapes
@@ -358,4 +368,12 @@ def read_records(
                 if counts["records_in"] % 200_000 == 0:
                     log(f"format: read {counts['records_in']:,} records ({time.monotonic() - t0:.0f}s)")
         flush()
+    empty = [source for source, c in per_source.items() if not c["records_in"]]
+    if len(empty) == len(per_source):  # an empty night's drop: nothing to train on, say so by name
+        raise InputError(
+            f"format: {', '.join(empty)}: no records (the file is empty, or holds only blank lines or a "
+            "header): nothing to train on"
+        )
+    for source in empty:
+        log(f"format: {source}: no records (empty, blank lines or a header only)")
     return counts, per_source, formats
