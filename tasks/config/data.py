@@ -103,6 +103,11 @@ class DataConfig(_RolesAndColumns):
         lt=1,
         description="share of the training records drawn from the champion's own training sources",
     )
+    replay_sources: int = Field(
+        30,
+        ge=1,
+        description="the most of the champion's sources a replay reads (its newest first); older ones age out",
+    )
     eval_path: str | list[str] | None = Field(
         None, description="separate eval data; otherwise eval_fraction is split off"
     )

@@ -69,12 +69,9 @@ def plan_data(d: DataConfig, model_dir: Path, lineage: Lineage | None = None) ->
         for s in shares
     ]
     if d.replay and lineage is not None:
-        for source in replay_sources(lineage):
-            share = Share(SourceConfig.model_validate(source), replay=True)
-            found = resolve_sources(share.source.path, f"data.sources[{share.source.label}]")
-            if found not in files:  # each file once, at its first share
-                shares.append(share)
-                files.append(found)
+        replayed = replay_shares(lineage, d.replay_sources, {f for found in files for f in found})
+        shares += [share for share, _ in replayed]
+        files += [found for _, found in replayed]
     sources = [("train", f, i) for i, found in enumerate(files) for f in found]
     if d.eval_path:
         sources += [("eval", s, None) for s in resolve_sources(d.eval_path, "data.eval_path")]
@@ -96,16 +93,26 @@ def plan_data(d: DataConfig, model_dir: Path, lineage: Lineage | None = None) ->
     return DataPlan(sources, shares, hashes, model_dir, key, declared_key, data_hash)
 
 
-def replay_sources(lineage: Lineage) -> list[dict]:
-    """The champion's training sources, as its version recorded them; each must still exist."""
+def replay_shares(lineage: Lineage, limit: int, taken: set[str]) -> list[tuple[Share, list[str]]]:
+    """The champion's training sources, newest first as its version recorded them, each file once
+    (not already in ``taken``), at most ``limit`` of them: a month of nights replays a bounded mix,
+    and a file that has aged out of it may be gone. Each replayed file must still exist."""
+    out = []
     for source in lineage.sources:
+        if len(out) == limit:
+            break
         for item in [source["path"]] if isinstance(source["path"], str) else source["path"]:
             if not Path(item).exists() and not item.startswith("hub:"):
                 raise MissingError(
                     f"data.replay: champion version {lineage.version} was trained on {item}, which no "
                     "longer exists (restore it, or set data.replay: 0)"
                 )
-    return lineage.sources
+        label = f"data.sources[{source.get('name') or source['path']}]"
+        found = [f for f in resolve_sources(source["path"], label) if f not in taken]
+        if found:
+            taken.update(found)
+            out.append((Share(SourceConfig.model_validate({**source, "path": found}), replay=True), found))
+    return out
 
 
 def source_hash(source: str) -> str:
