@@ -74,11 +74,11 @@ def sft_pipeline(
     tracker.finish()
     summary = run_summary(cfg, run_id, parent, t0, data, trained, merged, scores, bundle)
     # A refused candidate is an outcome, not a crash: the run completes in a state that says so.
-    if scores.gate_passed:
+    if summary["promoted"]:
         return Completed(
             message=f"promoted: {bundle.registered_model}@champion = v{bundle.version}", data=summary
         )
-    return Completed(name="Not promoted", message=f"not promoted: {scores.reason}", data=summary)
+    return Completed(name="Not promoted", message=f"not promoted: {summary['gate']}", data=summary)
 
 
 def run_summary(
@@ -104,8 +104,8 @@ def run_summary(
         "scores": scores.scores,
         "intervals": scores.intervals,
         "slices": scores.slices,
-        "promoted": scores.gate_passed,
-        "gate": scores.reason,
+        "promoted": "champion" in bundle.aliases,  # the gate passed and the champion had not moved
+        "gate": bundle.not_promoted or scores.reason,
         "registered_model": bundle.registered_model,
         "version": bundle.version,
         "aliases": bundle.aliases,

@@ -13,10 +13,12 @@ decides whether the candidate may become the champion.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from prefect import task
 
 from tasks.config import SHIPPED_METRICS, PipelineConfig
+from tasks.core.errors import MissingError
 from tasks.core.files import read_json, read_jsonl
 from tasks.core.paths import CODE_ROOT, stage_dir
 from tasks.core.results import EvalResult, FormatResult, MergeResult
@@ -27,10 +29,19 @@ from tasks.evaluation.losssets import past_eval_sets, retention_rows
 from tasks.evaluation.report import report_markdown, write_outputs
 from tasks.evaluation.scoring import generate, metric_stats, row_losses
 from tasks.models.loading import load_model, load_tokenizer, pick_dtype, resolve_model
+from tasks.registry.tags import BASE_TAG
 from tasks.registry.versions import alias_version, all_versions, download_bundle
 
 SECTIONS = ("model", "data", "merge", "eval", "tracking")
 METRICS_DIR = CODE_ROOT / "tasks/evaluation/metrics"
+
+
+class ModelRef(NamedTuple):
+    """A model to score: its folder, or (an adapter bundle) the base it was trained on plus the adapter."""
+
+    path: Path
+    adapter: Path | None = None
+    version: str | None = None  # the registry version, for the champion
 
 
 def score_model(
@@ -42,14 +53,16 @@ def score_model(
     eos_ids: list[int],
     log=print,
     loss_sets: dict | None = None,
+    adapter: Path | None = None,
 ) -> tuple[dict[str, float], list[str], list[bool], SampleStats]:
-    """Loss, perplexity and the generation metrics of one model, with per-sample statistics, its
-    answers and whether each stopped; ``loss_sets``: metric name -> rows, loss only."""
+    """Loss, perplexity and the generation metrics of one model (``path``, plus ``adapter`` for an
+    adapter champion), with per-sample statistics, its answers and whether each stopped;
+    ``loss_sets``: metric name -> rows, loss only."""
     import evaluate as hf_evaluate  # the Hugging Face library, not this stage
 
     tokenizer = load_tokenizer(path)
     tokenizer.chat_template = template
-    model = load_model(path, pick_dtype(cfg.merge.dtype))
+    model = load_model(path, pick_dtype(cfg.merge.dtype), adapter)
     losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
     prompts = [r["messages"] for r in records]
     preds, stopped = generate(
@@ -74,11 +87,11 @@ def run_evaluate(
     run_id: str,
     data: FormatResult,
     merged: MergeResult,
-    champion_path: Path | None = None,
+    champion: ModelRef | None = None,
     log=None,
     track: bool = False,
 ) -> EvalResult:
-    """Reads ``data`` (eval split and prompts), the merged model, the base and ``champion_path``;
+    """Reads ``data`` (eval split and prompts), the merged model, the base and the ``champion``;
     writes ``<run>/evaluate/`` (see the module docstring)."""
     from datasets import load_from_disk
 
@@ -92,9 +105,12 @@ def run_evaluate(
         tokenizer = load_tokenizer(merged.model_path)
         eos_ids = stop_token_ids(tokenizer, template)
         loss_sets = extra_loss_sets(cfg, run_id, tokenizer, template, stage.log)
-        models = {"base": resolve_model(cfg.model.name_or_path), "candidate": Path(merged.model_path)}
-        if champion_path is not None:
-            models["champion"] = champion_path
+        models = {
+            "base": ModelRef(resolve_model(cfg.model.name_or_path)),
+            "candidate": ModelRef(Path(merged.model_path)),
+        }
+        if champion is not None:
+            models["champion"] = champion
         scores, preds, stopped, stats = score_models(
             cfg, models, template, records, eval_ds, eos_ids, loss_sets, stage.log
         )
@@ -122,6 +138,7 @@ def run_evaluate(
                 slices=d.slices,
                 generations=str(out / "generations.jsonl"),
                 dtype=dtype,
+                champion_version=champion.version if champion else None,
             )
         )
 
@@ -146,10 +163,10 @@ def score_models(
 ) -> tuple:
     """Each model's (scores, answers, whether each answer stopped, per-sample statistics), by name."""
     scores, preds, stopped, stats = {}, {}, {}, {}
-    for name, path in models.items():
+    for name, ref in models.items():
         log(f"evaluate: scoring {name} on {len(records)} samples ...")
         scores[name], preds[name], stopped[name], stats[name] = score_model(
-            path, cfg, template, records, eval_ds, eos_ids, log, loss_sets
+            ref.path, cfg, template, records, eval_ds, eos_ids, log, loss_sets, ref.adapter
         )
     return scores, preds, stopped, stats
 
@@ -175,15 +192,27 @@ def extra_loss_sets(cfg: PipelineConfig, run_id: str, tokenizer, template: str, 
     return sets
 
 
-def current_champion(cfg: PipelineConfig, run_id: str) -> Path | None:
-    """The champion's model folder, downloaded from the registry, if there is one from another run."""
+def current_champion(cfg: PipelineConfig, run_id: str) -> ModelRef | None:
+    """The champion, downloaded from the registry, if there is one from another run. A merged bundle
+    holds ``model/``; an adapter bundle (serve.mode: adapter) holds ``adapter/`` for the base it
+    records, which may not be this run's."""
     mv = alias_version(cfg.mlflow_uri, cfg.registered_model, "champion")
     if mv is None or mv.tags.get("sftflow.run_id") == run_id:
         return None
     dst = stage_dir(cfg.output_dir, run_id, "evaluate") / f"champion-v{mv.version}"
-    return download_bundle(cfg.mlflow_uri, cfg.registered_model, "champion", dst) / "model"
+    bundle = download_bundle(cfg.mlflow_uri, cfg.registered_model, "champion", dst)
+    version = str(mv.version)
+    if (bundle / "model").is_dir():
+        return ModelRef(bundle / "model", version=version)
+    if (bundle / "adapter").is_dir():
+        base = resolve_model(mv.tags.get(BASE_TAG, cfg.model.name_or_path))
+        return ModelRef(base, bundle / "adapter", version)
+    raise MissingError(
+        f"{cfg.registered_model}@champion (version {mv.version}): its bundle holds neither model/ nor "
+        f"adapter/ ({bundle}); promote another version or set eval.gate.against: base"
+    )
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5)
 def evaluate_task(cfg: PipelineConfig, run_id: str, data: FormatResult, merged: MergeResult) -> EvalResult:
-    return run_evaluate(cfg, run_id, data, merged, champion_path=current_champion(cfg, run_id), track=True)
+    return run_evaluate(cfg, run_id, data, merged, champion=current_champion(cfg, run_id), track=True)

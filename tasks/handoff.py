@@ -33,8 +33,23 @@ from tasks.core.stage import Stage, open_stage, prefect_markdown
 from tasks.core.tracking import StageRun
 from tasks.models.loading import load_tokenizer, resolve_model
 from tasks.registry.fingerprint import pipeline_fingerprint
-from tasks.registry.tags import BASE_TAG, METHOD_TAG, SOURCES_TAG, WEIGHTS_TAG
-from tasks.registry.versions import promote, register_bundle, set_alias, version_for_run
+from tasks.registry.tags import (
+    BASE_TAG,
+    GATE_TAG,
+    METHOD_TAG,
+    NOT_PROMOTED_TAG,
+    PROMOTED_TAG,
+    SOURCES_TAG,
+    WEIGHTS_TAG,
+)
+from tasks.registry.versions import (
+    ChampionMoved,
+    promote,
+    register_bundle,
+    set_alias,
+    set_version_tag,
+    version_for_run,
+)
 from tasks.serving.bundle import compose_snippet, serve_argv, write_mlmodel
 from tasks.serving.parity import ParityError, parity_gate, parity_table
 from tasks.serving.server import hot_swap, preflight, smoke_test, wait_healthy
@@ -194,7 +209,8 @@ def register(
         WEIGHTS_TAG: trained.weights_uri
         or (f"runs:/{stage.run.id}/bundle/model" if cfg.train.method == "full" else ""),
         "sftflow.started_from": trained.started_from or "base",
-        "sftflow.promoted": scores.gate_passed,
+        GATE_TAG: scores.gate_passed,
+        PROMOTED_TAG: False,  # True once champion has moved to it (move_aliases)
         "sftflow.gate": scores.reason[:4000],
         "sftflow.serve_argv": json.dumps(info["argv"]),
         "sftflow.parity": f"agreement {parity['agreement']:.3f}, template {parity['template_match']:.3f}"
@@ -258,7 +274,7 @@ def run_handoff(
         parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores)
         smoke_result = smoke(cfg, Path(data.eval_records), out, stage.log) if cfg.serve.endpoint else None
         mv = register(cfg, run_id, stage, bundle, info, data, trained, scores, parity)
-        aliases = move_aliases(cfg, stage, mv.version, bundle, scores)
+        aliases, not_promoted = move_aliases(cfg, stage, mv.version, bundle, scores)
         record_handoff(stage, bundle, cfg.registered_model, str(mv.version), aliases, parity, smoke_result)
         serve_script = f"cd {shlex.quote(str(bundle))} && ./serve.sh"
         stage.tags({"sftflow.version": mv.version, "sftflow.serve_script": serve_script})
@@ -274,25 +290,34 @@ def run_handoff(
                 aliases=aliases,
                 serve_script=serve_script,
                 parity={k: v for k, v in (parity or {}).items() if k not in ("items", "failures")},
+                not_promoted=not_promoted,
             )
         )
 
 
-def move_aliases(cfg: PipelineConfig, stage: Stage, version, bundle: Path, scores: EvalResult) -> list[str]:
-    """``candidate`` always; ``champion`` (and a hot swap into the endpoint) when the gate passed."""
+def move_aliases(
+    cfg: PipelineConfig, stage: Stage, version, bundle: Path, scores: EvalResult
+) -> tuple[list[str], str]:
+    """``candidate`` always; ``champion`` (and a hot swap into the endpoint) when the gate passed
+    against the champion that is still current. Returns the aliases and why it was not promoted."""
     name, uri = cfg.registered_model, cfg.mlflow_uri
     set_alias(uri, name, "candidate", version)
     if not scores.gate_passed:
         stage.log(f"handoff: not promoted ({scores.reason}); champion unchanged")
-        return ["candidate"]
-    promote(uri, name, version)
+        return ["candidate"], ""
+    try:
+        promote(uri, name, version, expected=scores.champion_version)
+    except ChampionMoved as e:
+        set_version_tag(uri, name, version, NOT_PROMOTED_TAG, str(e))
+        stage.log(f"handoff: not promoted: {e}")
+        return ["candidate"], str(e)
     stage.log(f"handoff: {name}@champion -> version {version}")
     if cfg.serve.hot_swap:
         adapter = str((bundle / "adapter").resolve())
         key = os.environ.get(cfg.serve.api_key_env, "EMPTY")
         hot_swap(cfg.serve.endpoint, cfg.served_model_name, adapter, key)
         stage.log(f"handoff: hot-swapped adapter {cfg.served_model_name} into {cfg.serve.endpoint}")
-    return ["candidate", "champion"]
+    return ["candidate", "champion"], ""
 
 
 def record_handoff(

@@ -102,7 +102,21 @@ def adapter_run(served_run, tmp_path_factory):
     res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp / "summary.json"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     summary = json.loads((tmp / "summary.json").read_text())
-    return {"run": Path(summary["run_dir"]), "mlflow_uri": summary["mlflow_uri"]}
+    return {"run": Path(summary["run_dir"]), "mlflow_uri": summary["mlflow_uri"], "args": args, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def adapter_night_two(adapter_run):
+    """Night 2 in adapter mode: the champion is an adapter bundle (no model/ folder); evaluate scores
+    it as base plus adapter, training continues from its adapter, and the parity gate serves again."""
+    from tasks.registry.versions import promote
+
+    uri, tmp = adapter_run["mlflow_uri"], adapter_run["tmp"]
+    promote(uri, "tiny-adapter", "1")  # night 1's gate may keep it a candidate; night 2 needs a champion
+    args = [*adapter_run["args"], "--set", "train.init_from=champion", "--force"]
+    res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp / "night2.json"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return json.loads((tmp / "night2.json").read_text())
 
 
 def assert_parity_passed(run: Path):
@@ -180,6 +194,20 @@ def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path):
     finally:
         stop(proc)
     assert servers_under(run / "handoff") == [] and proc.poll() is not None
+
+
+def test_night_two_in_adapter_mode_evaluates_and_continues_from_the_adapter_champion(adapter_night_two):
+    run = Path(adapter_night_two["run_dir"])
+    scores = json.loads((run / "evaluate/scores.json").read_text())
+    assert set(scores) >= {"base", "candidate", "champion"}
+    assert scores["champion"] != scores["base"]  # the adapter was applied, not the bare base scored
+    manifest = json.loads((run / "handoff/manifest.json").read_text())
+    from mlflow import MlflowClient
+
+    uri = adapter_night_two["mlflow_uri"]
+    mv = MlflowClient(uri, uri).get_model_version("tiny-adapter", manifest["outputs"]["version"])
+    assert mv.tags["sftflow.started_from"] == "1"
+    assert_parity_passed(run)
 
 
 def broken_gate(served_run, tmp_path, break_bundle) -> tuple[dict, list[str]]:

@@ -100,6 +100,7 @@ class EvalResult(StageResult):
     slices: dict = field(default_factory=dict)  # slice -> {n, model: the slice metric}
     generations: str = ""  # generations.jsonl: every model's answer to every prompt
     dtype: str = "float32"  # the models ran in this torch dtype; the bundle serves in it
+    champion_version: str | None = None  # the champion it was compared with: promotion moves only from it
 
 
 @dataclass
@@ -112,3 +113,4 @@ class HandoffResult(StageResult):
     aliases: list[str]
     serve_script: str  # the shell line that serves the bundle
     parity: dict = field(default_factory=dict)  # the parity gate's figures; empty when it was off
+    not_promoted: str = ""  # why a candidate that passed its gate stayed candidate (the champion moved)

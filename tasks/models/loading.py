@@ -161,10 +161,15 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model(path: str | Path, dtype=None):
+def load_model(path: str | Path, dtype=None, adapter: Path | None = None):
+    """The model at ``path``; with ``adapter``, that LoRA merged into it in memory (an adapter bundle)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
     return model

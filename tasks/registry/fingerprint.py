@@ -11,6 +11,7 @@ from __future__ import annotations
 from tasks.config import PipelineConfig
 from tasks.core.hashing import hash_json, package_hash
 from tasks.core.tracking import check_reachable
+from tasks.registry.tags import promotion_unfinished
 from tasks.registry.versions import versions_tagged
 
 # Where things go and how the endpoint is reached do not change the model.
@@ -29,7 +30,8 @@ def pipeline_fingerprint(cfg: PipelineConfig, format_key: str) -> str:
 
 
 def registered_with(uri: str, name: str, fingerprint: str) -> tuple[str, dict[str, str]] | None:
-    """The oldest registry version built from this fingerprint, with its tags, or None."""
+    """The oldest registry version built from this fingerprint, with its tags, or None. A version
+    whose promotion never completed does not count: that night must run again."""
     check_reachable(uri)  # a down server fails the run here, fast and clearly
     found = versions_tagged(uri, name, "sftflow.fingerprint", fingerprint)
-    return found[0] if found else None
+    return next(((v, tags) for v, tags in found if not promotion_unfinished(tags)), None)

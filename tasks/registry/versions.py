@@ -1,7 +1,7 @@
 """The MLflow Model Registry side: versions, the ``candidate`` and ``champion`` aliases.
 
-Promotion history is kept as a registered-model tag so ``rollback`` can move the champion
-back to the version it replaced. The CLI and the pipeline use the same functions.
+Each promoted version records the champion it replaced, so ``rollback`` can move the champion
+back along that chain. The CLI and the pipeline use the same functions.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from tasks.core.errors import InputError
+from tasks.core.errors import InputError, SftflowError
+from tasks.core.faults import fault
 from tasks.core.tracking import http_get
 from tasks.core.tracking import mlflow_client as _client
+from tasks.registry.tags import PROMOTED_TAG, REPLACED_TAG
 
-HISTORY_TAG = "sftflow.champion_history"
+LEGACY_HISTORY_TAG = "sftflow.champion_history"  # read by rollback only: older sftflow kept history here
 
 
 def alias_version(uri: str, name: str, alias: str):
@@ -105,44 +107,61 @@ def register_bundle(uri: str, name: str, source_run_id: str, artifact_path: str,
     )
 
 
+def set_version_tag(uri: str, name: str, version: str | int, key: str, value: str) -> None:
+    _client(uri).set_model_version_tag(name, str(version), key, value)
+
+
 def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
     _client(uri).set_registered_model_alias(name, alias, str(version))
 
 
-def promote(uri: str, name: str, version: str | int) -> None:
-    """Point ``champion`` at a version, remembering the one it replaces."""
+class ChampionMoved(SftflowError):
+    """``champion`` no longer points at the version this run's gate compared against."""
+
+
+ANY = "any"  # promote() without an expectation: a person moving the champion by hand
+
+
+def promote(uri: str, name: str, version: str | int, expected: str | None = ANY) -> None:
+    """Point ``champion`` at a version, if it still points at ``expected`` (a version, or None for
+    no champion): compare-and-set, so a run that evaluated against vN cannot overwrite the vN+1 that
+    another run promoted meanwhile. The version records the one it replaces (REPLACED_TAG) before
+    the alias moves, and is tagged promoted after, so a retry at any point repeats the same writes."""
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
+    version = str(version)
     try:
-        client.get_model_version(name, str(version))
+        client.get_model_version(name, version)
     except MlflowException as e:
         raise InputError(f"{name} has no version {version}: {e.message}") from None
     current = alias_version(uri, name, "champion")
-    if current is not None and str(current.version) == str(version):
-        return
-    history = _history(client, name)
-    if current is not None:
-        history.append(str(current.version))
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[-50:]))
-    client.set_registered_model_alias(name, "champion", str(version))
+    now = None if current is None else str(current.version)
+    if now != version:
+        if expected != ANY and now != expected:
+            compared = "no champion" if expected is None else f"version {expected}"
+            raise ChampionMoved(
+                f"{name}: champion is now version {now}, this run was compared against {compared}; "
+                f"version {version} stays candidate (run again to evaluate it against the new champion)"
+            )
+        client.set_model_version_tag(name, version, REPLACED_TAG, now or "")
+        fault("registry:promote")
+        client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, PROMOTED_TAG, "True")
 
 
 def rollback(uri: str, name: str) -> str:
     """Move ``champion`` back to the version it replaced; returns that version."""
     client = _client(uri)
-    history = _history(client, name)
-    if not history:
+    current = alias_version(uri, name, "champion")
+    previous = current.tags.get(REPLACED_TAG) if current is not None else None
+    if previous is None and current is not None:  # promoted before versions recorded it
+        history = [v for v in client.get_registered_model(name).tags.get(LEGACY_HISTORY_TAG, "").split(",") if v]
+        previous = history[-1] if history else None
+    if not previous:
         raise InputError(f"{name}: no earlier champion to roll back to")
-    previous = history.pop()
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
     client.set_registered_model_alias(name, "champion", previous)
     return previous
-
-
-def _history(client, name: str) -> list[str]:
-    tag = client.get_registered_model(name).tags.get(HISTORY_TAG, "")
-    return [v for v in tag.split(",") if v]
 
 
 def download_bundle(uri: str, name: str, alias: str, dst: Path) -> Path:
