@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from tasks.config import load_config
+from tasks.core.orphans import claim
 from tasks.core.paths import new_run_id, run_dir
 from tasks.core.quiet import quiet_libraries
 from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
@@ -46,6 +47,7 @@ def sft_pipeline(
     t0 = time.monotonic()
     quiet_libraries()
     cfg = load_config(config_path, overrides)
+    claim(cfg.output_dir, stage_logger().info)  # what a killed run left here, before this one starts anything
     run_id = run_id or new_run_id(cfg.run_name)
     # A nightly run with the same data, config and code has nothing to train: say so and stop
     # (Prefect records it as "Unchanged"; MLflow gets no empty run).

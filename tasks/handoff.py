@@ -29,6 +29,7 @@ from tasks.core.faults import fault
 from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
 from tasks.core.hashing import code_version, file_sha256
 from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
+from tasks.core.space import require_free, tree_bytes
 from tasks.core.stage import Stage, open_stage, prefect_markdown
 from tasks.core.tracking import StageRun
 from tasks.models.loading import load_tokenizer, resolve_model
@@ -158,8 +159,8 @@ def served_like_evaluated(
 def smoke(cfg: PipelineConfig, eval_records: Path, out: Path, log) -> dict:
     """The OpenAI-compatible smoke test on a running serve.endpoint (the production server, say)."""
     prompts = [r["messages"] for r in read_jsonl(eval_records, cfg.serve.smoke_prompts)]
-    wait_healthy(cfg.serve.endpoint, 30)
     api_key = os.environ.get(cfg.serve.api_key_env, "EMPTY")
+    wait_healthy(cfg.serve.endpoint, 30, api_key=api_key)
     result = smoke_test(cfg.serve.endpoint, cfg.served_model_name, prompts, cfg.serve.max_tokens, api_key)
     write_json(out / "smoke.json", result)
     for a in result["answers"]:
@@ -263,6 +264,10 @@ def run_handoff(
         out, bundle = stage.dir, stage.dir / "bundle"
         stage.manifest.add_input("evaluate_manifest", stage.dir.parent / "evaluate" / "manifest.json")
         dtype = cfg.serve.dtype or scores.dtype  # serve what was evaluated, in the dtype it ran in
+        weights = tree_bytes(Path(trained.output) if cfg.serve.mode == "adapter" else Path(merged.model_path))
+        local_store = not cfg.mlflow_uri.startswith(("http://", "https://", "databricks"))
+        copies = 2 if local_store else 1  # the bundle, and its upload into <output_dir>/mlartifacts
+        require_free(out, copies * weights, f"handoff (the bundle{' and its MLflow copy' * local_store})")
         with atomic_dir(bundle) as tmp:
             info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
         fault("handoff:bundle")

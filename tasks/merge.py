@@ -27,9 +27,10 @@ from tasks.core.errors import InputError
 from tasks.core.faults import fault
 from tasks.core.files import atomic_dir
 from tasks.core.results import FormatResult, MergeResult, TrainResult
+from tasks.core.space import require_free
 from tasks.core.stage import open_stage
 from tasks.data.templating import stop_token_ids
-from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config, resolve_model
+from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config, resolve_model, weights_bytes
 
 SECTIONS = ("model", "train", "merge")
 
@@ -332,6 +333,8 @@ def run_merge(
         tokenizer = load_tokenizer(base_path)
         tokenizer.chat_template = data.template()
         inputs = verification_inputs(tokenizer, Path(data.eval_records), cfg.merge.verify_prompts)
+        source = trained_dir if method == "full" else base_path
+        require_free(out, weights_bytes(source, dtype), f"merge (the {cfg.merge.dtype} merged model)")
         metrics: dict = {}
         with atomic_dir(out / "model") as tmp, tempfile.TemporaryDirectory(dir=out) as scratch:
             if method == "full":

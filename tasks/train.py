@@ -27,6 +27,7 @@ from tasks.core.files import read_json, write_json
 from tasks.core.hashing import file_sha256
 from tasks.core.paths import stage_dir
 from tasks.core.results import FormatResult, Lineage, TrainResult
+from tasks.core.space import require_free, tree_bytes
 from tasks.core.stage import open_stage
 from tasks.models.loading import resolve_model
 from tasks.registry.lineage import fetch_weights
@@ -103,7 +104,13 @@ def run_train(
             shutil.rmtree(out / "checkpoints")
         stage.manifest.add_input("format_manifest", Path(data.train_path).parent / "manifest.json")
         model_path = resolve_model(cfg.model.name_or_path)
-        memory.check(cfg.train, cfg.data.max_seq_len, model_path, stage.log)
+        estimate = memory.check(cfg.train, cfg.data.max_seq_len, model_path, stage.log)
+        written = tree_bytes(out / "checkpoints") if resume and (out / "checkpoints").exists() else 0
+        limit = cfg.train.save_total_limit
+        what = (
+            f"train ({cfg.train.method}: {limit} checkpoint(s) with optimizer state, then the final weights)"
+        )
+        require_free(out, max(estimate.disk_bytes(cfg.train) - written, 0), what)
         init = starting_weights(cfg, lineage, out, stage.log)
         if init is not None:
             stage.manifest.add_input("init_from", init)

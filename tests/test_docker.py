@@ -58,6 +58,8 @@ def test_compose_file_is_a_consistent_stack():
         for vol in svc.get("volumes", []):
             source = vol.split(":")[0]
             assert source.startswith(".") or source in volumes, f"{name}: undeclared volume {source}"
+    for name in ("prefect-server", "mlflow-server", "vllm"):  # published on loopback unless told
+        assert all(p.startswith("${SFTFLOW_BIND:-127.0.0.1}:") for p in services[name]["ports"]), name
     assert services["prefect-server"]["image"].startswith(f"prefecthq/prefect:{PINS['prefect']}")
     assert services["mlflow-server"]["image"].endswith(f"mlflow:v{PINS['mlflow']}")
     # Prefect and MLflow each get their own database on the one PostgreSQL (both keep alembic_version)

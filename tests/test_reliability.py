@@ -194,6 +194,10 @@ def test_the_user_sees_the_message_not_a_traceback(tmp_path):
             "run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {endpoint: localhost:8000}\n",
             "must start with http",
         ),
+        (  # an API key never crosses the network in clear text
+            "run_name: t\ndata: {path: data/demo/train.jsonl}\nserve: {endpoint: 'http://10.0.0.5:8000/v1'}\n",
+            "plain http to another host: the API key in $OPENAI_API_KEY",
+        ),
     ],
 )
 def test_more_bad_configs_exit_2(tmp_path, body, message):
@@ -497,3 +501,73 @@ def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
                 proc.kill()
             for server in servers:
                 stop(server["proc"])
+
+
+# ---------------------------------------------------------------- a killed flow leaves no process behind
+
+
+@pytest.mark.slow  # trains a model; the parity case starts vLLM twice
+@pytest.mark.parametrize(
+    "point, what", [("train:running", "tasks.training.worker"), ("handoff:serving", "vllm")]
+)
+def test_a_flow_killed_mid_run_leaves_no_process_once_the_retry_starts(tmp_path, point, what):
+    """SIGKILL of the flow process skips every finally: the ranks (or vLLM) it started live on. The
+    retried run in the same output_dir reaps them before it starts anything, and completes."""
+    from tasks.core.orphans import find_orphans, start_time
+
+    out = tmp_path / "runs"
+    args = ["run", "configs/tiny.yaml", "--run-id", "night", "--set", f"output_dir={out}"]
+    if point.startswith("handoff"):
+        args += ["--set", "serve.parity.enabled=true", "--set", "serve.served_model_name=model"]
+    fault = {"SFTFLOW_FAULT": point, "SFTFLOW_FAULT_ONCE": str(tmp_path / "fired")}
+    res = run_cli(*args, env=fault)
+    assert res.returncode == -9, res.stdout[-2000:] + res.stderr[-3000:]
+    left = find_orphans(out)
+    assert any(what in o.command for o in left), left  # without reaping, these would stay
+    res = run_cli(*args, env=fault)  # the fault fired once: the retry runs clean
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "process(es) left by a killed run" in res.stdout + res.stderr
+    assert find_orphans(out) == [] and not [o for o in left if start_time(o.pid)]
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.mark.slow  # trains a model
+def test_a_night_on_a_full_disk_fails_at_the_check_and_the_next_night_succeeds(tmp_path):
+    """output_dir on a 24 MB tmpfs, filled until 2.2 MB are free: the format stage fits, the train
+    stage's estimate (two full-weight checkpoints with Adam state, then the weights: about 3 MB)
+    does not. The night ends at the check, naming the path and the numbers, with no registry
+    version; with the filler gone, the same night resumes and completes."""
+    import os
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the registry lives on a disk with room
+        args = ["run", "configs/tiny.yaml", "--run-id", "night", "--set", f"output_dir={disk / 'runs'}",
+                "--set", f"tracking.mlflow_uri={uri}", "--set", "train.method=full",
+                "--set", "train.max_steps=4", "--set", "train.save_steps=2"]  # fmt: skip
+        with open(disk / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - int(2.2 * 2**20))
+        res = run_cli(*args)
+        assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+        assert "No space left" not in res.stderr, res.stderr[-3000:]  # refused before any write failed
+        message = res.stderr[res.stderr.index("train (full: 2 checkpoint(s)") :].splitlines()[0]
+        assert (
+            f"{disk / 'runs' / 'night' / 'train'}" in message and "MiB free, and this writes about" in message
+        )
+        assert not (disk / "runs/night/train/checkpoints").exists()
+        assert MlflowClient(uri, uri).search_model_versions("name = 'tiny'") == []
+        (disk / "filler").unlink()
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        assert len(MlflowClient(uri, uri).search_model_versions("name = 'tiny'")) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

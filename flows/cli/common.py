@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.core.orphans import claim
 
 
 def quiet_defaults(cfg: PipelineConfig | None) -> None:
@@ -19,3 +21,8 @@ def quiet_defaults(cfg: PipelineConfig | None) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def claim_output_dir(cfg: PipelineConfig) -> None:
+    """Reap what a killed run left in the output dir, and mark what this command starts as its own."""
+    claim(cfg.output_dir, lambda line: print(f"sftflow: {line}", file=sys.stderr, flush=True))

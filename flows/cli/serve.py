@@ -11,6 +11,7 @@ from tasks.core.errors import InputError
 from tasks.core.files import read_json
 from tasks.core.tracking import redact
 from tasks.registry.versions import alias_version, download_bundle
+from tasks.serving.bundle import check_serve_info
 from tasks.serving.venv import server_env, vllm_python
 
 
@@ -27,7 +28,9 @@ def registry_bundle(args) -> tuple[Path, dict]:
         dst = Path(args.download or f"bundles/{name}-v{mv.version}")
         local = str(download_bundle(args.mlflow_uri, name, alias, dst))
     print(f"# models:/{name}@{alias} = version {mv.version} (run {mv.tags.get('sftflow.run_id', '?')})")
-    return Path(local).resolve(), read_json(Path(local) / "serve.json")
+    info = read_json(Path(local) / "serve.json")
+    check_serve_info(info, f"models:/{name}/{mv.version}")
+    return Path(local).resolve(), info
 
 
 def serve_command(args, cfg) -> int:

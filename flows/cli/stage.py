@@ -7,6 +7,7 @@ import dataclasses
 import json
 import typing
 
+from flows.cli.common import claim_output_dir
 from tasks.config import PipelineConfig
 from tasks.core.errors import InputError
 from tasks.core.paths import STAGES
@@ -35,6 +36,7 @@ def stage_inputs(fn, cfg: PipelineConfig, run_id: str) -> dict:
 
 
 def stage(args, cfg) -> int:
+    claim_output_dir(cfg)
     task = TASKS[args.command]
     extra = {"resume": args.resume} if args.command == "train" else {}
     # the same body as in the flow, without a Prefect run
@@ -46,5 +48,6 @@ def stage(args, cfg) -> int:
 def join(args, cfg) -> int:
     if not cfg.train.hostfile or cfg.train.launcher != "per_node":
         raise InputError(f"{args.config}: join needs train.hostfile and train.launcher: per_node")
+    claim_output_dir(cfg)
     join_training(cfg, args.run_id, args.node_rank)
     return 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
 from tasks.config.base import Section
+from tasks.config.hostfile import is_loopback
 
 
 class ParityConfig(Section):
@@ -47,7 +49,9 @@ class ServeConfig(Section):
         False, description="adapter mode: load a promoted adapter into the running vLLM at endpoint"
     )
     api_key_env: str = Field(
-        "OPENAI_API_KEY", description="environment variable holding the endpoint's API key"
+        "OPENAI_API_KEY",
+        description="environment variable holding the endpoint's API key ('' sends none); "
+        "never sent over plain http to another host",
     )
 
     @model_validator(mode="after")
@@ -58,4 +62,16 @@ class ServeConfig(Section):
             raise ValueError("serve.hot_swap loads a LoRA adapter: it needs serve.mode adapter")
         if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"serve.endpoint {self.endpoint!r} must start with http:// or https://")
+        host = urlsplit(self.endpoint or "").hostname or ""
+        if (
+            self.endpoint
+            and self.endpoint.startswith("http://")
+            and self.api_key_env
+            and not is_loopback(host)
+        ):
+            raise ValueError(
+                f"serve.endpoint {self.endpoint!r} is plain http to another host: the API key in "
+                f"${self.api_key_env} would cross the network in clear text; use https://, or set "
+                "serve.api_key_env: '' to send no key"
+            )
         return self

@@ -8,6 +8,7 @@ locally and deterministically, for tests and CI. Both live under ``$SFTFLOW_HOME
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,18 @@ def qlora_config(compute_dtype, bits: int = 4):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def weights_bytes(model_dir: Path, dtype) -> int:
+    """The bytes ``model_dir``'s weight files take when saved in torch ``dtype`` (its config's dtype
+    says what they are saved in now)."""
+    import torch
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    saved = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    now = torch.finfo(getattr(torch, saved, torch.float32)).bits
+    files = [p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin")]
+    return int(sum(p.stat().st_size for p in files) * torch.finfo(dtype).bits / now)
 
 
 def load_tokenizer(path: str | Path):

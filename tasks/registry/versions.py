@@ -156,7 +156,9 @@ def rollback(uri: str, name: str) -> str:
     current = alias_version(uri, name, "champion")
     previous = current.tags.get(REPLACED_TAG) if current is not None else None
     if previous is None and current is not None:  # promoted before versions recorded it
-        history = [v for v in client.get_registered_model(name).tags.get(LEGACY_HISTORY_TAG, "").split(",") if v]
+        history = [
+            v for v in client.get_registered_model(name).tags.get(LEGACY_HISTORY_TAG, "").split(",") if v
+        ]
         previous = history[-1] if history else None
     if not previous:
         raise InputError(f"{name}: no earlier champion to roll back to")

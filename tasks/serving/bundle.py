@@ -5,10 +5,26 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from tasks.core.errors import InputError
 from tasks.core.paths import CODE_ROOT
 from tasks.serving.venv import SERVER_MODULE
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the version configs/vllm pins
+
+
+def check_serve_info(info: dict, version: str) -> None:
+    """Refuse a serve.json that would run anything but vLLM's server: ``sftflow serve`` execs it,
+    and anyone who can register a version writes it."""
+    argv = info.get("argv") or []
+    if argv[:1] != ["python"] or argv[1 : 1 + len(SERVER_MODULE)] != SERVER_MODULE or len(argv) < 4:
+        raise InputError(
+            f"{version}: serve.json's argv does not start vLLM's server (python {' '.join(SERVER_MODULE)} "
+            f"...): {argv[:4]}; refusing to run it"
+        )
+    if bad := [k for k in info.get("env", {}) if not k.startswith("VLLM_")]:
+        raise InputError(
+            f"{version}: serve.json sets {', '.join(bad)}; a bundle may set only VLLM_* variables"
+        )
 
 
 def serve_argv(

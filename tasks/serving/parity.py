@@ -14,12 +14,14 @@ The verdict compares these with ``serve.parity``'s thresholds.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import urllib.request
 from pathlib import Path
 
 from tasks.config import ParityConfig, ServeConfig
 from tasks.core.errors import StageFailed
+from tasks.core.faults import fault
 from tasks.core.files import read_jsonl, write_json
 from tasks.core.results import EvalResult
 from tasks.data.templating import prompt_text
@@ -46,10 +48,12 @@ def parity_gate(
     evaluated candidate. Writes parity.json and parity.md into out; returns the result."""
     rows = read_jsonl(Path(scores.generations))
     argv = [str(vllm_python(log)), *info["argv"][1:]]
-    env = server_env(info["env"])
+    key = secrets.token_urlsafe(24)  # the gate's server answers only the gate, even on loopback
+    env = server_env(info["env"]) | {"VLLM_API_KEY": key}
     timeout = s.health_timeout_s
-    with running(argv, bundle, env, timeout, out / "vllm.log", log) as (url, started):
-        result = check_parity(url, served_name, tokenizer, rows, max_new_tokens, "EMPTY", log)
+    with running(argv, bundle, env, timeout, out / "vllm.log", log, key) as (url, started):
+        fault("handoff:serving")
+        result = check_parity(url, served_name, tokenizer, rows, max_new_tokens, key, log)
     failures = verdict(result, s.parity)
     result |= {"passed": not failures, "failures": failures, "server_start_s": round(started, 1)}
     write_json(out / "parity.json", result)

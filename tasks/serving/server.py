@@ -140,16 +140,20 @@ def preflight(
 # ---------------------------------------------------------------- a running server
 
 
-def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> float:
-    """Poll ``/v1/models`` until it answers; fail early if the server process exits."""
+def wait_healthy(
+    base_url: str, timeout_s: float, proc: subprocess.Popen | None = None, api_key: str | None = None
+) -> float:
+    """Poll ``/v1/models`` (with ``api_key`` as the bearer token) until it answers; fail early if
+    the server process exits."""
     t0 = time.monotonic()
     url = base_url.rstrip("/") + "/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     last = ""
     while time.monotonic() - t0 < timeout_s:
         if proc is not None and proc.poll() is not None:
             raise StageFailed(f"the serving process exited with code {proc.returncode} before it was healthy")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 if r.status == 200:
                     return time.monotonic() - t0
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
@@ -161,7 +165,14 @@ def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None 
 
 
 def launch(
-    argv: list[str], cwd: Path, env: dict, base_url: str, timeout_s: float, log_path: Path, log=print
+    argv: list[str],
+    cwd: Path,
+    env: dict,
+    base_url: str,
+    timeout_s: float,
+    log_path: Path,
+    log=print,
+    api_key: str | None = None,
 ) -> tuple[subprocess.Popen, float]:
     """Start a server in its own process group; return it once ``base_url`` answers, and how long that took."""
     log(f"serve: starting {shlex.join(argv)} (log: {log_path})")
@@ -170,7 +181,7 @@ def launch(
         argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        waited = wait_healthy(base_url, timeout_s, proc)
+        waited = wait_healthy(base_url, timeout_s, proc, api_key)
     except Exception as e:
         stop(proc)
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
@@ -181,16 +192,23 @@ def launch(
 
 @contextlib.contextmanager
 def running(
-    argv: list[str], cwd: Path, env: dict, timeout_s: float, log_path: Path, log=print
+    argv: list[str],
+    cwd: Path,
+    env: dict,
+    timeout_s: float,
+    log_path: Path,
+    log=print,
+    api_key: str | None = None,
 ) -> Iterator[tuple[str, float]]:
     """A server on a free port of 127.0.0.1 for the duration of the block, stopped on the way out
-    (failures too); yields its OpenAI base URL and its start time."""
+    (failures too); yields its OpenAI base URL and its start time. With ``api_key`` (vLLM's
+    VLLM_API_KEY in ``env``) every request, the health check's too, carries it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     proc, waited = launch(
-        [*argv, "--host", "127.0.0.1", "--port", str(port)], cwd, env, url, timeout_s, log_path, log
+        [*argv, "--host", "127.0.0.1", "--port", str(port)], cwd, env, url, timeout_s, log_path, log, api_key
     )
     try:
         yield url, waited

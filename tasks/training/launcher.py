@@ -19,6 +19,7 @@ from pathlib import Path
 from tasks.config import TrainConfig
 from tasks.config.hostfile import read_hostfile
 from tasks.core.errors import StageFailed, StageTimeout
+from tasks.core.faults import fault
 from tasks.core.paths import CODE_ROOT, sftflow_home
 from tasks.training.hosts import SSH_FAILED, interface_for, not_joined, not_started, remote_env_file
 
@@ -136,6 +137,8 @@ def wait(
         except subprocess.TimeoutExpired:
             if unreachable:
                 raise MasterUnreachable(*unreachable[0]) from None
+            if joined.is_set():
+                fault("train:running")
             waited = time.monotonic() - start
             if join_timeout_s is not None and not joined.is_set() and waited > join_timeout_s:
                 raise NotJoined(f"no rank joined within {join_timeout_s:g} s") from None

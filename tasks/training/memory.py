@@ -42,6 +42,15 @@ class Estimate:
     activations: float
     budget: float
     device: str
+    trainable: int = 0  # parameters the run trains (all, or the LoRA factors)
+    width: int = 4  # bytes per trained value
+
+    def disk_bytes(self, t: TrainConfig) -> int:
+        """What the train stage writes: ``save_total_limit`` checkpoints of the trained weights with
+        their Adam moments (and fp32 master weights in 16-bit), then the final weights."""
+        saved = self.trainable * self.width
+        optimizer = self.trainable * (8 + (4 if self.width == 2 else 0))
+        return int(t.save_total_limit * (saved + optimizer) + saved)
 
     @property
     def total(self) -> float:
@@ -115,7 +124,7 @@ def estimate(t: TrainConfig, max_seq_len: int, model_path: Path) -> Estimate:
     activations = tokens * mcfg.hidden_size * mcfg.num_hidden_layers * per_value * width
     activations += tokens * mcfg.vocab_size * 4 * 2  # fp32 logits and their gradient
     budget, device = device_budget(t)
-    return Estimate(weights, gradients, optimizer, activations, budget, device)
+    return Estimate(weights, gradients, optimizer, activations, budget, device, trainable, width)
 
 
 def check(t: TrainConfig, max_seq_len: int, model_path: Path, log=print) -> Estimate:

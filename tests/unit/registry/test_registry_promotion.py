@@ -30,9 +30,13 @@ def test_champion_moves_only_from_the_version_the_gate_compared_against(tmp_path
     uri, client = registry(tmp_path)
     promote(uri, "m", "1", expected=None)
     promote(uri, "m", "3", expected="1")  # run B, evaluated against v1, promotes first
-    with pytest.raises(ChampionMoved, match="champion is now version 3, this run was compared against version 1"):
+    with pytest.raises(
+        ChampionMoved, match="champion is now version 3, this run was compared against version 1"
+    ):
         promote(uri, "m", "2", expected="1")  # run A, also evaluated against v1, is too late
-    assert champion(client) == "3" and client.get_model_version("m", "2").tags.get("sftflow.promoted") != "True"
+    assert (
+        champion(client) == "3" and client.get_model_version("m", "2").tags.get("sftflow.promoted") != "True"
+    )
     with pytest.raises(ChampionMoved, match="this run was compared against no champion"):
         promote(uri, "m", "2", expected=None)  # a first night racing another first night
     promote(uri, "m", "2")  # by hand (`sftflow registry promote`): no expectation
@@ -58,7 +62,9 @@ def test_a_promotion_killed_midway_and_retried_leaves_a_history_rollback_walks_o
 def test_a_version_whose_promotion_never_completed_is_not_unchanged(tmp_path):
     """A run that passed its gate and registered, then died before the alias moved: the next night
     must not call its fingerprint "unchanged" (it would never become champion)."""
-    uri, client = registry(tmp_path, versions=2, **{"sftflow.gate_passed": "True", "sftflow.promoted": "False"})
+    uri, client = registry(
+        tmp_path, versions=2, **{"sftflow.gate_passed": "True", "sftflow.promoted": "False"}
+    )
     assert registered_with(uri, "m", "f1") is None
     promote(uri, "m", "1")
     assert registered_with(uri, "m", "f1")[0] == "1"

@@ -18,3 +18,20 @@ def test_the_compose_service_runs_the_same_arguments():
     argv = serve_argv("tiny", 512, 64, "model", "float32")
     service = compose_snippet("tiny", argv, {"A": "1"})["services"]["vllm-tiny"]
     assert service["command"] == argv[3:] and service["environment"] == {"A": "1"}
+
+
+def test_a_serve_json_that_would_run_anything_but_vllm_is_refused():
+    """`sftflow serve` execs what a registered version's serve.json says: a version anyone could
+    register must not run an arbitrary program, nor preload a library through its environment."""
+    import pytest
+
+    from tasks.core.errors import InputError
+    from tasks.serving.bundle import check_serve_info
+
+    argv = serve_argv("tiny", 512, 64, "model", "float32")
+    check_serve_info({"argv": argv, "env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}}, "v3")
+    for bad in (["python", "-c", "import os; os.system('id')"], ["bash", *argv[1:]], argv[:2]):
+        with pytest.raises(InputError, match="v3: serve.json's argv does not start vLLM's server"):
+            check_serve_info({"argv": bad, "env": {}}, "v3")
+    with pytest.raises(InputError, match="v3: serve.json sets LD_PRELOAD"):
+        check_serve_info({"argv": argv, "env": {"LD_PRELOAD": "/tmp/x.so"}}, "v3")
