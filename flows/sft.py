@@ -11,6 +11,9 @@ is passed along here, so the data flow reads off this file and Prefect draws it 
     scores   EvalResult     base vs candidate (vs champion) and the gate's decision
     bundle   HandoffResult  the vLLM bundle, its registry version and aliases
 
+After a completed run the retention policy (``retention``) deletes what no later night needs:
+old runs with their registry versions and MLflow artifacts, checkpoints, stale caches.
+
 The results are small (paths and figures); each stage's manifest is the durable record, and
 any result can be rebuilt from it (``sftflow <stage> --run-id`` runs one stage alone).
 """
@@ -33,6 +36,7 @@ from tasks.core.stage import stage_logger
 from tasks.core.tracking import Tracker, redact
 from tasks.evaluate import evaluate_task
 from tasks.format import format_task
+from tasks.gc import gc_task
 from tasks.handoff import handoff_task
 from tasks.lineage import lineage_task
 from tasks.merge import merge_task
@@ -75,6 +79,8 @@ def sft_pipeline(
         raise
     tracker.finish()
     summary = run_summary(cfg, run_id, parent, t0, data, trained, merged, scores, bundle)
+    if cfg.retention.enabled:  # every night cleans up after the ones before it
+        summary["gc"] = gc_task(cfg)
     # A refused candidate is an outcome, not a crash: the run completes in a state that says so.
     if summary["promoted"]:
         return Completed(

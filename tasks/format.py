@@ -285,6 +285,7 @@ def build_dataset(cfg: PipelineConfig, plan: DataPlan, renderer: Renderer, out: 
 
 def from_cache(cached: Path, out: Path, key: str, stage: Stage) -> dict:
     built = json.loads((cached / "manifest.json").read_text())
+    os.utime(cached)  # used today: the retention policy deletes entries by their last use
     copy_tree(cached, out, skip=("manifest.json",))
     stage.manifest.notes.append(f"cache hit: key {key}, built by run {built['run_id']}")
     stage.log(

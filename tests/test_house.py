@@ -14,7 +14,7 @@ from conftest import ROOT
 FLOORS = [["core"], ["config"], ["data"], ["models", "registry"], ["training", "evaluation", "serving"]]
 RANK = {pkg: n for n, floor in enumerate(FLOORS) for pkg in floor}
 STAGE_RANK = len(FLOORS)
-STAGES = {"format", "train", "merge", "evaluate", "handoff", "lineage", "unchanged"}
+STAGES = {"format", "train", "merge", "evaluate", "handoff", "lineage", "unchanged", "gc"}
 # Project imports inside functions, kept because they defer a heavy library the importing module
 # needs only on that path (torch, transformers, mlflow, prefect), or a module run as a program.
 DEFERRED = {

@@ -5,6 +5,7 @@
     sftflow schema                                       the config's JSON schema
     sftflow {format,train,merge,evaluate,handoff} CONFIG --run-id ID
     sftflow registry {list,promote,rollback} NAME ...    champion management
+    sftflow gc CONFIG [--dry-run]                        old runs, versions, caches (retention)
     sftflow serve NAME@ALIAS [--port 8000]               serve a registry version with vLLM
     sftflow serve-command NAME@ALIAS                     the vLLM server line for a registry version
 
@@ -31,6 +32,7 @@ COMMANDS = {
     "validate": ("config", "validate"),
     "schema": ("config", "schema"),
     "registry": ("registry", "registry_command"),
+    "gc": ("registry", "gc"),
     "serve-command": ("serve", "serve_command"),
     "serve": ("serve", "serve"),
     **{stage: ("stage", "stage") for stage in STAGES},

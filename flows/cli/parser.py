@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--node-rank", type=int, required=True, help="this host's line in train.hostfile, from 0"
     )
+    gc = with_config(sub.add_parser("gc", help="apply the retention policy: old runs, versions, caches"))
+    gc.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     reg = with_mlflow(sub.add_parser("registry", help="list versions, promote or roll back the champion"))
     reg.add_argument("action", choices=["list", "promote", "rollback"])
     reg.add_argument("name")

@@ -1,7 +1,8 @@
-"""`sftflow registry list|promote|rollback NAME`: the champion, moved by hand."""
+"""`sftflow registry list|promote|rollback NAME`: the champion, moved by hand; `sftflow gc`."""
 
 from __future__ import annotations
 
+from tasks.gc import run_gc
 from tasks.registry import versions as registry
 
 
@@ -15,4 +16,10 @@ def registry_command(args, cfg) -> int:
         print(f"{args.name}@champion -> version {args.version}")
     else:
         print(f"{args.name}@champion -> version {registry.rollback(uri, args.name)}")
+    return 0
+
+
+def gc(args, cfg) -> int:
+    """The retention policy on the config's output_dir and registered model (docs/reliability.md)."""
+    run_gc(cfg, args.dry_run)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks.core.space import human
 from tasks.evaluation.gate import shown
 
 
@@ -45,6 +46,12 @@ def print_summary(s: dict) -> None:
         )
     print(f"registry:  {s['registered_model']} version {s['version']} (aliases: {', '.join(s['aliases'])})")
     print(f"run dir:   {s['run_dir']}")
+    if gc := s.get("gc"):
+        freed = gc["used_before"] - gc["used_after"]
+        print(
+            f"disk:      {human(gc['used_after'])} used in output_dir, {human(freed)} freed "
+            f"({len(gc['deleted'])} item(s) past the retention policy; `sftflow gc --dry-run` lists them)"
+        )
     print(f"bundle:    {s['bundle']}\nserve:     {s['serve_script']}")
     ui = (
         s["mlflow_uri"]

@@ -11,6 +11,7 @@ from tasks.config.loading import format_errors, load_config
 from tasks.config.merge import MergeConfig
 from tasks.config.model import ModelConfig
 from tasks.config.pipeline import SECTION_NAMES, PipelineConfig
+from tasks.config.retention import RetentionPolicy
 from tasks.config.serve import ParityConfig, ServeConfig
 from tasks.config.tracking import TrackingConfig
 from tasks.config.train import DEEPSPEED_PRESETS, LoraConfig, TrainConfig
@@ -34,6 +35,7 @@ __all__ = [
     "PipelineConfig",
     "RecordFormat",
     "RetentionConfig",
+    "RetentionPolicy",
     "Section",
     "ServeConfig",
     "SourceConfig",

@@ -11,6 +11,7 @@ from tasks.config.data import DataConfig
 from tasks.config.eval import EvalConfig
 from tasks.config.merge import MergeConfig
 from tasks.config.model import ModelConfig
+from tasks.config.retention import RetentionPolicy
 from tasks.config.serve import ServeConfig
 from tasks.config.tracking import TrackingConfig
 from tasks.config.train import TrainConfig
@@ -35,6 +36,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

@@ -19,6 +19,7 @@ OPERATIONAL = {
     "run_name": True,
     "output_dir": True,
     "tracking": True,
+    "retention": True,
     "serve": {"endpoint", "health_timeout_s", "hot_swap", "api_key_env"},
 }
 
