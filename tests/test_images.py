@@ -28,7 +28,7 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 # full fine-tuning long enough for the 2-layer model to end its turns (as in test_vllm.py), so
 # the served answers can stop on their own and be compared with the evaluated ones
 FULL = [
-    "train.method=full", "train.max_steps=80", "train.learning_rate=1e-2", "train.save_steps=100",
+    "train.method=full", "train.max_steps=160", "train.learning_rate=1e-2", "train.save_steps=200",
     "eval.max_new_tokens=48", "serve.served_model_name=model",
 ]  # fmt: skip
 
@@ -94,7 +94,7 @@ def test_tiny_pipeline_in_the_train_image_is_read_from_the_host(container_run):
     )
     # the train stage ran DeepSpeed in the container, on the image's CPU torch
     train = json.loads((Path(summary["run_dir"]) / "train/manifest.json").read_text())
-    assert train["status"] == "completed" and summary["steps"] == 80
+    assert train["status"] == "completed" and summary["steps"] == 160
 
 
 def test_serving_image_serves_what_the_container_evaluated(engine, container_run, tmp_path):

@@ -46,11 +46,16 @@ class GcReport:
         )
 
 
+def last_touched(run: Path) -> float:
+    """When a run last changed: its folder or a stage folder in it (each stage writes there)."""
+    return max(p.stat().st_mtime for p in [run, *run.iterdir()])
+
+
 def run_folders(output_dir: Path) -> list[Path]:
-    """The pipeline's run folders, newest first (by their newest file)."""
+    """The pipeline's run folders, newest first."""
     runs = [d for d in Path(output_dir).iterdir() if d.is_dir() and d.name not in STATE_DIRS]
     runs = [d for d in runs if (d / "mlflow.json").is_file() or any(d.glob("*/manifest.json"))]
-    return sorted(runs, key=lambda d: max(p.stat().st_mtime for p in [d, *d.iterdir()]), reverse=True)
+    return sorted(runs, key=last_touched, reverse=True)
 
 
 def needed_runs(versions: list, aliases: dict[str, str], past_eval_sets: int) -> dict[str, str]:
@@ -82,7 +87,7 @@ def collect(
     gone = []
     for i, run in enumerate(run_folders(output_dir)):
         why = needed.get(run.name) or (f"one of the newest {r.keep_runs}" if i < r.keep_runs else None)
-        if why is None and run.stat().st_mtime > young:
+        if why is None and last_touched(run) > young:
             why = f"younger than retention.min_age_hours={r.min_age_hours:g}"
         if why is not None:
             report.kept[run.name] = why
@@ -95,9 +100,7 @@ def collect(
     for entry in sorted((output_dir / ".cache/format").glob("*")):
         if entry.stat().st_mtime < time.time() - r.format_cache_days * 86400:
             _delete(entry, report, dry_run)
-    for run in (
-        run_folders(output_dir) if not dry_run else [r for r in run_folders(output_dir) if r not in gone]
-    ):
+    for run in [d for d in run_folders(output_dir) if d not in gone]:
         for tmp in [t for pattern in TEMP_GLOBS for t in run.glob(pattern)]:
             if tmp.stat().st_mtime < young:  # a killed merge's or copy's leftovers
                 _delete(tmp, report, dry_run)
