@@ -16,6 +16,9 @@ def quiet_libraries() -> None:
     # bitsandbytes looks for the optional `kernels` package (a hub download) for a faster CPU
     # 4-bit matmul and warns at import when it is missing; its own kernel is used instead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # MLflow's SQL store logs the SQLAlchemy traceback of every database error it then raises as
+    # an MlflowException; the raised error is what the run reports (a full disk: one line).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for a user to change.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     # "Loading weights" / "Writing model shards" bars on every model load and save (tiny files

@@ -45,3 +45,18 @@ def require_free(path: Path, need: int, what: str) -> int:
             f"(an estimate, plus {MARGIN - 1:.0%}); free some space there, or set output_dir elsewhere",
         )
     return free
+
+
+SQLITE_FULL = "database or disk is full"  # SQLite's SQLITE_FULL, as MLflow's SQLite store reports it
+
+
+def as_disk_full(e: BaseException, where: str) -> DiskFull | None:
+    """``e`` as one named line when it is a full disk (ENOSPC, a quota, or a SQLite store that
+    could not grow), else None. ``where``: what could not be written, for the message."""
+    if isinstance(e, DiskFull):
+        return e
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(e.errno, f"{e.strerror}: {where}")
+    if SQLITE_FULL in str(e):
+        return DiskFull(errno.ENOSPC, f"{SQLITE_FULL}: {where}")
+    return None

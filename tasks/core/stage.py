@@ -13,7 +13,6 @@ artifacts it named. Outside a Prefect run the log goes to stderr.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import re
 import shutil
@@ -22,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.core.errors import DiskFull, StageFailed
+from tasks.core.errors import StageFailed
 from tasks.core.hashing import hash_json
 from tasks.core.manifest import Manifest
 from tasks.core.paths import stage_dir
 from tasks.core.quiet import quiet_libraries
-from tasks.core.tracking import Tracker, TrackingTarget
+from tasks.core.space import as_disk_full
+from tasks.core.tracking import Tracker, TrackingTarget, redact
 
 R = TypeVar("R")
 
@@ -105,7 +105,7 @@ def open_stage(
     (folder / "manifest.json").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     stage = Stage(name, folder, Manifest(name, run_id, scope.config_hash), log or stage_logger().info)
-    with _disk_full_named(name, folder):
+    with _disk_full_named(name, folder, redact(scope.tracking.uri)):
         if not track:
             yield stage
             return
@@ -121,14 +121,15 @@ def open_stage(
 
 
 @contextlib.contextmanager
-def _disk_full_named(name: str, folder: Path) -> Iterator[None]:
-    """A full disk is the environment, not a bug: one line naming the stage and its folder."""
+def _disk_full_named(name: str, folder: Path, store: str) -> Iterator[None]:
+    """A full disk is the environment, not a bug: one line naming the stage, its folder and store."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, DiskFull):
+    except Exception as e:
+        full = as_disk_full(e, f"the {name} stage could not write under {folder} (MLflow store: {store})")
+        if full is None or full is e:
             raise
-        raise DiskFull(e.errno, f"{e.strerror}: the {name} stage could not write under {folder}") from e
+        raise full from e
 
 
 def prefect_markdown(key: str, markdown: str, description: str) -> None:

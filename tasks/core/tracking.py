@@ -20,6 +20,7 @@ from tasks.core.errors import StageFailed, Unreachable
 from tasks.core.files import read_json, write_json
 from tasks.core.hashing import code_version
 from tasks.core.paths import run_dir
+from tasks.core.space import as_disk_full
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _METRIC_KEY = re.compile(r"[^\w\-. /]")
@@ -140,9 +141,10 @@ class Tracker:
                 location = None
                 if not self.uri.startswith(("http://", "https://", "databricks")):
                     location = (Path(target.output_dir).resolve() / "mlartifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(
-                    target.experiment, artifact_location=location
-                )
+                with self._store_writes():
+                    self.experiment_id = self.client.create_experiment(
+                        target.experiment, artifact_location=location
+                    )
             else:
                 self.experiment_id = exp.experiment_id
         self._ids_path = run_dir(target.output_dir, run_id) / "mlflow.json"
@@ -150,7 +152,21 @@ class Tracker:
     def _ids(self) -> dict:
         return read_json(self._ids_path) if self._ids_path.is_file() else {"stages": {}}
 
+    @contextlib.contextmanager
+    def _store_writes(self) -> Iterator[None]:
+        """A SQLite store on a full disk: one line naming it, not SQLAlchemy's traceback."""
+        try:
+            yield
+        except Exception as e:
+            if (full := as_disk_full(e, f"MLflow could not write to {redact(self.uri)}")) is None:
+                raise
+            raise full from e
+
     def parent_run_id(self) -> str:
+        with self._store_writes():
+            return self._parent_run_id()
+
+    def _parent_run_id(self) -> str:
         ids = self._ids()
         if not ids.get("parent"):
             run = self.client.create_run(
@@ -192,12 +208,19 @@ class Tracker:
         try:
             yield run
         except BaseException:
-            self.client.set_terminated(run.id, status="FAILED")
+            with contextlib.suppress(Exception):  # the stage's own error is the one to report
+                self.client.set_terminated(run.id, status="FAILED")
             raise
         self.client.set_terminated(run.id, status="FINISHED")
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent_run_id(), status=status)
+        with self._store_writes():
+            self.client.set_terminated(self.parent_run_id(), status=status)
+
+    def fail(self) -> None:
+        """Mark the parent run FAILED, if the store takes it: the run's own error is the one to report."""
+        with contextlib.suppress(Exception):
+            self.finish("FAILED")
 
 
 def _param(key: str, value: str):
