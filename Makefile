@@ -8,6 +8,8 @@ export SFTFLOW_HOME ?= $(CURDIR)/.cache/sftflow
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# concurrency-slot leases on disk: a restarted server still frees a killed run's slot
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE ?= prefect.server.concurrency.lease_storage.filesystem
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 # Nothing the demo or the tests use comes from the hub; set HF_HUB_OFFLINE=0 to load hub datasets.

@@ -11,7 +11,9 @@ is passed along here, so the data flow reads off this file and Prefect draws it 
     scores   EvalResult     base vs candidate (vs champion) and the gate's decision
     bundle   HandoffResult  the vLLM bundle, its registry version and aliases
 
-After a completed run the retention policy (``retention``) deletes what no later night needs:
+Each run holds the pipeline's concurrency slot (``sftflow-pipeline``) from the unchanged check
+to the clean-up, so a nightly and an on-demand run never evaluate against the same champion
+at once. After a completed run the retention policy (``retention``) deletes what no later night needs:
 old runs with their registry versions and MLflow artifacts, checkpoints, stale caches.
 
 The results are small (paths and figures); each stage's manifest is the durable record, and
@@ -24,10 +26,12 @@ import dataclasses
 import time
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from tasks.config import load_config
+from tasks.config import PipelineConfig, load_config
+from tasks.core.orchestration import pipeline_slot, redact_parameters
 from tasks.core.orphans import claim
 from tasks.core.paths import new_run_id, run_dir
 from tasks.core.quiet import quiet_libraries
@@ -50,9 +54,16 @@ def sft_pipeline(
 ) -> dict:
     t0 = time.monotonic()
     quiet_libraries()
+    log = stage_logger().info
+    redact_parameters(flow_run.id, flow_run.parameters, redact)  # no password stays in Prefect's record
     cfg = load_config(config_path, overrides)
-    claim(cfg.output_dir, stage_logger().info)  # what a killed run left here, before this one starts anything
+    claim(cfg.output_dir, log)  # what a killed run left here, before this one starts anything
     run_id = run_id or new_run_id(cfg.run_name)
+    with pipeline_slot(log):  # one pipeline run at a time, whichever deployment started it
+        return run_pipeline(cfg, run_id, force, t0)
+
+
+def run_pipeline(cfg: PipelineConfig, run_id: str, force: bool, t0: float) -> State:
     # A nightly run with the same data, config and code has nothing to train: say so and stop
     # (Prefect records it as "Unchanged"; MLflow gets no empty run).
     if not force and (same := unchanged_task(cfg)):
@@ -75,7 +86,7 @@ def sft_pipeline(
         scores = evaluate_task(cfg, run_id, data, merged)
         bundle = handoff_task(cfg, run_id, data, trained, merged, scores)
     except BaseException:
-        tracker.finish("FAILED")
+        tracker.fail()
         raise
     tracker.finish()
     summary = run_summary(cfg, run_id, parent, t0, data, trained, merged, scores, bundle)

@@ -20,6 +20,7 @@ from prefect import task
 from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.core.errors import MissingError
 from tasks.core.files import read_json, read_jsonl
+from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import CODE_ROOT, stage_dir
 from tasks.core.results import EvalResult, FormatResult, MergeResult
 from tasks.core.stage import Stage, open_stage, prefect_markdown
@@ -213,6 +214,6 @@ def current_champion(cfg: PipelineConfig, run_id: str) -> ModelRef | None:
     )
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5)
+@task(name="evaluate", retries=1, retry_delay_seconds=5, tags=[GPU_TAG])  # models on the accelerator
 def evaluate_task(cfg: PipelineConfig, run_id: str, data: FormatResult, merged: MergeResult) -> EvalResult:
     return run_evaluate(cfg, run_id, data, merged, champion=current_champion(cfg, run_id), track=True)

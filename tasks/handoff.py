@@ -28,6 +28,7 @@ from tasks.core.errors import StageFailed
 from tasks.core.faults import fault
 from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
 from tasks.core.hashing import code_version, file_sha256
+from tasks.core.orchestration import GPU_TAG
 from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
 from tasks.core.space import require_free, tree_bytes
 from tasks.core.stage import Stage, open_stage, prefect_markdown
@@ -373,7 +374,8 @@ def worth_retrying(task, task_run, state) -> bool:
     return True
 
 
-@task(name="handoff", retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying)
+# the vLLM parity server takes the accelerator, as training does: under the same limit
+@task(name="handoff", retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying, tags=[GPU_TAG])
 def handoff_task(
     cfg: PipelineConfig,
     run_id: str,

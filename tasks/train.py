@@ -25,6 +25,7 @@ from tasks.config.hostfile import read_hostfile
 from tasks.core.errors import InputError, StageTimeout
 from tasks.core.files import read_json, write_json
 from tasks.core.hashing import file_sha256
+from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import stage_dir
 from tasks.core.results import FormatResult, Lineage, TrainResult
 from tasks.core.space import require_free, tree_bytes
@@ -227,7 +228,7 @@ def _model_id(path: Path) -> str:
     return h.hexdigest()
 
 
-@task(name="train", retries=1, retry_delay_seconds=10, tags=["gpu"])
+@task(name="train", retries=1, retry_delay_seconds=10, tags=[GPU_TAG])
 def train_task(
     cfg: PipelineConfig, run_id: str, data: FormatResult, lineage: Lineage | None = None, resume: bool = True
 ) -> TrainResult:

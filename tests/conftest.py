@@ -47,6 +47,7 @@ def prefect_server(tmp_path_factory):
             **os.environ,
             "PREFECT_HOME": str(tmp),
             "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
         }
         log = tmp / "server.log"

@@ -31,6 +31,7 @@ def prefect_stack(tmp_path_factory):
             "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         }
@@ -156,9 +157,17 @@ def test_a_hub_dataset_name_fails_the_same_way_as_on_the_cli(prefect_stack):
 
 
 @pytest.mark.reliability
+def stage_time(summary: dict, stage: str, key: str):
+    import datetime as dt
+
+    manifest = json.loads((Path(summary["run_dir"]) / stage / "manifest.json").read_text())
+    return dt.datetime.fromisoformat(manifest[key])
+
+
 def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_stack):
     """Two flow runs against the same server and output dir: separate run directories, both
-    complete, and the `gpu` tag limit keeps their train stages from overlapping."""
+    complete, and the `sftflow-pipeline` limit keeps the runs (the `gpu` tag limit, their train
+    stages) from overlapping."""
     import datetime as dt
 
     out = prefect_stack["tmp"] / "shared"
@@ -204,4 +213,7 @@ def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_
         )
     (a0, a1), (b0, b1) = sorted(spans)
     assert a1 <= b0, f"train stages overlapped: {spans}"
+    # and the runs as a whole: the second waited for the pipeline slot before its first stage
+    first, second = sorted(summaries, key=lambda s: stage_time(s, "format", "started_at"))
+    assert stage_time(first, "handoff", "ended_at") <= stage_time(second, "format", "started_at")
     assert sorted(s["version"] for s in summaries) == ["1", "2"]

@@ -1,0 +1,71 @@
+"""What a run asks of its Prefect server (the limits that keep runs apart, parameters without
+credentials) and a full disk under MLflow's SQLite store, on real servers."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from services import free_port
+
+
+def test_a_run_records_no_password_and_holds_the_pipeline_slot_only_while_it_runs(prefect_server):
+    """An override with a password in a URL is redacted in the flow run's recorded parameters; the
+    run creates the `sftflow-pipeline` limit and the `gpu` tag limit (1 slot each) on a server no
+    `make prefect-setup` saw, and gives its slot back when it fails."""
+    from prefect.client.orchestration import get_client
+
+    from flows.sft import sft_pipeline
+
+    if prefect_server is None:
+        pytest.skip("needs the tests' Prefect server (PostgreSQL)")
+    secret = f"http://sftflow:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
+    overrides = [f"tracking.mlflow_uri={secret}", f"output_dir={ROOT / '.cache/test-concurrency'}"]
+    state = sft_pipeline(str(ROOT / "configs/tiny.yaml"), overrides, return_state=True)
+    assert state.is_failed() and "cannot reach MLflow at http://***@127.0.0.1" in str(state.message)
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(state.state_details.flow_run_id).parameters
+        limit = client.read_global_concurrency_limit_by_name("sftflow-pipeline")
+        gpu = client.read_concurrency_limit_by_tag("gpu")
+    assert (
+        "hunter2" not in str(recorded)
+        and recorded["overrides"][0] == "tracking.mlflow_uri=http://***@" + secret.split("@")[1]
+    )
+    assert (limit.limit, limit.active_slots) == (1, 0) and gpu.concurrency_limit >= 1
+
+
+def test_a_full_disk_under_the_sqlite_store_is_one_named_line(tmp_path):
+    """MLflow's SQLite store on a full filesystem: the run's first write says which store is
+    full, and the CLI prints that line, not SQLAlchemy's traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        from tasks.core.errors import DiskFull
+        from tasks.core.tracking import Tracker, TrackingTarget
+
+        uri = f"sqlite:///{disk / 'mlflow.db'}"
+        target = TrackingTarget(uri, "full", disk / "runs", {f"key{i}": "b" * 400 for i in range(100)}, "h")
+        Tracker(target, "first")  # the schema fits; 100 params of 400 bytes then need new pages
+        with open(disk / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free)
+        with pytest.raises(DiskFull, match=r"database or disk is full: MLflow could not write to sqlite:///"):
+            Tracker(target, "second").parent_run_id()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_deployments_share_one_pipeline_limit():
+    """Every deployment in prefect.yaml names the same pipeline limit for its runs."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    limits = {
+        d["name"]: d["work_pool"]["job_variables"]["env"].get("SFTFLOW_PIPELINE_LIMIT")
+        for d in spec["deployments"]
+    }
+    assert set(limits.values()) == {"sftflow-pipeline"}, limits
