@@ -11,8 +11,23 @@ import os
 import sys
 import warnings
 
+from tasks.core.errors import SftflowError
+
+
+class _MessageOnly(logging.Filter):
+    """Prefect logs a failed flow's exception with its traceback; an SftflowError's message
+    already says what went wrong and where (tasks/core/errors.py), so it is logged as that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SftflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
 
 def quiet_libraries() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        if not any(isinstance(f, _MessageOnly) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_MessageOnly())
     # bitsandbytes looks for the optional `kernels` package (a hub download) for a faster CPU
     # 4-bit matmul and warns at import when it is missing; its own kernel is used instead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
