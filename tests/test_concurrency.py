@@ -37,8 +37,8 @@ def test_a_run_records_no_password_and_holds_the_pipeline_slot_only_while_it_run
 
 
 def test_a_full_disk_under_the_sqlite_store_is_one_named_line(tmp_path):
-    """MLflow's SQLite store on a full filesystem: the run's first write says which store is
-    full, and the CLI prints that line, not SQLAlchemy's traceback."""
+    """MLflow's SQLite store on a full filesystem: the run's first write raises DiskFull naming
+    the store (one line for the CLI), not MLflow's wrapped SQLAlchemy error."""
     if os.geteuid() != 0:
         pytest.skip("mounting a size-limited tmpfs needs root")
     disk = tmp_path / "disk"
