@@ -55,7 +55,7 @@ def sft_pipeline(
     t0 = time.monotonic()
     quiet_libraries()
     log = stage_logger().info
-    redact_parameters(flow_run.id, flow_run.parameters, redact)  # no password stays in Prefect's record
+    redact_parameters(flow_run.id, flow_run.parameters)  # no password stays in Prefect's record
     cfg = load_config(config_path, overrides)
     claim(cfg.output_dir, log)  # what a killed run left here, before this one starts anything
     run_id = run_id or new_run_id(cfg.run_name)

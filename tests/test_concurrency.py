@@ -1,13 +1,9 @@
 """What a run asks of its Prefect server (the limits that keep runs apart, parameters without
 credentials) and a full disk under MLflow's SQLite store, on real servers."""
 
-import os
-import shutil
-import subprocess
-
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, fill_disk, small_disk
 from services import free_port
 
 
@@ -39,24 +35,16 @@ def test_a_run_records_no_password_and_holds_the_pipeline_slot_only_while_it_run
 def test_a_full_disk_under_the_sqlite_store_is_one_named_line(tmp_path):
     """MLflow's SQLite store on a full filesystem: the run's first write raises DiskFull naming
     the store (one line for the CLI), not MLflow's wrapped SQLAlchemy error."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
-    try:
-        from tasks.core.errors import DiskFull
-        from tasks.core.tracking import Tracker, TrackingTarget
+    from tasks.core.errors import DiskFull
+    from tasks.core.tracking import Tracker, TrackingTarget
 
+    with small_disk(tmp_path / "disk", 4) as disk:
         uri = f"sqlite:///{disk / 'mlflow.db'}"
         target = TrackingTarget(uri, "full", disk / "runs", {f"key{i}": "b" * 400 for i in range(100)}, "h")
         Tracker(target, "first")  # the schema fits; 100 params of 400 bytes then need new pages
-        with open(disk / "filler", "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free)
+        fill_disk(disk)
         with pytest.raises(DiskFull, match=r"database or disk is full: MLflow could not write to sqlite:///"):
             Tracker(target, "second").parent_run_id()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_deployments_share_one_pipeline_limit():

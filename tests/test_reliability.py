@@ -13,7 +13,7 @@ import pytest
 from tasks.format import run_format
 from tasks.training.worker import COMPLETE
 
-from conftest import ROOT, make_config, run_cli, write_jsonl
+from conftest import ROOT, fill_disk, make_config, run_cli, small_disk, write_jsonl
 from services import free_port
 
 pytestmark = pytest.mark.reliability
@@ -539,23 +539,14 @@ def test_a_night_on_a_full_disk_fails_at_the_check_and_the_next_night_succeeds(t
     stage's estimate (two full-weight checkpoints with Adam state, then the weights: about 3 MB)
     does not. The night ends at the check, naming the path and the numbers, with no registry
     version; with the filler gone, the same night resumes and completes."""
-    import os
-    import subprocess
-
     from mlflow import MlflowClient
 
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
-    try:
+    with small_disk(tmp_path / "disk", 24) as disk:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the registry lives on a disk with room
         args = ["run", "configs/tiny.yaml", "--run-id", "night", "--set", f"output_dir={disk / 'runs'}",
                 "--set", f"tracking.mlflow_uri={uri}", "--set", "train.method=full",
                 "--set", "train.max_steps=4", "--set", "train.save_steps=2"]  # fmt: skip
-        with open(disk / "filler", "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - int(2.2 * 2**20))
+        filler = fill_disk(disk, leave=int(2.2 * 2**20))
         res = run_cli(*args)
         assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
         assert "No space left" not in res.stderr, res.stderr[-3000:]  # refused before any write failed
@@ -565,9 +556,7 @@ def test_a_night_on_a_full_disk_fails_at_the_check_and_the_next_night_succeeds(t
         )
         assert not (disk / "runs/night/train/checkpoints").exists()
         assert MlflowClient(uri, uri).search_model_versions("name = 'tiny'") == []
-        (disk / "filler").unlink()
+        filler.unlink()
         res = run_cli(*args)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         assert len(MlflowClient(uri, uri).search_model_versions("name = 'tiny'")) == 1
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)

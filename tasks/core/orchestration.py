@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tasks.core.tracking import redact
+
 PIPELINE_LIMIT = "sftflow-pipeline"
 GPU_TAG = "gpu"
 # A SIGKILLed holder's slot frees when its lease lapses (Prefect renews it while the holder lives;
@@ -79,16 +81,15 @@ def pipeline_slot(log) -> Iterator[None]:
         yield
 
 
-def redact_parameters(flow_run_id, parameters: dict, redact) -> bool:
+def redact_parameters(flow_run_id, parameters: dict) -> None:
     """Replace the flow run's recorded parameters with ``redact(parameters)``, if that differs
     (a ``--set tracking.mlflow_uri=https://user:password@host`` must not stay in Prefect's
     database and UI). The run itself goes on with the values it was given."""
     clean = redact(parameters)
     if clean == parameters or flow_run_id is None:
-        return False
+        return
     from fastapi.encoders import jsonable_encoder
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run_id, parameters=jsonable_encoder(clean))
-    return True

@@ -6,8 +6,10 @@ folder behind; the same night refused before the write names the path and the nu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.core.errors import DiskFull
@@ -50,13 +52,20 @@ def require_free(path: Path, need: int, what: str) -> int:
 SQLITE_FULL = "database or disk is full"  # SQLite's SQLITE_FULL, as MLflow's SQLite store reports it
 
 
-def as_disk_full(e: BaseException, where: str) -> DiskFull | None:
-    """``e`` as one named line when it is a full disk (ENOSPC, a quota, or a SQLite store that
-    could not grow), else None. ``where``: what could not be written, for the message."""
-    if isinstance(e, DiskFull):
-        return e
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(e.errno, f"{e.strerror}: {where}")
-    if SQLITE_FULL in str(e):
-        return DiskFull(errno.ENOSPC, f"{SQLITE_FULL}: {where}")
-    return None
+@contextlib.contextmanager
+def disk_full_named(where: str) -> Iterator[None]:
+    """A full disk met in the body (ENOSPC, a quota, or a SQLite store that could not grow) is
+    the environment, not a bug: raised as one DiskFull line naming ``where``, what could not be
+    written. Every other error, and a DiskFull already named, passes through as it is."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(e.errno, f"{e.strerror}: {where}") from e
+    except Exception as e:
+        if SQLITE_FULL not in str(e):
+            raise
+        raise DiskFull(errno.ENOSPC, f"{SQLITE_FULL}: {where}") from e

@@ -26,7 +26,7 @@ from tasks.core.hashing import hash_json
 from tasks.core.manifest import Manifest
 from tasks.core.paths import stage_dir
 from tasks.core.quiet import quiet_libraries
-from tasks.core.space import as_disk_full
+from tasks.core.space import disk_full_named
 from tasks.core.tracking import Tracker, TrackingTarget, redact
 
 R = TypeVar("R")
@@ -105,7 +105,8 @@ def open_stage(
     (folder / "manifest.json").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     stage = Stage(name, folder, Manifest(name, run_id, scope.config_hash), log or stage_logger().info)
-    with _disk_full_named(name, folder, redact(scope.tracking.uri)):
+    store = redact(scope.tracking.uri)
+    with disk_full_named(f"the {name} stage could not write under {folder} (MLflow store: {store})"):
         if not track:
             yield stage
             return
@@ -118,18 +119,6 @@ def open_stage(
             for path in [folder / "manifest.json", *stage.artifacts]:
                 if path.exists():
                     run.artifact(path)
-
-
-@contextlib.contextmanager
-def _disk_full_named(name: str, folder: Path, store: str) -> Iterator[None]:
-    """A full disk is the environment, not a bug: one line naming the stage, its folder and store."""
-    try:
-        yield
-    except Exception as e:
-        full = as_disk_full(e, f"the {name} stage could not write under {folder} (MLflow store: {store})")
-        if full is None or full is e:
-            raise
-        raise full from e
 
 
 def prefect_markdown(key: str, markdown: str, description: str) -> None:

@@ -20,7 +20,7 @@ from tasks.core.errors import StageFailed, Unreachable
 from tasks.core.files import read_json, write_json
 from tasks.core.hashing import code_version
 from tasks.core.paths import run_dir
-from tasks.core.space import as_disk_full
+from tasks.core.space import disk_full_named
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _METRIC_KEY = re.compile(r"[^\w\-. /]")
@@ -152,15 +152,9 @@ class Tracker:
     def _ids(self) -> dict:
         return read_json(self._ids_path) if self._ids_path.is_file() else {"stages": {}}
 
-    @contextlib.contextmanager
-    def _store_writes(self) -> Iterator[None]:
+    def _store_writes(self):
         """A SQLite store on a full disk: one line naming it, not SQLAlchemy's traceback."""
-        try:
-            yield
-        except Exception as e:
-            if (full := as_disk_full(e, f"MLflow could not write to {redact(self.uri)}")) is None:
-                raise
-            raise full from e
+        return disk_full_named(f"MLflow could not write to {redact(self.uri)}")
 
     def parent_run_id(self) -> str:
         with self._store_writes():
