@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from tasks.config import PipelineConfig, load_config
-from tasks.core.orchestration import pipeline_slot, redact_parameters
+from tasks.core.orchestration import pipeline_slot, recorded_run_id, redact_parameters
 from tasks.core.orphans import claim
 from tasks.core.paths import new_run_id, run_dir
 from tasks.core.quiet import quiet_libraries
@@ -58,7 +58,11 @@ def sft_pipeline(
     redact_parameters(flow_run.id, flow_run.parameters)  # no password stays in Prefect's record
     cfg = load_config(config_path, overrides)
     claim(cfg.output_dir, log)  # what a killed run left here, before this one starts anything
-    run_id = run_id or new_run_id(cfg.run_name)
+    # A retried flow run (after a crash, a host or server restart) resumes the run its first
+    # attempt started: the run id is kept in the flow run's recorded parameters.
+    run_id = run_id or recorded_run_id(flow_run.id, lambda: new_run_id(cfg.run_name))
+    if flow_run.run_count > 1:
+        log(f"flow run attempt {flow_run.run_count}: resuming run {run_id}")
     with pipeline_slot(log):  # one pipeline run at a time, whichever deployment started it
         return run_pipeline(cfg, run_id, force, t0)
 

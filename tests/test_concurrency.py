@@ -10,7 +10,8 @@ from services import free_port
 def test_a_run_records_no_password_and_holds_the_pipeline_slot_only_while_it_runs(prefect_server):
     """An override with a password in a URL is redacted in the flow run's recorded parameters; the
     run creates the `sftflow-pipeline` limit and the `gpu` tag limit (1 slot each) on a server no
-    `make prefect-setup` saw, and gives its slot back when it fails."""
+    `make prefect-setup` saw, and gives its slot back when it fails. A retry of the redacted
+    record is refused with the reason."""
     from prefect.client.orchestration import get_client
 
     from flows.sft import sft_pipeline
@@ -30,6 +31,10 @@ def test_a_run_records_no_password_and_holds_the_pipeline_slot_only_while_it_run
         and recorded["overrides"][0] == "tracking.mlflow_uri=http://***@" + secret.split("@")[1]
     )
     assert (limit.limit, limit.active_slots) == (1, 0) and gpu.concurrency_limit >= 1
+    # a retry gets the recorded values back: refused with the reason, not sent to MLflow as ***@
+    retry = sft_pipeline(str(ROOT / "configs/tiny.yaml"), recorded["overrides"], return_state=True)
+    assert retry.is_failed() and "credentials were redacted" in str(retry.message), retry.message
+    assert "MLFLOW_TRACKING_PASSWORD" in str(retry.message)
 
 
 def test_a_full_disk_under_the_sqlite_store_is_one_named_line(tmp_path):

@@ -37,16 +37,32 @@ def prefect_stack(tmp_path_factory):
         }
         env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
         server_log = tmp / "server.log"
-        server = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=open(server_log, "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+
+        def start_server() -> subprocess.Popen:
+            proc = subprocess.Popen(
+                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                stdout=open(server_log, "a"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, server_log)
+            except BaseException:
+                stop(proc)
+                raise
+            return proc
+
+        servers = [start_server()]
+
+        def restart_server(while_down=lambda: None) -> None:
+            """Stop the server, run ``while_down``, start it again on the same port and database."""
+            stop(servers[-1])
+            while_down()
+            servers.append(start_server())
+
         worker = None
         try:
-            wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, server_log)
 
             def prefect(*args, check=True):
                 res = subprocess.run(
@@ -69,11 +85,17 @@ def prefect_stack(tmp_path_factory):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            yield {"api": env["PREFECT_API_URL"], "prefect": prefect, "tmp": tmp, "worker_log": worker_log}
+            yield {
+                "api": env["PREFECT_API_URL"],
+                "prefect": prefect,
+                "tmp": tmp,
+                "worker_log": worker_log,
+                "restart_server": restart_server,
+            }
         finally:
             if worker is not None:
                 stop(worker)
-            stop(server)
+            stop(servers[-1])
 
 
 def wait_final(api: str, flow_run_id: str, timeout: float) -> dict:
@@ -156,7 +178,6 @@ def test_a_hub_dataset_name_fails_the_same_way_as_on_the_cli(prefect_stack):
     assert state["type"] == "FAILED" and "HF_HUB_OFFLINE is set" in state["message"], state
 
 
-@pytest.mark.reliability
 def stage_time(summary: dict, stage: str, key: str):
     import datetime as dt
 
@@ -164,6 +185,7 @@ def stage_time(summary: dict, stage: str, key: str):
     return dt.datetime.fromisoformat(manifest[key])
 
 
+@pytest.mark.reliability
 def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_stack):
     """Two flow runs against the same server and output dir: separate run directories, both
     complete, and the `sftflow-pipeline` limit keeps the runs (the `gpu` tag limit, their train
@@ -217,3 +239,69 @@ def test_two_runs_at_once_share_the_output_dir_and_never_train_together(prefect_
     first, second = sorted(summaries, key=lambda s: stage_time(s, "format", "started_at"))
     assert stage_time(first, "handoff", "ended_at") <= stage_time(second, "format", "started_at")
     assert sorted(s["version"] for s in summaries) == ["1", "2"]
+
+
+def flow_run_processes(flow_run_id: str) -> list[int]:
+    """The pids of a flow run's process and of everything it started (they inherit its id)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return pids
+
+
+@pytest.mark.reliability
+def test_a_retried_flow_run_resumes_its_run_after_a_server_restart_mid_training(prefect_stack):
+    """The Prefect server restarts mid-training, and the flow run's processes die while it is
+    down (a host restart). `prefect flow-run retry` then resumes the same run: the run id its first
+    attempt recorded in the flow run's parameters, training from the newest checkpoint, one
+    registry version. Before, the retry started over in a new run directory."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    from tasks.training.worker import COMPLETE
+
+    out = prefect_stack["tmp"] / "resume"
+    overrides = json.dumps([f"output_dir={out}"])
+    res = prefect_stack["prefect"](
+        "deployment", "run", "sft-pipeline/on-demand", "-p", "config_path=configs/tiny.yaml",
+        "-p", f"overrides={overrides}", "--job-variable", 'env={"SFTFLOW_STEP_DELAY_S": "2"}',
+    )  # fmt: skip
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout).group(1)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(f"tiny-*/train/checkpoints/checkpoint-5/{COMPLETE}")):
+        assert time.monotonic() < deadline, prefect_stack["worker_log"].read_text()[-4000:]
+        time.sleep(0.3)
+
+    def host_restart():
+        pids = flow_run_processes(flow_run_id)
+        assert pids, "the flow run's processes were not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    prefect_stack["restart_server"](while_down=host_restart)
+    api = prefect_stack["api"]
+    deadline = time.monotonic() + 180  # the worker reports the crash once the server is back
+    while httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]["type"] != "CRASHED":
+        assert time.monotonic() < deadline, prefect_stack["worker_log"].read_text()[-4000:]
+        time.sleep(1)
+    run_ids = [d.name for d in out.glob("tiny-*")]
+
+    prefect_stack["prefect"]("flow-run", "retry", flow_run_id)
+    run = wait_final(api, flow_run_id, 600)
+    assert run["state"]["type"] == "COMPLETED", (
+        run["state"],
+        prefect_stack["worker_log"].read_text()[-4000:],
+    )
+    assert [d.name for d in out.glob("tiny-*")] == run_ids, "the retry started another run"
+    recorded = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["parameters"]
+    assert recorded["run_id"] == run_ids[0], (recorded, run_ids)  # shown in Prefect's UI too
+    train = json.loads((out / run_ids[0] / "train/manifest.json").read_text())
+    assert train["status"] == "completed"
+    assert str(train["metrics"]["resumed_from"]).endswith("checkpoint-5"), train["metrics"]
+    uri = f"sqlite:///{out}/mlflow.db"
+    assert len(MlflowClient(uri, uri).search_model_versions("name = 'tiny'")) == 1

@@ -1,5 +1,6 @@
 """What a pipeline run asks of its Prefect server: the limits that keep runs apart, and a record
-of its parameters without credentials.
+of its parameters without credentials and with the run id it works in (so that a retried flow
+run resumes that run instead of starting over).
 
 Two runs of the pipeline at once (the nightly schedule and an on-demand run are separate
 deployments, each with its own ``concurrency_limit: 1``) would train, evaluate against the
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from tasks.core.tracking import redact
+from tasks.core.errors import InputError
+from tasks.core.tracking import REDACTED, redact
 
 PIPELINE_LIMIT = "sftflow-pipeline"
 GPU_TAG = "gpu"
@@ -84,7 +86,17 @@ def pipeline_slot(log) -> Iterator[None]:
 def redact_parameters(flow_run_id, parameters: dict) -> None:
     """Replace the flow run's recorded parameters with ``redact(parameters)``, if that differs
     (a ``--set tracking.mlflow_uri=https://user:password@host`` must not stay in Prefect's
-    database and UI). The run itself goes on with the values it was given."""
+    database and UI). The run itself goes on with the values it was given.
+
+    A retried flow run gets the recorded, redacted values back; it is refused with the reason,
+    not sent to MLflow as ``https://***@host``."""
+    if redacted := [v for v in _strings(parameters) if REDACTED in v]:
+        raise InputError(
+            f"parameter {redacted[0]!r}: its credentials were redacted from the flow run's record "
+            "when the run first started, and a retried run gets that record back. Give MLflow's "
+            "credentials to the worker as MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "instead of in the URI"
+        )
     clean = redact(parameters)
     if clean == parameters or flow_run_id is None:
         return
@@ -93,3 +105,35 @@ def redact_parameters(flow_run_id, parameters: dict) -> None:
 
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run_id, parameters=jsonable_encoder(clean))
+
+
+def recorded_run_id(flow_run_id, new_id: Callable[[], str]) -> str:
+    """The run id this flow run works in, kept in its recorded parameters (``run_id``).
+
+    A flow run that runs again (``prefect flow-run retry``, the UI's Retry, a flow's own
+    retries) reads the run id its first attempt chose and resumes that run: finished stages are
+    kept, training continues from its newest checkpoint, into the same MLflow run. A nightly
+    run is given no run id, so without this record its retry would start over under a new one."""
+    if flow_run_id is None:
+        return new_id()
+    from fastapi.encoders import jsonable_encoder
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(flow_run_id).parameters
+        if run_id := recorded.get("run_id"):
+            return run_id
+        run_id = new_id()
+        client.update_flow_run(flow_run_id, parameters=jsonable_encoder({**recorded, "run_id": run_id}))
+    return run_id
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)

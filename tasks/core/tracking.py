@@ -23,13 +23,14 @@ from tasks.core.paths import run_dir
 from tasks.core.space import disk_full_named
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+REDACTED = "***@"  # what redact() leaves of user:password@
 _METRIC_KEY = re.compile(r"[^\w\-. /]")
 
 
 def redact(value: Any) -> Any:
     """Drop ``user:password@`` from URLs anywhere in a nested structure."""
     if isinstance(value, str):
-        return _USERINFO.sub("***@", value)
+        return _USERINFO.sub(REDACTED, value)
     if isinstance(value, dict):
         return {k: redact(v) for k, v in value.items()}
     if isinstance(value, list):
