@@ -195,17 +195,23 @@ def test_a_joining_host_that_cannot_reach_the_master_fails_naming_it(hosts, tmp_
 
 def test_the_ssh_launcher_starts_both_hosts_ranks_over_pdsh(hosts, ssh_hosts, one_host, tmp_path):
     """`train.launcher: ssh`: the train stage on h1 runs DeepSpeed's runner, which starts one rank
-    on each host with pdsh over ssh; the ranks find their own gloo interface."""
+    on each host with pdsh over ssh; the ranks find their own gloo interface. MLflow's password
+    in the environment reaches no file of the run (the runner logs its pdsh command line)."""
     (h1, _), (a1, _), hostfile = hosts
     args = settings(tmp_path / "runs", hostfile, a1, free_port(), **{"train.launcher": "ssh"})
     assert run_cli("format", "configs/tiny.yaml", "--run-id", "ssh", *args).returncode == 0
-    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "ssh", *args, env=ssh_hosts)
+    secret = {"MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw42"}  # the runner exports MLFLOW_* over pdsh
+    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "ssh", *args, env=ssh_hosts | secret)
     out = node0.communicate(timeout=600)[0]
     assert node0.returncode == 0, out[-3000:]
     train = tmp_path / "runs" / "ssh" / "train"
     log = (train / "train.log").read_text()
     assert "h1: [train] joined: rank 0 of 2" in log and "h2: [train] joined: rank 1 of 2" in log  # pdsh's
-    assert "SFTFLOW_HOME=" in (train / "deepspeed_env").read_text()
+    assert "cmd = pdsh" in log and "SFTFLOW_HOME=" in (train / "deepspeed_env").read_text()
+    leaked = [
+        f for f in (tmp_path / "runs").rglob("*") if f.is_file() and b"mlflowSECRETpw42" in f.read_bytes()
+    ]
+    assert leaked == [] and "mlflowSECRETpw42" not in out, leaked
     assert_like_one_host(train, one_host, hostfile, "ssh")
 
 
@@ -222,14 +228,27 @@ def test_the_ssh_launcher_names_a_host_it_cannot_reach(hosts, ssh_hosts, tmp_pat
     assert "pdsh could not start the ranks of h9: h9: ssh: connect to host" in out
 
 
-def test_the_ssh_ranks_environment_file_leaves_credentials_out(tmp_path):
-    from tasks.training.hosts import remote_env_file
+def test_the_ssh_runner_and_its_ranks_environment_file_leave_credentials_out(tmp_path):
+    """What DeepSpeed's runner would log on its pdsh command line: the MLFLOW_* variables it
+    exports and the environment file's lines. Credentials are in neither."""
+    from tasks.training.hosts import ssh_env
 
     said = []
-    env = {"HF_HOME": "/h", "SFTFLOW_MLFLOW_URI": "sqlite:////runs/mlflow.db", "SECRET_TOKEN": "x"}
-    lines = remote_env_file(env, tmp_path / "plain", said.append).read_text().splitlines()
+    env = {"HF_HOME": "/h", "SFTFLOW_MLFLOW_URI": "sqlite:////runs/mlflow.db", "SECRET_TOKEN": "x",
+           "MLFLOW_TRACKING_PASSWORD": "pw1", "MLFLOW_EXPERIMENT_NAME": "e"}  # fmt: skip
+    runner = ssh_env(env, tmp_path / "plain", said.append)
+    lines = (tmp_path / "plain").read_text().splitlines()
     assert "HF_HOME=/h" in lines and "SFTFLOW_MLFLOW_URI=sqlite:////runs/mlflow.db" in lines
-    assert not any(line.startswith("SECRET_TOKEN") for line in lines) and said == []
-    env["SFTFLOW_MLFLOW_URI"] = "https://user:pass@mlflow.example.com"
-    text = remote_env_file(env, tmp_path / "secret", said.append).read_text()
-    assert "pass" not in text and "SFTFLOW_HOME=" in text and "credentials" in said[0]
+    assert not any(line.startswith("SECRET_TOKEN") for line in lines) and said == []  # a local store
+    assert "MLFLOW_TRACKING_PASSWORD" not in runner and runner["MLFLOW_EXPERIMENT_NAME"] == "e"
+    assert runner["DS_ENV_FILE"] == str((tmp_path / "plain").resolve())
+    env["SFTFLOW_MLFLOW_URI"] = "https://mlflow.example.com"  # a server the password is for
+    ssh_env(env, tmp_path / "by-env", said.append)
+    assert "SFTFLOW_MLFLOW_URI" not in (tmp_path / "by-env").read_text() and "credentials" in said[-1]
+    env |= {
+        "SFTFLOW_MLFLOW_URI": "https://user:pass@mlflow.example.com",
+        "MLFLOW_TRACKING_URI": "https://user:pass@m",
+    }
+    runner = ssh_env(env, tmp_path / "secret", said.append)
+    text = (tmp_path / "secret").read_text()
+    assert "pass" not in text and "SFTFLOW_HOME=" in text and "MLFLOW_TRACKING_URI" not in runner

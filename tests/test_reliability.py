@@ -259,7 +259,9 @@ def crash_run(tmp_path_factory):
         cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
         cfg["output_dir"] = str(tmp / "runs")
         cfg["train"]["save_steps"] = 4
-        cfg["tracking"]["mlflow_uri"] = server["uri"].replace("http://", f"http://sftflow:{URI_PASSWORD}@")
+        # the URI and its password come as an override, as `prefect deployment run -p overrides=`
+        # gives them, so the flow run's recorded parameters carry them too
+        uri = server["uri"].replace("http://", f"http://sftflow:{URI_PASSWORD}@")
         path = tmp / "pipeline.yaml"
         path.write_text(yaml.safe_dump(cfg))
         logs = tmp / "cli-logs"
@@ -267,7 +269,7 @@ def crash_run(tmp_path_factory):
 
         def cli(*args, fault=None):
             env = {**SECRETS, **({"SFTFLOW_FAULT": fault} if fault else {})}
-            res = run_cli(*args, env=env)
+            res = run_cli(*args, "--set", f"tracking.mlflow_uri={uri}", env=env)
             n = len(list(logs.iterdir()))
             (logs / f"{n:02d}.log").write_text(res.stdout + res.stderr)
             return res
@@ -396,14 +398,17 @@ def test_secrets_never_reach_files_logs_or_mlflow(crash_run, prefect_server):
             assert not any(n.decode() in text for n in needles), r.info.run_id
     for mv in client.search_model_versions("name = 'tiny'"):
         assert not any(n.decode() in json.dumps(mv.tags) for n in needles)
-    if prefect_server is not None:  # the flow and task logs and the artifacts the Prefect server keeps
+    if (
+        prefect_server is not None
+    ):  # the flow and task logs, artifacts and parameters the Prefect server keeps
         import httpx
 
         flow_run = {"flow_run_id": {"any_": [crash_run["summary"]["prefect_flow_run_id"]]}}
         logs = httpx.post(f"{prefect_server}/logs/filter", json={"logs": flow_run, "limit": 200}).json()
         artifacts = httpx.post(f"{prefect_server}/artifacts/filter", json={"artifacts": flow_run}).json()
-        assert logs and artifacts
-        text = json.dumps([logs, artifacts])
+        params = httpx.get(f"{prefect_server}/flow_runs/{crash_run['summary']['prefect_flow_run_id']}").json()
+        assert logs and artifacts and "tracking.mlflow_uri=http://***@" in str(params["parameters"])
+        text = json.dumps([logs, artifacts, params])
         assert not any(n.decode() in text for n in needles), "a secret leaked into the Prefect server"
 
 

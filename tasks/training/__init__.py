@@ -4,7 +4,7 @@ The per-rank program, ``tasks.training.worker``, is started by module name and n
 
 from tasks.training.attention import register
 from tasks.training.deepspeed import deepspeed_config
-from tasks.training.hosts import check_master_port, remote_env_file
+from tasks.training.hosts import check_master_port, ssh_env
 from tasks.training.launcher import free_port, launch_command, supervise_node
 from tasks.training.memory import estimate
 
@@ -15,6 +15,6 @@ __all__ = [
     "free_port",
     "launch_command",
     "register",
-    "remote_env_file",
+    "ssh_env",
     "supervise_node",
 ]

@@ -77,17 +77,30 @@ def not_started(host: str, why: str, node0: str) -> str:
 REMOTE_ENV = ("SFTFLOW_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
 
 
-def remote_env_file(env: dict[str, str], path: Path, log) -> Path:
-    """The environment file (DeepSpeed's ``.deepspeed_env`` format) for the ranks pdsh starts.
-    An MLflow URI with credentials stays out of it: the runner would put it on the ssh command line."""
+def ssh_env(env: dict[str, str], path: Path, log) -> dict[str, str]:
+    """The environment for DeepSpeed's runner on the ssh launcher, and the ranks' environment
+    file (its ``.deepspeed_env`` format) at ``path``, named in it as ``DS_ENV_FILE``.
+
+    The runner writes every ``MLFLOW_*`` variable and every line of that file into the pdsh
+    command line it logs (``train.log``, uploaded to MLflow). So MLflow's credentials (a
+    password or token variable, or a URI with ``user:password@``) stay with this process; the
+    ranks then cannot reach an MLflow server that needs them, and their metrics are logged when
+    the stage ends, not live."""
+    secrets = sorted(k for k, v in env.items() if k.startswith("MLFLOW_") and _is_secret(k, v))
+    runner = {k: v for k, v in env.items() if k not in secrets}
     keep = {k: env[k] for k in REMOTE_ENV if k in env} | {"SFTFLOW_HOME": str(sftflow_home())}
     uri = env.get("SFTFLOW_MLFLOW_URI", "")
-    if uri and redact(uri) == uri:
+    needs_secrets = uri.startswith(("http://", "https://")) and (secrets or redact(uri) != uri)
+    if uri and not needs_secrets:
         keep["SFTFLOW_MLFLOW_URI"] = uri
     elif uri:
         log(
-            "train: the MLflow URI holds credentials, which are not sent to the ssh-started ranks: "
-            "training metrics are logged when the stage ends, not live"
+            "train: MLflow's credentials are not sent to the ssh-started ranks (DeepSpeed's runner "
+            "logs their command line): training metrics are logged when the stage ends, not live"
         )
     path.write_text("".join(f"{k}={v}\n" for k, v in keep.items()))
-    return path.resolve()
+    return runner | {"DS_ENV_FILE": str(path.resolve())}
+
+
+def _is_secret(name: str, value: str) -> bool:
+    return any(word in name for word in ("PASSWORD", "TOKEN", "SECRET")) or redact(value) != value

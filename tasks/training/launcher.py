@@ -21,7 +21,7 @@ from tasks.config.hostfile import read_hostfile
 from tasks.core.errors import StageFailed, StageTimeout
 from tasks.core.faults import fault
 from tasks.core.paths import CODE_ROOT, sftflow_home
-from tasks.training.hosts import SSH_FAILED, interface_for, not_joined, not_started, remote_env_file
+from tasks.training.hosts import SSH_FAILED, interface_for, not_joined, not_started, ssh_env
 
 JOINED = "[train] joined"  # the worker's line once its process group is up
 
@@ -81,7 +81,7 @@ def supervise_node(
     """``supervise``, with a multi-node rendezvous failure said in terms of the hostfile's hosts."""
     env = rendezvous_env(t, worker_env(mlflow_uri), log)
     if t.hostfile and t.launcher == "ssh":
-        env["DS_ENV_FILE"] = str(remote_env_file(env, log_path.parent / "deepspeed_env", log))
+        env = ssh_env(env, log_path.parent / "deepspeed_env", log)
     try:  # across hosts a missing peer blocks the rendezvous without a word: bound the wait
         supervise(cmd, env, log_path, t.timeout_s, log, t.rendezvous_timeout_s if t.hostfile else None)
     except NotJoined:
