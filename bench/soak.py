@@ -1,6 +1,6 @@
 """A month of nights, simulated: scripted nightly runs in one output_dir and registry, checked night by night.
 
-    python bench/soak.py --nights 30     # about 20 minutes on 2 cores (ten nights took 5.8)
+    python bench/soak.py --nights 30     # about 20 minutes on 2 cores (thirty nights took 18.4)
     python bench/soak.py --nights 6      # what CI runs (tests/test_soak.py)
 
 Every night runs `sftflow run configs/tiny.yaml` as the nightly job does (continue from the
