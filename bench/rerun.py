@@ -56,7 +56,7 @@ def main() -> None:
     a = p.parse_args()
     config = "configs/tiny.yaml" if a.quick else "configs/demo.yaml"
     sys.path.insert(0, str(ROOT / "tests"))
-    from services import free_port, stop, wait_http
+    from services import free_port, start_prefect, stop
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -67,17 +67,9 @@ def main() -> None:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
         }
-        log = Path(tmp, "server.log")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        server = start_prefect(env, port, Path(tmp, "server.log"))
         pairs = []
         try:
-            wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, log)
             for i in range(a.repeats):
                 out = Path(tmp, f"pair{i}")
                 pairs.append([run(config, out, name, env) for name in ("full", "rerun")])

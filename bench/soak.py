@@ -265,17 +265,11 @@ def mount_disk(disk: Path, size_mb: int) -> bool:
 
 
 def prefect_server(work: Path, env: dict) -> subprocess.Popen:
-    from services import free_port, wait_http
+    from services import free_port, start_prefect
 
     port = free_port()
     env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
-    log = work / "prefect-server.log"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(
-        cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, log)
-    return server
+    return start_prefect(env, port, work / "prefect-server.log")
 
 
 def main() -> None:

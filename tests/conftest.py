@@ -34,9 +34,8 @@ def prefect_server(tmp_path_factory):
     """One Prefect server on PostgreSQL for every `sftflow run` the tests start; each would
     otherwise boot a temporary server of its own (10-20 s apiece). Without PostgreSQL the runs
     fall back to those temporary servers (or fail, under SFTFLOW_REQUIRE_SERVICES=1)."""
-    import subprocess as sp
 
-    from services import free_port, fresh_database, postgres_error, stop, wait_http
+    from services import free_port, fresh_database, postgres_error, start_prefect, stop
 
     if (error := postgres_error()) is not None:
         if os.environ.get("SFTFLOW_REQUIRE_SERVICES") == "1":
@@ -53,16 +52,8 @@ def prefect_server(tmp_path_factory):
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "PREFECT_API_DATABASE_CONNECTION_URL": db.replace("postgresql://", "postgresql+asyncpg://", 1),
         }
-        log = tmp / "server.log"
-        proc = sp.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=open(log, "w"),
-            stderr=sp.STDOUT,
-            start_new_session=True,
-        )
+        proc = start_prefect(env, port, tmp / "server.log")
         try:
-            wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"  # for `sftflow run` subprocesses

@@ -117,6 +117,21 @@ def start_mlflow(tmp: Path, db_url: str, port: int) -> dict:
     return {"uri": uri, "proc": proc, "db_url": db_url, "port": port, "log": log}
 
 
+def start_prefect(env: dict, port: int, log: Path) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:``port`` with ``env`` (its PREFECT_HOME, database),
+    its output appended to ``log``, once /api/health answers; stopped again if it never does."""
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def stop(proc: subprocess.Popen) -> None:
     import signal
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import ROOT
-from services import free_port, fresh_database, stop, wait_http
+from services import free_port, fresh_database, start_prefect, stop
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -38,28 +38,13 @@ def prefect_stack(tmp_path_factory):
         env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
         server_log = tmp / "server.log"
 
-        def start_server() -> subprocess.Popen:
-            proc = subprocess.Popen(
-                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env,
-                stdout=open(server_log, "a"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, server_log)
-            except BaseException:
-                stop(proc)
-                raise
-            return proc
-
-        servers = [start_server()]
+        servers = [start_prefect(env, port, server_log)]
 
         def restart_server(while_down=lambda: None) -> None:
             """Stop the server, run ``while_down``, start it again on the same port and database."""
             stop(servers[-1])
             while_down()
-            servers.append(start_server())
+            servers.append(start_prefect(env, port, server_log))
 
         worker = None
         try:
