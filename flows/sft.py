@@ -1,4 +1,4 @@
-"""The pipeline, read top to bottom: format -> train -> merge -> evaluate -> handoff.
+"""The pipeline, read top to bottom: format -> train -> merge -> (evaluate | serve) -> handoff.
 
 Each stage is a retriable Prefect task (``tasks/<stage>.py``). What one stage hands the next
 is passed along here, so the data flow reads off this file and Prefect draws it as edges:
@@ -8,8 +8,11 @@ is passed along here, so the data flow reads off this file and Prefect draws it 
     data     FormatResult   the data mix, packed: train/eval datasets, eval prompts, the chat template
     trained  TrainResult    the adapter (or full model), its final loss and the version it started from
     merged   MergeResult    the standalone model, verified against base+adapter
+    server   Server         vLLM started on the bundle, loading while evaluate scores (or None:
+                            the parity gate is off, or starts its own server)
     scores   EvalResult     base vs candidate (vs champion) and the gate's decision
-    bundle   HandoffResult  the vLLM bundle, its registry version and aliases
+    bundle   HandoffResult  the vLLM bundle, served and checked for parity, its registry version
+                            and aliases
 
 Each run holds the pipeline's concurrency slot (``sftflow-pipeline``) from the unchanged check
 to the clean-up, so a nightly and an on-demand run never evaluate against the same champion
@@ -41,7 +44,7 @@ from tasks.core.tracking import Tracker, redact
 from tasks.evaluate import evaluate_task
 from tasks.format import format_task
 from tasks.gc import gc_task
-from tasks.handoff import handoff_task
+from tasks.handoff import handoff_task, serve_task
 from tasks.lineage import lineage_task
 from tasks.merge import merge_task
 from tasks.train import train_task
@@ -82,16 +85,21 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, force: bool, t0: float) -> St
     tracker = Tracker(cfg.tracking_target, run_id)  # fails fast when MLflow cannot be reached
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
+    server = None
     try:
         start = lineage_task(cfg)
         data = format_task(cfg, run_id, start)
         trained = train_task(cfg, run_id, data, start)
         merged = merge_task(cfg, run_id, data, trained)
+        server = serve_task(cfg, run_id, data, trained, merged)  # vLLM warms up while evaluate scores
         scores = evaluate_task(cfg, run_id, data, merged)
-        bundle = handoff_task(cfg, run_id, data, trained, merged, scores)
+        bundle = handoff_task(cfg, run_id, data, trained, merged, scores, server)
     except BaseException:
         tracker.fail()
         raise
+    finally:
+        if server is not None:
+            server.stop()  # the parity gate has stopped it, unless a stage before it failed
     tracker.finish()
     summary = run_summary(cfg, run_id, parent, t0, data, trained, merged, scores, bundle)
     if cfg.retention.enabled:  # every night cleans up after the ones before it

@@ -19,6 +19,7 @@ from prefect import task
 
 from tasks.config import SHIPPED_METRICS, PipelineConfig
 from tasks.core.errors import MissingError
+from tasks.core.faults import fault
 from tasks.core.files import read_json, read_jsonl
 from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import CODE_ROOT, stage_dir
@@ -115,6 +116,7 @@ def run_evaluate(
         scores, preds, stopped, stats = score_models(
             cfg, models, template, records, eval_ds, eos_ids, loss_sets, stage.log
         )
+        fault("evaluate:scored")
         row_slices = read_json(Path(data.eval_slices)) if data.eval_slices else None
         values = resampled(cfg.eval.gate, stats)  # once, for the gate's intervals and the chart's error bars
         slices = [r.get("slice") for r in records]

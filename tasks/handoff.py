@@ -29,11 +29,12 @@ from tasks.core.faults import fault
 from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
 from tasks.core.hashing import code_version, file_sha256
 from tasks.core.orchestration import GPU_TAG
+from tasks.core.paths import stage_dir
 from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
 from tasks.core.space import require_free, tree_bytes
-from tasks.core.stage import Stage, open_stage, prefect_markdown
+from tasks.core.stage import Stage, open_stage, prefect_markdown, stage_logger
 from tasks.core.tracking import StageRun
-from tasks.models.loading import load_tokenizer, resolve_model
+from tasks.models.loading import load_tokenizer, pick_dtype, resolve_model
 from tasks.registry.fingerprint import pipeline_fingerprint
 from tasks.registry.tags import (
     BASE_TAG,
@@ -53,8 +54,9 @@ from tasks.registry.versions import (
     version_for_run,
 )
 from tasks.serving.bundle import compose_snippet, serve_argv, write_mlmodel
-from tasks.serving.parity import ParityError, parity_gate, parity_table
-from tasks.serving.server import hot_swap, preflight, smoke_test, wait_healthy
+from tasks.serving.parity import ParityError, parity_gate, parity_table, start_server
+from tasks.serving.server import Server, hot_swap, preflight, smoke_test, wait_healthy
+from tasks.serving.venv import has_cuda
 
 SECTIONS = SECTION_NAMES  # the version is tagged with the fingerprint of every section
 
@@ -116,6 +118,46 @@ def build_bundle(
     return info
 
 
+def make_bundle(
+    cfg: PipelineConfig,
+    run_id: str,
+    bundle: Path,
+    data: FormatResult,
+    trained: TrainResult,
+    merged: MergeResult,
+) -> dict:
+    """``bundle`` built whole or not at all, after a check that the disk holds it; its serve.json."""
+    weights = tree_bytes(Path(trained.output) if cfg.serve.mode == "adapter" else Path(merged.model_path))
+    local_store = not cfg.mlflow_uri.startswith(("http://", "https://", "databricks"))
+    copies = 2 if local_store else 1  # the bundle, and its upload into <output_dir>/mlartifacts
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    require_free(
+        bundle.parent, copies * weights, f"handoff (the bundle{' and its MLflow copy' * local_store})"
+    )
+    # served as evaluated: in the dtype the evaluate stage ran in
+    dtype = cfg.serve.dtype or str(pick_dtype(cfg.merge.dtype)).removeprefix("torch.")
+    with atomic_dir(bundle) as tmp:
+        info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
+    fault("handoff:bundle")
+    return info
+
+
+def run_serve(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult, merged: MergeResult, log=None
+) -> Server | None:
+    """The bundle, built into ``<run>/handoff/bundle``, and the parity gate's vLLM started on it
+    without waiting, so it loads and compiles while evaluate scores; None when the gate is off or
+    starts its server itself (``serve.parity.start_early``)."""
+    p = cfg.serve.parity
+    if not p.enabled or not (p.start_early if p.start_early is not None else not has_cuda()):
+        return None
+    log = log or stage_logger().info
+    handoff = stage_dir(cfg.output_dir, run_id, "handoff")
+    info = make_bundle(cfg, run_id, handoff / "bundle", data, trained, merged)
+    log("handoff: the parity server starts now, while evaluate runs (serve.parity.start_early)")
+    return start_server(handoff / "bundle", info, handoff, log)
+
+
 def served_like_evaluated(
     cfg: PipelineConfig,
     stage: Stage,
@@ -124,8 +166,10 @@ def served_like_evaluated(
     data: FormatResult,
     merged: MergeResult,
     scores: EvalResult,
+    server: Server | None = None,
 ) -> dict | None:
-    """The parity gate with its report published (Prefect, MLflow) before it can refuse the bundle."""
+    """The parity gate with its report published (Prefect, MLflow) before it can refuse the bundle;
+    ``server``: the one ``run_serve`` started on this bundle, else the gate starts its own."""
     if not cfg.serve.parity.enabled:
         stage.log(
             "handoff: serve.parity.enabled is off: this version was never served by vLLM before registry"
@@ -143,6 +187,7 @@ def served_like_evaluated(
         scores,
         stage.dir,
         stage.log,
+        server,
     )
     markdown = (stage.dir / "parity.md").read_text(encoding="utf-8")
     prefect_markdown(f"parity-{cfg.run_name}", markdown, "train/serve parity: vLLM vs the evaluated model")
@@ -256,28 +301,26 @@ def run_handoff(
     trained: TrainResult,
     merged: MergeResult,
     scores: EvalResult,
+    server: Server | None = None,
     log=None,
     track: bool = False,
 ) -> HandoffResult:
     """Reads the merged model (or adapter), ``data``'s template and prompts and the gate's decision;
-    writes ``<run>/handoff/bundle`` and registers it: ``candidate`` always, ``champion`` if the gate passed."""
+    writes ``<run>/handoff/bundle`` (unless ``server`` already serves it) and registers it:
+    ``candidate`` always, ``champion`` if the gate passed."""
     with open_stage(cfg.scope(SECTIONS), run_id, "handoff", log, track) as stage:
         out, bundle = stage.dir, stage.dir / "bundle"
         stage.manifest.add_input("evaluate_manifest", stage.dir.parent / "evaluate" / "manifest.json")
-        dtype = cfg.serve.dtype or scores.dtype  # serve what was evaluated, in the dtype it ran in
-        weights = tree_bytes(Path(trained.output) if cfg.serve.mode == "adapter" else Path(merged.model_path))
-        local_store = not cfg.mlflow_uri.startswith(("http://", "https://", "databricks"))
-        copies = 2 if local_store else 1  # the bundle, and its upload into <output_dir>/mlartifacts
-        require_free(out, copies * weights, f"handoff (the bundle{' and its MLflow copy' * local_store})")
-        with atomic_dir(bundle) as tmp:
-            info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
-        fault("handoff:bundle")
+        if server is None or not (bundle / "serve.json").is_file():
+            info = make_bundle(cfg, run_id, bundle, data, trained, merged)
+        else:  # built by run_serve, and being served from
+            info = read_json(bundle / "serve.json")
         stage.manifest.notes += info["preflight_notes"]
         for note in info["preflight_notes"]:
             stage.log(f"handoff: pre-flight fixed: {note}")
         stage.log(f"handoff: bundle at {bundle}; serve with: {shlex.join(info['argv'])}")
         # a bundle that does not answer as evaluated, or at all, is never registered
-        parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores)
+        parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores, server)
         smoke_result = smoke(cfg, Path(data.eval_records), out, stage.log) if cfg.serve.endpoint else None
         mv = register(cfg, run_id, stage, bundle, info, data, trained, scores, parity)
         aliases, not_promoted = move_aliases(cfg, stage, mv.version, bundle, scores)
@@ -374,6 +417,13 @@ def worth_retrying(task, task_run, state) -> bool:
     return True
 
 
+@task(name="serve", tags=[GPU_TAG])
+def serve_task(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult, merged: MergeResult
+) -> Server | None:
+    return run_serve(cfg, run_id, data, trained, merged)
+
+
 # the vLLM parity server takes the accelerator, as training does: under the same limit
 @task(name="handoff", retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying, tags=[GPU_TAG])
 def handoff_task(
@@ -383,5 +433,6 @@ def handoff_task(
     trained: TrainResult,
     merged: MergeResult,
     scores: EvalResult,
+    server: Server | None = None,
 ) -> HandoffResult:
-    return run_handoff(cfg, run_id, data, trained, merged, scores, track=True)
+    return run_handoff(cfg, run_id, data, trained, merged, scores, server, track=True)

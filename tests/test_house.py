@@ -115,8 +115,9 @@ def test_the_flow_passes_each_stage_the_results_it_needs():
         "data = format_task(cfg, run_id, start)",
         "trained = train_task(cfg, run_id, data, start)",
         "merged = merge_task(cfg, run_id, data, trained)",
+        "server = serve_task(cfg, run_id, data, trained, merged)",
         "scores = evaluate_task(cfg, run_id, data, merged)",
-        "bundle = handoff_task(cfg, run_id, data, trained, merged, scores)",
+        "bundle = handoff_task(cfg, run_id, data, trained, merged, scores, server)",
     ):
         assert line in source, line
 

