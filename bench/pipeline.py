@@ -3,6 +3,8 @@
     python bench/pipeline.py                 # a fresh clone's make demo, then 3 warm reruns
     python bench/pipeline.py --warm-runs 1   # one warm rerun
     python bench/pipeline.py --rev <commit>  # another commit (the same figures, to compare)
+    python bench/pipeline.py --reuse /tmp/sftflow-bench-X/sftflow --set serve.parity.concurrency=1
+                                             # warm runs only, in a kept clone, with overrides
 
 A fresh clone of ``--rev`` in a temporary folder, with empty pip and uv caches and its own
 ``.cache/`` (models, vLLM's venv and compile cache), as on a new machine: ``make install``,
@@ -62,7 +64,12 @@ def phases(run_dir: Path, wall: float, started: float) -> dict:
     """The phases of one pipeline run, from its manifests (UTC timestamps) and the command's start."""
     manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in STAGES}
     at = lambda s, key: dt.datetime.fromisoformat(manifests[s][key]).timestamp()
-    parity = json.loads((run_dir / "handoff/parity.json").read_text())
+    gate = run_dir / "handoff/parity.json"  # absent with serve.parity.enabled=false
+    parity = (
+        json.loads(gate.read_text())
+        if gate.is_file()
+        else {"server_start_s": 0, "seconds": 0, "agreement": 0}
+    )
     figures = {f"{s}_s": manifests[s]["duration_s"] for s in STAGES}
     figures["before_first_stage_s"] = at("format", "started_at") - started
     figures["after_last_stage_s"] = started + wall - at("handoff", "ended_at")
@@ -83,9 +90,26 @@ def demo_run(clone: Path, env: dict, log: Path, cmd: list[str]) -> dict:
     wall = timed(cmd, clone, env, log)
     runs = [d for d in (clone / "runs").iterdir() if (d / "handoff/manifest.json").is_file()]
     run = max(runs, key=lambda d: (d / "handoff/manifest.json").stat().st_mtime)
-    if not (run / "handoff/parity.json").is_file():
-        sys.exit(f"{run} has no parity.json: did its parity gate run?")
     return phases(run, wall, started)
+
+
+def fresh_clone(rev: str, tmp: Path, clone: Path, env: dict, log: Path) -> tuple[dict, dict]:
+    """``make install``, ``make vllm`` and ``make demo`` on a fresh clone with empty package caches:
+    their times, and the demo run's phases."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
+    # a new machine: no package caches; the clone's own .cache/ (the Makefile's defaults)
+    env = env | {"PIP_CACHE_DIR": str(tmp / "pip-cache"), "UV_CACHE_DIR": str(tmp / "uv-cache")}
+    print(f"bench: {rev} cloned into {clone}; log {log}", flush=True)
+    fresh = {
+        "make install": timed(["make", "install"], clone, env, log),
+        "make vllm": timed(["make", "vllm"], clone, env, log),
+    }
+    first = demo_run(clone, env, log, ["make", "demo"])
+    fresh["make demo (pipeline)"] = first["wall_s"]
+    fresh["make demo in all"] = sum(fresh.values())
+    print("fresh clone: " + ", ".join(f"{k} {v:.0f}s" for k, v in fresh.items()), flush=True)
+    return fresh, first
 
 
 def spread(xs: list[float]) -> dict:
@@ -114,47 +138,42 @@ def main() -> None:
     p.add_argument("--rev", default="HEAD", help="the commit to clone (default: HEAD)")
     p.add_argument("--warm-runs", type=int, default=3)
     p.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    p.add_argument("--reuse", type=Path, help="a clone kept by --keep: only the warm runs, in it")
+    p.add_argument("--set", action="append", default=[], help="an override for the warm runs (repeatable)")
     a = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="sftflow-bench-"))
+    tmp = a.reuse.parent if a.reuse else Path(tempfile.mkdtemp(prefix="sftflow-bench-"))
     clone, log = tmp / "sftflow", tmp / "bench.log"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    subprocess.run(["git", "checkout", "-q", a.rev], cwd=clone, check=True)
-    # a new machine: no package caches; the clone's own .cache/ (the Makefile's defaults)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SFTFLOW_", "PREFECT_API_URL"))}
-    env |= {"PIP_CACHE_DIR": str(tmp / "pip-cache"), "UV_CACHE_DIR": str(tmp / "uv-cache")}
     for k in ("HF_HOME", "TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT"):
         env.pop(k, None)
-    print(f"bench: {a.rev} cloned into {clone}; log {log}", flush=True)
-    fresh = {
-        "make install": timed(["make", "install"], clone, env, log),
-        "make vllm": timed(["make", "vllm"], clone, env, log),
-    }
-    first = demo_run(clone, env, log, ["make", "demo"])
-    fresh["make demo (pipeline)"] = first["wall_s"]
-    fresh["make demo in all"] = sum(fresh.values())
-    print("fresh clone: " + ", ".join(f"{k} {v:.0f}s" for k, v in fresh.items()), flush=True)
-    rows = {"fresh": first}
+    rows, fresh = {}, {}
+    if not a.reuse:
+        fresh, rows["fresh"] = fresh_clone(a.rev, tmp, clone, env, log)
     # what `make demo` runs, again: the Makefile's environment, --force past the unchanged check
     make_env = env | {k: str(clone / v) for k, v in MAKE_DIRS.items()} | MAKE_ENV
+    overrides = [x for o in a.set for x in ("--set", o)]
     for i in range(a.warm_runs):
-        cmd = [".venv/bin/sftflow", "run", "configs/demo.yaml", "--force"]
+        cmd = [".venv/bin/sftflow", "run", "configs/demo.yaml", "--force", *overrides]
         rows[f"warm {i + 1}"] = demo_run(clone, make_env, log, cmd)
         print(f"warm {i + 1}: {rows[f'warm {i + 1}']}", flush=True)
     print(table(rows))
-    warm = [r for name, r in rows.items() if name.startswith("warm")] or [first]
+    warm = [r for name, r in rows.items() if name.startswith("warm")] or [rows["fresh"]]
     result = {
         "rev": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
         ).stdout.strip(),
         "fresh_s": {k: round(v, 1) for k, v in fresh.items()},
-        "fresh_phases": first,
+        "fresh_phases": rows.get("fresh"),
+        "overrides": a.set,
         "warm_runs": len(warm),
         "overhead_ratio": spread([r["overhead_ratio"] for r in warm]),
         "parity_share": spread([r["parity_share"] for r in warm]),
         "wall_s": spread([r["wall_s"] for r in warm]),
         "train_s": spread([r["train_s"] for r in warm]),
+        "parity_s": spread([r["parity_s"] for r in warm]),
+        "agreement": spread([r["agreement"] for r in warm]),
     }
-    if not a.keep:
+    if not (a.keep or a.reuse):
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     print(json.dumps(result))
 

@@ -20,14 +20,13 @@ import os
 import shlex
 from pathlib import Path
 
-import yaml
 from prefect import task
 
 from tasks.config import SECTION_NAMES, PipelineConfig
 from tasks.core.errors import StageFailed
 from tasks.core.faults import fault
 from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
-from tasks.core.hashing import code_version, file_sha256
+from tasks.core.hashing import code_version
 from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import stage_dir
 from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeResult, TrainResult
@@ -36,6 +35,7 @@ from tasks.core.stage import Stage, open_stage, prefect_markdown, stage_logger
 from tasks.core.tracking import StageRun
 from tasks.models.loading import load_tokenizer, pick_dtype, resolve_model
 from tasks.registry.fingerprint import pipeline_fingerprint
+from tasks.registry.inputs import dataset_inputs
 from tasks.registry.tags import (
     BASE_TAG,
     GATE_TAG,
@@ -53,9 +53,9 @@ from tasks.registry.versions import (
     set_version_tag,
     version_for_run,
 )
-from tasks.serving.bundle import compose_snippet, serve_argv, write_mlmodel
+from tasks.serving.bundle import serve_argv, write_launchers, write_mlmodel
 from tasks.serving.parity import ParityError, parity_gate, parity_table, start_server
-from tasks.serving.server import Server, hot_swap, preflight, smoke_test, wait_healthy
+from tasks.serving.server import Server, hot_swap, preflight, smoke_markdown, smoke_test, wait_healthy
 from tasks.serving.venv import has_cuda
 
 SECTIONS = SECTION_NAMES  # the version is tagged with the fingerprint of every section
@@ -104,16 +104,7 @@ def build_bundle(
         "note": "paths are relative to this bundle folder; serve.sh runs from anywhere",
     }
     write_json(folder / "serve.json", info)
-    exports = "".join(f"export {k}={v}\n" for k, v in info["env"].items())
-    script = folder / "serve.sh"
-    script.write_text(
-        "#!/usr/bin/env bash\n# Serve this bundle with vLLM (OpenAI-compatible API on :8000). VLLM_PYTHON\n"
-        "# names a python that has vLLM (`make vllm` builds one; `sftflow serve` uses it).\n"
-        f'cd "$(dirname "$0")"\n{exports}exec "${{VLLM_PYTHON:-python3}}" {shlex.join(argv[1:])} "$@"\n'
-    )
-    script.chmod(0o755)
-    snippet = compose_snippet(cfg.served_model_name, argv, info["env"])
-    (folder / "compose.yaml").write_text(yaml.safe_dump(snippet, sort_keys=False))
+    write_launchers(folder, cfg.served_model_name, argv, info["env"])
     write_mlmodel(folder, cfg.serve.mode)
     return info
 
@@ -155,7 +146,7 @@ def run_serve(
     handoff = stage_dir(cfg.output_dir, run_id, "handoff")
     info = make_bundle(cfg, run_id, handoff / "bundle", data, trained, merged)
     log("handoff: the parity server starts now, while evaluate runs (serve.parity.start_early)")
-    return start_server(handoff / "bundle", info, handoff, log)
+    return start_server(handoff / "bundle", info, handoff, cfg.serve.health_timeout_s, log)
 
 
 def served_like_evaluated(
@@ -237,7 +228,7 @@ def register(
         return mv
     if stage.run is None:
         raise StageFailed("handoff needs an MLflow stage run to upload the bundle to")
-    inputs = dataset_inputs(cfg, data)
+    inputs = dataset_inputs(cfg.run_name, cfg.data, data)
     parent = read_json(stage.dir.parent / "mlflow.json")["parent"]
     for run in (stage.run, StageRun(stage.run.client, parent)):  # the version's run and the pipeline's
         run.datasets(inputs)
@@ -270,28 +261,6 @@ def register(
     stage.log(f"handoff: registered {name} version {mv.version}")
     fault("handoff:register")
     return mv
-
-
-def dataset_inputs(cfg: PipelineConfig, data: FormatResult) -> list[tuple[str, str, str, str]]:
-    """The data that made this version, as MLflow dataset inputs (name, source, digest, context)."""
-    sources = lambda p: ", ".join(p) if isinstance(p, list) else str(p)
-    train_source = sources([p for source in data.sources for p in source["path"]] or cfg.data.path)
-    eval_source = sources(cfg.data.eval_path) if cfg.data.eval_path else f"{train_source} (held-out split)"
-    return [
-        (f"{cfg.run_name}-train", as_uri(train_source), data.data_hash[:16], "training"),
-        (
-            f"{cfg.run_name}-eval",
-            as_uri(eval_source),
-            file_sha256(Path(data.eval_records))[:16],
-            "evaluation",
-        ),
-    ]
-
-
-def as_uri(source: str) -> str:
-    """A local path as a file:// URI (resolved), anything else (a hub name, a glob, a list) as given."""
-    path = Path(source)
-    return path.resolve().as_uri() if path.exists() else source
 
 
 def run_handoff(
@@ -396,14 +365,6 @@ def record_handoff(
         stage.manifest.metrics |= {f"parity.{k}": parity[k] for k in figures}
     if smoke:
         stage.artifact(out / "smoke.json")
-
-
-def smoke_markdown(endpoint: str, result: dict) -> str:
-    rows = "\n".join(
-        f"| {a['prompt'][:80]!r} | {a['answer'][:120]!r} | {a['finish_reason']} | {a['seconds']} |"
-        for a in result["answers"]
-    )
-    return f"# Smoke test: {endpoint}\n\n| prompt | answer | finish | s |\n|---|---|---|---|\n{rows}\n"
 
 
 def worth_retrying(task, task_run, state) -> bool:

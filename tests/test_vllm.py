@@ -7,6 +7,7 @@ answers that differ from the evaluated ones), the pyfunc flavor and MLflow's dat
 Every test checks that no server outlives it.
 """
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -150,6 +151,31 @@ def test_the_merged_bundle_served_by_vllm_answers_as_evaluated(served_run):
     assert "parity:    vLLM served the bundle: template 100%, answers agree 8/8" in served_run["stdout"]
 
 
+def test_the_parity_server_starts_while_evaluate_scores(served_run):
+    """serve.parity.start_early: vLLM starts from the bundle once merge ends, so the gate waits less
+    than the server took to start; the 8 prompts go 16 at a time."""
+    run = Path(served_run["summary"]["run_dir"])
+    parity = json.loads((run / "handoff/parity.json").read_text())
+    evaluate = json.loads((run / "evaluate/manifest.json").read_text())
+    started, evaluated = (
+        dt.datetime.fromisoformat(t) for t in (parity["server_started_at"], evaluate["ended_at"])
+    )
+    print(f"\nserver started {(evaluated - started).total_seconds():.1f}s before evaluate ended; {parity}")
+    assert started < evaluated and parity["server_wait_s"] < parity["server_start_s"]
+    assert parity["concurrency"] == 16 and parity["agreement"] == 1.0
+
+
+def test_a_failed_evaluate_stops_the_server_started_early(served_run, tmp_path):
+    """Evaluate fails (a full disk, after scoring) while the parity server loads: the flow stops it."""
+    args = [*served_run["args"], "--set", f"output_dir={tmp_path / 'runs'}", "--force"]
+    res = run_cli("run", "configs/tiny.yaml", *args, env={"SFTFLOW_FAULT": "enospc@evaluate:scored"})
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "injected at evaluate:scored" in res.stderr
+    run = next((tmp_path / "runs").glob("tiny-2*"))
+    assert "serve: starting" in res.stdout + res.stderr and (run / "handoff/vllm.log").is_file()
+    assert servers_under(tmp_path) == [] and not (run / "handoff/manifest.json").exists()
+
+
 def test_the_adapter_bundle_served_by_vllm_answers_as_evaluated(adapter_run):
     assert_parity_passed(adapter_run["run"])
     argv = json.loads((adapter_run["run"] / "handoff/bundle/serve.json").read_text())["argv"]
@@ -288,8 +314,14 @@ def test_a_failed_parity_gate_registers_nothing_and_keeps_the_champion(served_ru
     rows = [json.loads(line) for line in generations.read_text().splitlines()]
     generations.write_text("".join(json.dumps({**r, "candidate": r["candidate"] + " (as evaluated)"}) + "\n"
                                    for r in rows))  # fmt: skip
-    res = run_cli("handoff", "configs/tiny.yaml", *served_run["args"], "--run-id", run.name)
+    # one prompt at a time here, 16 at a time in the run: vLLM's batching changes no greedy answer
+    args = [*served_run["args"], "--set", "serve.parity.concurrency=1"]
+    res = run_cli("handoff", "configs/tiny.yaml", *args, "--run-id", run.name)
     assert res.returncode == 1, res.stderr[-3000:]
+    one_at_a_time = json.loads((run / "handoff/parity.json").read_text())
+    batched = json.loads((Path(served_run["summary"]["run_dir"]) / "handoff/parity.json").read_text())
+    assert (one_at_a_time["concurrency"], batched["concurrency"]) == (1, 16)
+    assert [i["served"] for i in one_at_a_time["items"]] == [i["served"] for i in batched["items"]]
     why = (
         "parity gate: the vLLM-served bundle does not answer like the evaluated model, so it is not "
         "registered: generation parity 0/8 (0.0%) < 97.5%"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
+
+import yaml
 
 from tasks.core.errors import InputError
 from tasks.core.paths import CODE_ROOT
@@ -59,6 +62,19 @@ def serve_argv(
             str(max_lora_rank),
         ]
     return argv
+
+
+def write_launchers(folder: Path, name: str, argv: list[str], env: dict) -> None:
+    """``serve.sh`` (vLLM from anywhere, with the bundle's env) and a ``compose.yaml`` service."""
+    exports = "".join(f"export {k}={v}\n" for k, v in env.items())
+    script = folder / "serve.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n# Serve this bundle with vLLM (OpenAI-compatible API on :8000). VLLM_PYTHON\n"
+        "# names a python that has vLLM (`make vllm` builds one; `sftflow serve` uses it).\n"
+        f'cd "$(dirname "$0")"\n{exports}exec "${{VLLM_PYTHON:-python3}}" {shlex.join(argv[1:])} "$@"\n'
+    )
+    script.chmod(0o755)
+    (folder / "compose.yaml").write_text(yaml.safe_dump(compose_snippet(name, argv, env), sort_keys=False))
 
 
 def compose_snippet(name: str, argv: list[str], env: dict) -> dict:

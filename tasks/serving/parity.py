@@ -35,13 +35,13 @@ class ParityError(StageFailed):
     """The served bundle does not answer like the evaluated model: retrying cannot change that."""
 
 
-def start_server(bundle: Path, info: dict, out: Path, log) -> Server:
+def start_server(bundle: Path, info: dict, out: Path, timeout_s: float, log) -> Server:
     """vLLM on the bundle, exactly as serve.json says, started without waiting for it to answer
     (it loads and compiles while evaluate scores the models); its log is ``out/vllm.log``."""
     argv = [str(vllm_python(log)), *info["argv"][1:]]
     key = secrets.token_urlsafe(24)  # the gate's server answers only the gate, even on loopback
     env = server_env(info["env"]) | {"VLLM_API_KEY": key}
-    return Server.start(argv, bundle, env, out / "vllm.log", log, key)
+    return Server.start(argv, bundle, env, out / "vllm.log", timeout_s, log, key)
 
 
 def parity_gate(
@@ -64,9 +64,9 @@ def parity_gate(
     if server is not None and not server.alive():  # it crashed, or a retry finds it stopped
         log(f"parity: the server started early is gone (its log: {server.log_path}); starting another")
         server = None
-    server = server or start_server(bundle, info, out, log)
+    server = server or start_server(bundle, info, out, s.health_timeout_s, log)
     try:
-        started = server.wait(s.health_timeout_s, log)
+        started = server.wait(log)
         waited = time.time() - waited_from
         fault("handoff:serving")
         result = check_parity(

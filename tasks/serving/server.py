@@ -17,6 +17,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -168,8 +169,9 @@ def wait_healthy(
 @dataclasses.dataclass
 class Server:
     """A server started in its own process group on a free port of 127.0.0.1. Starting does not
-    wait: the caller does other work (evaluate scores the models) while it loads and compiles.
-    With ``api_key`` (vLLM's VLLM_API_KEY in its env) every request, the health check's too, carries it."""
+    wait: the caller does other work (evaluate scores the models) while it loads and compiles, and
+    a thread notes when it first answers. With ``api_key`` (vLLM's VLLM_API_KEY in its env) every
+    request, the health check's too, carries it. Plain data: the process lives in ``_STARTED``."""
 
     pid: int
     url: str  # the OpenAI base URL, http://127.0.0.1:<port>/v1
@@ -178,7 +180,10 @@ class Server:
     started_at: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
-    def start(cls, argv: list[str], cwd: Path, env: dict, log_path: Path, log=print, api_key=None) -> Server:
+    def start(
+        cls, argv: list[str], cwd: Path, env: dict, log_path: Path, timeout_s: float, log=print, api_key=None
+    ) -> Server:
+        """Start it; it has ``timeout_s`` to answer, or ``wait`` stops it and fails."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -188,37 +193,46 @@ class Server:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        _STARTED[proc.pid] = proc
-        return cls(proc.pid, f"http://127.0.0.1:{port}/v1", log_path, api_key)
+        server = cls(proc.pid, f"http://127.0.0.1:{port}/v1", log_path, api_key)
+        health: dict = {}
 
-    def wait(self, timeout_s: float, log=print) -> float:
-        """Block until it answers; the seconds since it started. A server that died or never
-        answers is stopped, with its log's tail in the error."""
-        try:
-            wait_healthy(
-                self.url, timeout_s - (time.time() - self.started_at), _STARTED.get(self.pid), self.api_key
-            )
-        except Exception as e:
+        def watch() -> None:
+            try:
+                wait_healthy(server.url, timeout_s, proc, api_key)
+                health["at"] = time.time()
+            except Exception as e:
+                health["error"] = e
+
+        watcher = threading.Thread(target=watch, name=f"health of {proc.pid}", daemon=True)
+        _STARTED[proc.pid] = (proc, watcher, health)
+        watcher.start()
+        return server
+
+    def wait(self, log=print) -> float:
+        """Block until it answers; how long it took to start (it may have answered long before
+        this call). A server that died or never answered is stopped, with its log's tail in the error."""
+        _, watcher, health = _STARTED[self.pid]
+        watcher.join()
+        if "error" in health:
             self.stop()
             tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-            raise StageFailed(f"{e}; the server's log ({self.log_path}) ends with:\n{tail}") from None
-        waited = time.time() - self.started_at
-        log(f"serve: healthy {waited:.1f}s after it started")
-        return waited
+            raise StageFailed(f"{health['error']}; the server's log ({self.log_path}) ends with:\n{tail}")
+        started = health["at"] - self.started_at
+        log(f"serve: healthy {started:.1f}s after it started")
+        return started
 
     def alive(self) -> bool:
         """Started by this process and still running (a server stopped once is not restarted)."""
-        proc = _STARTED.get(self.pid)
-        return proc is not None and proc.poll() is None
+        return self.pid in _STARTED and _STARTED[self.pid][0].poll() is None
 
     def stop(self) -> None:
-        proc = _STARTED.pop(self.pid, None)
-        if proc is not None:
-            stop(proc)
+        if (started := _STARTED.pop(self.pid, None)) is not None:
+            stop(started[0])
 
 
-# the servers this process started, by pid: stopping one waits for it, so no zombie is left behind
-_STARTED: dict[int, subprocess.Popen] = {}
+# the servers this process started, by pid, each with its health watcher and what it found:
+# stopping one waits for it, so no zombie is left behind
+_STARTED: dict[int, tuple[subprocess.Popen, threading.Thread, dict]] = {}
 
 
 @contextlib.contextmanager
@@ -233,9 +247,9 @@ def running(
 ) -> Iterator[tuple[str, float]]:
     """A server for the duration of the block, stopped on the way out (failures too); yields its
     OpenAI base URL once it answers, and how long it took to start."""
-    server = Server.start(argv, cwd, env, log_path, log, api_key)
+    server = Server.start(argv, cwd, env, log_path, timeout_s, log, api_key)
     try:
-        yield server.url, server.wait(timeout_s, log)
+        yield server.url, server.wait(log)
     finally:
         server.stop()
 
@@ -328,3 +342,11 @@ def hot_swap(base_url: str, lora_name: str, lora_path: str, api_key: str = "EMPT
             if path == "/unload_lora_adapter" and e.code in (400, 404):
                 continue  # nothing loaded under that name yet
             raise StageFailed(f"vLLM refused {path}: {e.code} {e.read()[:300]!r}") from None
+
+
+def smoke_markdown(endpoint: str, result: dict) -> str:
+    rows = "\n".join(
+        f"| {a['prompt'][:80]!r} | {a['answer'][:120]!r} | {a['finish_reason']} | {a['seconds']} |"
+        for a in result["answers"]
+    )
+    return f"# Smoke test: {endpoint}\n\n| prompt | answer | finish | s |\n|---|---|---|---|\n{rows}\n"
