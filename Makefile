@@ -59,8 +59,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers, each running whole test files (a file's shared runs and servers stay in one
+# process): most of a test's time is imports, server starts and waits, which a second worker fills.
+# tiny-llama is built first, so that the two workers do not build it at once.
 test: lint vllm
-	$(BIN)/pytest -q
+	$(BIN)/python -c "from tasks.models.loading import resolve_model; resolve_model('tiny-llama')"
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
