@@ -58,7 +58,7 @@ def test_merged_model_matches_base_plus_adapter(first_run):
 
 def test_mlflow_has_a_parent_run_and_one_child_per_stage(first_run):
     out, summary, _ = first_run
-    client = MlflowClient(summary["mlflow_uri"])
+    client = MlflowClient(summary["mlflow_uri"], summary["mlflow_uri"])
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.method"] == "lora"
@@ -89,7 +89,7 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(first_run):
 
 def test_registry_version_has_tags_and_aliases(first_run):
     _, summary, stdout = first_run
-    client = MlflowClient(summary["mlflow_uri"])
+    client = MlflowClient(summary["mlflow_uri"], summary["mlflow_uri"])
     mv = client.get_model_version_by_alias("tiny", "champion")
     assert str(mv.version) == summary["version"] == "1"
     assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "1"

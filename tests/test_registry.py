@@ -44,7 +44,7 @@ def two_runs(server, tmp_path_factory):
 def test_better_candidate_becomes_champion(server, two_runs):
     (first, stdout), _ = two_runs
     assert first["promoted"] is True and "PROMOTED" in stdout
-    client = MlflowClient(server["uri"])
+    client = MlflowClient(server["uri"], server["uri"])
     mv = client.get_model_version("tiny", "1")
     assert mv.tags["sftflow.run_id"] == first["run_id"] and mv.tags["sftflow.promoted"] == "True"
     assert {"sftflow.config_hash", "sftflow.data_hash", "sftflow.git_sha", "metric.eval_loss"} <= set(mv.tags)
@@ -57,7 +57,7 @@ def test_worse_candidate_is_refused_with_the_numbers(server, two_runs):
     _, (second, stdout) = two_runs
     assert second["promoted"] is False and "NOT PROMOTED" in stdout
     assert set(second["scores"]) == {"base", "candidate", "champion"}
-    client = MlflowClient(server["uri"])
+    client = MlflowClient(server["uri"], server["uri"])
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
     v2 = client.get_model_version_by_alias("tiny", "candidate")
     assert str(v2.version) == "2" and v2.tags["sftflow.promoted"] == "False"
@@ -72,7 +72,7 @@ def test_worse_candidate_is_refused_with_the_numbers(server, two_runs):
 
 
 def test_promote_and_rollback_through_the_cli(server, two_runs, cli):
-    client = MlflowClient(server["uri"])
+    client = MlflowClient(server["uri"], server["uri"])
     res = cli("registry", "promote", "tiny", "2", "--mlflow-uri", server["uri"])
     assert res.returncode == 0, res.stderr
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "2"

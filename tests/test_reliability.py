@@ -343,7 +343,7 @@ def test_handoff_killed_three_times_registers_exactly_one_version(crash_run):
     for stage in ("format", "train", "merge", "evaluate"):
         shutil.copytree(first / stage, second / stage)
     cli, cfg = crash_run["cli"], crash_run["config"]
-    client = MlflowClient(crash_run["server"]["uri"])
+    client = MlflowClient(crash_run["server"]["uri"], crash_run["server"]["uri"])
 
     def versions(run_id):
         return client.search_model_versions(f"name = 'tiny' and tag.`sftflow.run_id` = '{run_id}'")
@@ -391,7 +391,7 @@ def test_secrets_never_reach_files_logs_or_mlflow(crash_run, prefect_server):
             scanned += 1
             assert not any(n in data for n in needles), f"a secret leaked into {f}"
     assert scanned > 50
-    client = MlflowClient(crash_run["server"]["uri"])
+    client = MlflowClient(crash_run["server"]["uri"], crash_run["server"]["uri"])
     for exp in client.search_experiments():
         for r in client.search_runs([exp.experiment_id]):
             text = json.dumps([r.data.params, r.data.tags])

@@ -355,14 +355,16 @@ def test_no_vllm_or_no_health_is_a_clear_error_and_no_server_is_left(served_run,
     assert servers_under(tmp_path) == []
 
 
-def test_the_registered_version_loads_as_pyfunc_and_answers_as_evaluated(served_run):
+def test_the_registered_version_loads_as_pyfunc_and_answers_as_evaluated(served_run, monkeypatch):
     import mlflow.pyfunc
 
     from tasks.core.files import read_jsonl
 
     uri = served_run["summary"]["mlflow_uri"]
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # the environment, not mlflow.set_*_uri: those outlive the test in this process, and a later
+    # test's MlflowClient(uri) read this store's registry instead of its own server's
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     rows = read_jsonl(Path(served_run["summary"]["run_dir"]) / "evaluate/generations.jsonl", 3)
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
     assert model.predict([r["prompt"] for r in rows]) == [r["candidate"] for r in rows]
