@@ -59,12 +59,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two pytest workers, each running whole test files (a file's shared runs and servers stay in one
-# process): most of a test's time is imports, server starts and waits, which a second worker fills.
-# tiny-llama is built first, so that the two workers do not build it at once.
 test: lint vllm
-	$(BIN)/python -c "from tasks.models.loading import resolve_model; resolve_model('tiny-llama')"
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q
 
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
@@ -74,13 +70,14 @@ test-fast: lint
 test-docker: lint vllm
 	$(BIN)/pytest -q -m docker
 
-bench: install
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
+bench: install vllm
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_FLAGS) -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/format.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/step_profile.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/rerun.py
+	$(BIN)/python bench/pipeline.py
 
 stack: install
 	mkdir -p $(STACK) runs/.prefect
