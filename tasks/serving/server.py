@@ -1,5 +1,5 @@
-"""vLLM pre-flight checks, a server for the duration of a block, the OpenAI-compatible smoke test
-and LoRA hot swap.
+"""vLLM pre-flight checks, a server started without waiting for it, the OpenAI-compatible smoke
+test and LoRA hot swap.
 
 The checks catch what otherwise fails at serving time: an architecture vLLM has no
 implementation for, a LoRA rank above ``--max-lora-rank``, adapter features vLLM's LoRA
@@ -9,7 +9,6 @@ include the template's end-of-turn token (the "never stops generating" failure).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +20,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.core.errors import InputError, StageFailed, StageTimeout
@@ -233,25 +231,6 @@ class Server:
 # the servers this process started, by pid, each with its health watcher and what it found:
 # stopping one waits for it, so no zombie is left behind
 _STARTED: dict[int, tuple[subprocess.Popen, threading.Thread, dict]] = {}
-
-
-@contextlib.contextmanager
-def running(
-    argv: list[str],
-    cwd: Path,
-    env: dict,
-    timeout_s: float,
-    log_path: Path,
-    log=print,
-    api_key: str | None = None,
-) -> Iterator[tuple[str, float]]:
-    """A server for the duration of the block, stopped on the way out (failures too); yields its
-    OpenAI base URL once it answers, and how long it took to start."""
-    server = Server.start(argv, cwd, env, log_path, timeout_s, log, api_key)
-    try:
-        yield server.url, server.wait(log)
-    finally:
-        server.stop()
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
