@@ -30,7 +30,7 @@ from tasks.evaluation.gate import Decision, SampleStats, decide, resampled, spre
 from tasks.evaluation.losssets import past_eval_sets, retention_rows
 from tasks.evaluation.report import report_markdown, write_outputs
 from tasks.evaluation.scoring import generate, metric_stats, row_losses
-from tasks.models.loading import load_model, load_tokenizer, pick_dtype, resolve_model
+from tasks.models.loading import dtype_name, load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.registry.tags import BASE_TAG
 from tasks.registry.versions import alias_version, all_versions, download_bundle
 
@@ -129,7 +129,7 @@ def run_evaluate(
         write_outputs(out, report, scores, records, preds, stopped, spreads(cfg.eval.gate, values))
         record_evaluation(stage, scores, d)
         prefect_markdown(f"evaluation-{cfg.run_name}", report, f"evaluation of {run_id}")
-        dtype = str(pick_dtype(cfg.merge.dtype)).removeprefix("torch.")
+        dtype = dtype_name(cfg.merge.dtype)
         return stage.finish(
             EvalResult(
                 run_id=run_id,

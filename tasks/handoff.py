@@ -33,7 +33,7 @@ from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeRes
 from tasks.core.space import require_free, tree_bytes
 from tasks.core.stage import Stage, open_stage, prefect_markdown, stage_logger
 from tasks.core.tracking import StageRun
-from tasks.models.loading import load_tokenizer, pick_dtype, resolve_model
+from tasks.models.loading import dtype_name, load_tokenizer, resolve_model
 from tasks.registry.fingerprint import pipeline_fingerprint
 from tasks.registry.inputs import dataset_inputs
 from tasks.registry.tags import (
@@ -126,7 +126,7 @@ def make_bundle(
         bundle.parent, copies * weights, f"handoff (the bundle{' and its MLflow copy' * local_store})"
     )
     # served as evaluated: in the dtype the evaluate stage ran in
-    dtype = cfg.serve.dtype or str(pick_dtype(cfg.merge.dtype)).removeprefix("torch.")
+    dtype = cfg.serve.dtype or dtype_name(cfg.merge.dtype)
     with atomic_dir(bundle) as tmp:
         info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
     fault("handoff:bundle")

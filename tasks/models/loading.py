@@ -139,6 +139,12 @@ def pick_dtype(setting: str):
     return torch.float32
 
 
+def dtype_name(setting: str) -> str:
+    """``pick_dtype``'s choice by name (float32, bfloat16, float16), as vLLM's ``--dtype`` takes it:
+    evaluate records it, and the handoff serves the bundle in it."""
+    return str(pick_dtype(setting)).removeprefix("torch.")
+
+
 def qlora_config(compute_dtype, bits: int = 4):
     """The quantized setup QLoRA trains on; the merge rebuilds exactly this to reproduce training."""
     from transformers import BitsAndBytesConfig
