@@ -15,7 +15,7 @@ export DO_NOT_TRACK ?= 1
 # Nothing the demo or the tests use comes from the hub; set HF_HUB_OFFLINE=0 to load hub datasets.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install vllm demo lint test test-fast test-docker bench stack stack-stop prefect-setup clean
+.PHONY: install vllm demo lint test test-fast test-families test-docker bench stack stack-stop prefect-setup clean
 
 # `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
 # Without STACK_DB both serve the SQLite stores `make demo` writes (runs/mlflow.db and
@@ -64,6 +64,10 @@ test: lint vllm
 
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
+
+# Every model family's whole pipeline through vLLM (about 2.5 minutes each on 2 cores, 19 in all)
+test-families: lint vllm
+	$(BIN)/pytest -q tests/test_families.py -m families
 
 # The images built on a local CPU base and run, and the docker work pool (root: it installs
 # docker.io and debootstrap from Debian's packages and starts dockerd when none answers).

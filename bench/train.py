@@ -3,6 +3,7 @@
     python bench/train.py                  # SmolLM2-135M, full fine-tuning, both data sets, 3 repeats
     python bench/train.py --data longtail --repeats 1
     python bench/train.py --quick          # the tiny test model, 2 steps, 1 repeat (a smoke run)
+    python bench/train.py --window 256 --data longtail   # SmolLM2 as a Mistral with a 256-token window
 
 Every runner trains the same model on the same records with the same micro batch (4), optimizer
 steps (4), fp32 precision, learning rate and linear schedule without warmup, in a fresh process:
@@ -110,7 +111,9 @@ def flops_per_token(tok, records: list[list[dict]], config, n: int) -> tuple[flo
     (the LM head, 6 * vocab * width of the 6N, only on the share of tokens that have a label)."""
     lengths = [len(token_ids(tok, c)) for c in records]
     labelled = sum(k - len(token_ids(tok, c[:1], generation_prompt=True)) for k, c in zip(lengths, records))
-    attention = 6 * config.num_hidden_layers * config.hidden_size * sum(x * x for x in lengths) / sum(lengths)
+    w = getattr(config, "sliding_window", None) or 0
+    squares = sum(x * x if not w or x <= w else w * w + 2 * (x - w) * w for x in lengths)  # twice the pairs
+    attention = 6 * config.num_hidden_layers * config.hidden_size * squares / sum(lengths)
     head = 6 * config.vocab_size * config.hidden_size
     model = 6 * n + attention
     return model, model - head * (1 - labelled / sum(lengths))
@@ -267,10 +270,24 @@ def run_peer(name: str, data: Path, work: Path, a) -> dict:
     return {"seconds": seconds, "real": real, "fraction": counted.real / counted.total}
 
 
+def windowed(path: Path, window: int, out: Path) -> Path:
+    """The model at ``path`` (a Llama) as a Mistral with a sliding window: the same weights and
+    tokenizer, each layer attending to the last ``window`` tokens only (what Mistral 7B v0.1,
+    Phi-3 and Gemma's local layers do)."""
+    import shutil
+
+    shutil.copytree(path, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama", f"--window needs a Llama, not {config['model_type']}"
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=window)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def run_one(name: str, data: Path, a) -> dict:
     """One runner in a fresh process: no runner inherits another's memory or threads."""
     cmd = [sys.executable, __file__, "--_run", name, "--_file", str(data), "--steps", str(a.steps)]
-    cmd += ["--max-len", str(a.max_len)] + (["--quick"] if a.quick else [])
+    cmd += ["--max-len", str(a.max_len), "--model", a.model] + (["--quick"] if a.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -324,11 +341,14 @@ def main() -> None:
     p.add_argument("--data", choices=["demo", "longtail", "both"], default="both")
     p.add_argument("--steps", type=int)
     p.add_argument("--repeats", type=int)
+    p.add_argument("--window", type=int, help="the model as a Mistral with this sliding window")
+    p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_run", choices=RUNNERS, help=argparse.SUPPRESS)
     p.add_argument("--_file", help=argparse.SUPPRESS)
     a = p.parse_args()
-    a.model, a.micro_batch, a.lr = ("tiny-llama" if a.quick else "smollm2-135m"), 4, 1e-5
+    a.model = a.model or ("tiny-llama" if a.quick else "smollm2-135m")
+    a.micro_batch, a.lr = 4, 1e-5
     a.steps = a.steps or (2 if a.quick else 4)
     a.repeats = a.repeats or (1 if a.quick else 3)
     if a._run:
@@ -338,9 +358,13 @@ def main() -> None:
         os._exit(0)  # skip torch's and gloo's teardown
     from transformers import AutoConfig
 
+    from tasks.core.paths import sftflow_home
     from tasks.models.loading import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(a.model)
+    if a.window:
+        path = windowed(path, a.window, sftflow_home() / "models" / f"{path.name}-window{a.window}")
+        a.model = str(path)
     n = sum(x.numel() for x in load_model(path).parameters())
     tok, config = load_tokenizer(path), AutoConfig.from_pretrained(path)
     limit = matmul_gflops()
@@ -355,7 +379,10 @@ def main() -> None:
             suffix = "" if kind == "model" else "_executed"
             r["flop_fraction" + suffix] = round(statistics.median(fractions), 3)
             r["flop_fraction" + suffix + "_range"] = [round(min(fractions), 3), round(max(fractions), 3)]
-    print(f"\n{a.model}, full fine-tuning, micro batch {a.micro_batch}, {a.steps} steps, {a.repeats} repeats")
+    window = f" (sliding window {a.window})" if a.window else ""
+    print(
+        f"\n{a.model}{window}, full fine-tuning, micro batch {a.micro_batch}, {a.steps} steps, {a.repeats} repeats"
+    )
     print(f"N={n / 1e6:.1f}M; fp32 matmul {limit:.0f} GFLOP/s (best of rounds before and after)")
     print(json.dumps(out))
 

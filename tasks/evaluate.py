@@ -64,7 +64,7 @@ def score_model(
 
     tokenizer = load_tokenizer(path)
     tokenizer.chat_template = template
-    model = load_model(path, pick_dtype(cfg.merge.dtype), adapter)
+    model = load_model(path, pick_dtype(cfg.merge.dtype, path, "merge.dtype"), adapter)
     losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
     prompts = [r["messages"] for r in records]
     preds, stopped = generate(
@@ -129,7 +129,7 @@ def run_evaluate(
         write_outputs(out, report, scores, records, preds, stopped, spreads(cfg.eval.gate, values))
         record_evaluation(stage, scores, d)
         prefect_markdown(f"evaluation-{cfg.run_name}", report, f"evaluation of {run_id}")
-        dtype = dtype_name(cfg.merge.dtype)
+        dtype = dtype_name(cfg.merge.dtype, merged.model_path)
         return stage.finish(
             EvalResult(
                 run_id=run_id,

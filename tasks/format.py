@@ -30,11 +30,13 @@ from tasks.core.errors import InputError
 from tasks.core.files import atomic_dir, copy_tree, write_json
 from tasks.core.results import FormatResult, Lineage
 from tasks.core.stage import Stage, open_stage, prefect_markdown
+from tasks.data.checks import check_bad_fraction, check_stops
 from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
 from tasks.data.plan import DataPlan, plan_data
 from tasks.data.records import read_records
 from tasks.data.report import length_histogram, summary_markdown
 from tasks.data.templating import (
+    OK,
     TOO_LONG,
     TRUNCATED,
     Renderer,
@@ -45,7 +47,7 @@ from tasks.data.templating import (
     with_positions,
 )
 from tasks.evaluation.losssets import retention_conversations
-from tasks.models.loading import load_tokenizer, resolve_model
+from tasks.models.loading import check_context, load_tokenizer, resolve_model
 
 SECTIONS = ("model", "data", "eval")  # eval: the retention set is checked before training
 PACK_WINDOW = 2000  # examples per best-fit-decreasing window: bounded memory, ~full rows
@@ -95,18 +97,6 @@ def split_train_eval(records, cfg: PipelineConfig, plan: DataPlan) -> tuple:
     return records.select(train), records.select(evals), mix, left_out_and_repeats(train, evals, share)
 
 
-def check_bad_fraction(counts: Counter, quarantine: Path, limit: float) -> None:
-    bad = counts["quarantined"] / max(counts["records_in"], 1)
-    if bad <= limit:
-        return
-    lines = quarantine.read_text(encoding="utf-8").splitlines()[:5]
-    first = "\n".join("  {source}:{line}: {reason}".format(**json.loads(x)) for x in lines)
-    raise InputError(
-        f"{bad:.1%} of {counts['records_in']} records are bad (data.max_bad_fraction is {limit:.1%}); "
-        f"first ones:\n{first}\nall of them: {quarantine}"
-    )
-
-
 def tokenize_split(
     part,
     split: str,
@@ -149,6 +139,10 @@ def tokenize_split(
     kept_per_entry[split] = np.bincount(source[status != TOO_LONG], minlength=len(names))
     counts["too_long"] += int((status == TOO_LONG).sum())
     counts["truncated"] += int((status == TRUNCATED).sum())
+    stops = np.asarray(tokens.data.column("stops"))
+    counts["trains_stop"] += int((stops & (status != TOO_LONG)).sum())
+    if d.require_stop:
+        check_stops(tokens, np.flatnonzero((status == OK) & ~stops), renderer, names, split)
     keep = np.flatnonzero(status != TOO_LONG)
     if len(keep) == len(tokens):  # nothing to leave out: no second copy of every token
         kept, records = tokens, part
@@ -310,6 +304,7 @@ def run_format(
     ``lineage`` names); writes ``<run>/format/`` (see the module docstring)."""
     d = cfg.data
     plan: DataPlan = plan_data(cfg.data, resolve_model(cfg.model.name_or_path), lineage)
+    check_context(plan.model_dir, d.max_seq_len)
     if cfg.eval.retention.enabled:
         retention_conversations(cfg.eval.retention)  # a bad retention set fails here, not after training
     cached = Path(cfg.output_dir) / ".cache" / "format" / plan.key
@@ -352,7 +347,7 @@ def run_format(
         fill = f", rows {stats['real_token_fraction']:.1%} full" if stats.get("real_token_fraction") else ""
         stage.log(
             f"format: {c['train']:,} train / {c['eval']:,} eval records -> {stats['train_rows']:,} rows of "
-            f"<= {d.max_seq_len} tokens{fill}"
+            f"<= {d.max_seq_len} tokens{fill}; {c['trains_stop']:,} examples train their stop token"
         )
         stage.artifact(out / "stats.json", out / "quarantine.jsonl", out / "token_lengths.png")
         stage.tags({"sftflow.format_cache": "hit" if hit else "miss"})

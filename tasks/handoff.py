@@ -1,16 +1,14 @@
 """Handoff stage: a vLLM serving bundle, served and checked, registered in the MLflow Model Registry.
 
 Reads the merged model (or, in adapter mode, the trained adapter and the base), the training
-chat template, the evaluate stage's answers and the gate's decision; writes
-``<run>/handoff/bundle/``, ``parity.json``/``parity.md`` and ``vllm.log``, and registers the
-bundle as a new version of ``tracking.registered_model``.
+chat template, the evaluate stage's answers and the gate's decision; writes ``<run>/handoff/``.
 
 ``<run>/handoff/bundle/`` holds the model folder (or the adapter, in adapter mode),
-``serve.json`` with the exact vLLM argv, ``serve.sh``, and an ``MLmodel`` file with the
-``python_function`` flavor. Before registering, the parity gate serves the bundle with the real
-vLLM, exactly as serve.json says, and compares it with the evaluated model; a bundle that fails
-is not registered. The version gets ``candidate``; ``champion`` moves to it only when the
-evaluate gate passed.
+``serve.json`` with the exact vLLM argv and the chat template's name and hash, ``serve.sh``, and an
+``MLmodel`` file with the ``python_function`` flavor. Before registering, the parity gate serves
+the bundle with the real vLLM, exactly as serve.json says, and compares it with the evaluated model
+(``parity.json``/``parity.md``, ``vllm.log``); a bundle that fails is not registered. The version
+gets ``candidate``; ``champion`` moves to it only when the evaluate gate passed.
 """
 
 from __future__ import annotations
@@ -33,7 +31,8 @@ from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeRes
 from tasks.core.space import require_free, tree_bytes
 from tasks.core.stage import Stage, open_stage, prefect_markdown, stage_logger
 from tasks.core.tracking import StageRun
-from tasks.models.loading import dtype_name, load_tokenizer, resolve_model
+from tasks.data.templating import template_sha
+from tasks.models.loading import dtype_name, load_tokenizer, max_positions, resolve_model
 from tasks.registry.fingerprint import pipeline_fingerprint
 from tasks.registry.inputs import dataset_inputs
 from tasks.registry.tags import (
@@ -53,7 +52,7 @@ from tasks.registry.versions import (
     set_version_tag,
     version_for_run,
 )
-from tasks.serving.bundle import serve_argv, write_launchers, write_mlmodel
+from tasks.serving.bundle import serve_argv, served_length, write_launchers, write_mlmodel
 from tasks.serving.parity import ParityError, parity_gate, parity_table, start_server
 from tasks.serving.server import Server, hot_swap, preflight, smoke_markdown, smoke_test, wait_healthy
 from tasks.serving.venv import has_cuda
@@ -82,13 +81,9 @@ def build_bundle(
         notes, extra = preflight(
             folder, Path(model), template, cfg.serve.max_lora_rank, adapter_dir=folder / "adapter"
         )
+    length = served_length(cfg.data.max_seq_len, cfg.eval.max_new_tokens, max_positions(folder / model))
     argv = serve_argv(
-        cfg.served_model_name,
-        cfg.data.max_seq_len,
-        cfg.serve.max_lora_rank,
-        model,
-        dtype,
-        "adapter" if adapter else None,
+        cfg.served_model_name, length, cfg.serve.max_lora_rank, model, dtype, "adapter" if adapter else None
     )
     argv += extra
     info = {
@@ -98,6 +93,7 @@ def build_bundle(
         "model": model,
         "dtype": dtype,
         "max_tokens": cfg.eval.max_new_tokens,
+        "chat_template": {"name": cfg.data.template, "sha256": template_sha(template)},
         "argv": argv,
         "env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if adapter else {},
         "preflight_notes": notes,
@@ -126,7 +122,7 @@ def make_bundle(
         bundle.parent, copies * weights, f"handoff (the bundle{' and its MLflow copy' * local_store})"
     )
     # served as evaluated: in the dtype the evaluate stage ran in
-    dtype = cfg.serve.dtype or dtype_name(cfg.merge.dtype)
+    dtype = cfg.serve.dtype or dtype_name(cfg.merge.dtype, merged.model_path)
     with atomic_dir(bundle) as tmp:
         info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
     fault("handoff:bundle")
@@ -251,6 +247,7 @@ def register(
         PROMOTED_TAG: False,  # True once champion has moved to it (move_aliases)
         "sftflow.gate": scores.reason[:4000],
         "sftflow.serve_argv": json.dumps(info["argv"]),
+        "sftflow.chat_template": "{name} {sha256}".format(**info["chat_template"]),
         "sftflow.parity": f"agreement {parity['agreement']:.3f}, template {parity['template_match']:.3f}"
         if parity
         else "off",

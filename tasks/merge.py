@@ -329,7 +329,7 @@ def run_merge(
         out, method, trained_dir = stage.dir, cfg.train.method, Path(trained.output)
         stage.manifest.add_input("train_output", trained_dir)
         base_path = resolve_model(cfg.model.name_or_path)
-        dtype = pick_dtype(cfg.merge.dtype)
+        dtype = pick_dtype(cfg.merge.dtype, base_path, "merge.dtype")
         tokenizer = load_tokenizer(base_path)
         tokenizer.chat_template = data.template()
         inputs = verification_inputs(tokenizer, Path(data.eval_records), cfg.merge.verify_prompts)

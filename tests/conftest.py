@@ -156,3 +156,14 @@ def fill_disk(disk: Path, leave: int = 0) -> Path:
     with open(filler, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - leave)
     return filler
+
+
+def pytest_collection_modifyitems(config, items):
+    """The family matrix through vLLM takes about 20 minutes: ``make test-families`` runs it
+    (``-m families``), ``make test`` (CI) does not."""
+    if "families" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="the family matrix through vLLM: make test-families runs it")
+    for item in items:
+        if "families" in item.keywords:
+            item.add_marker(skip)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 
+from tasks.core.errors import InputError
 from tasks.data.batching import IGNORE, Collator
 from tasks.format import run_format
 from tasks.models.loading import load_model, load_tokenizer
@@ -66,6 +67,73 @@ def test_only_answers_and_end_of_turn_are_trained(tmp_path, tiny_model, records,
     for row in rows:
         assert trained_text(tok, row) in expected
     assert len(rows) == res.counts["train"] == len(records) - res.counts["eval"]
+
+
+def test_a_template_that_never_trains_the_stop_is_refused_naming_the_record(tmp_path, tiny_model):
+    """A template without an end of turn after the answer (a common hand-written one) trains a model
+    that never stops: refused before training, naming the first such record and the setting."""
+    template = tmp_path / "no_stop.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    cfg = make_config(tmp_path, data, data={"template": str(template)})
+    with pytest.raises(
+        InputError, match=r"d.jsonl:\d+: 27 train example\(s\), this one first, never train the stop"
+    ):
+        run_format(cfg, "r1", log=lambda *_: None)
+    cfg = make_config(tmp_path, data, data={"template": str(template), "require_stop": False})
+    assert run_format(cfg, "r2", log=lambda *_: None).counts["trains_stop"] == 0
+
+
+def test_every_example_trains_its_stop_and_the_stage_counts_them(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA + CHAT)
+    res = run_format(make_config(tmp_path, data), "r1", log=lambda *_: None)
+    assert res.counts["trains_stop"] == res.counts["train"] + res.counts["eval"] == 60
+
+
+def _mistral(markers: bool) -> str:
+    """Mistral v0.3's template (the shipped one): the system prompt goes into the last user turn, so
+    a conversation's prefix does not render as a prefix; with markers around what the model says."""
+    from tasks.data.templating import named_templates
+
+    template = named_templates()["mistral"].read_text(encoding="utf-8")
+    answer = '{{- " " + content|trim + eos_token }}'
+    assert answer in template
+    marked = "{%- generation %}" + answer + "{%- endgeneration %}"
+    return template.replace(answer, marked) if markers else template
+
+
+def test_multi_turn_masks_on_a_template_that_moves_the_system_prompt(tmp_path, tiny_model):
+    """Without markers such a template is refused, naming the cure; with {% generation %} markers
+    the trained tokens are exactly transformers' assistant mask on the whole conversation."""
+    data = write_jsonl(tmp_path / "d.jsonl", CHAT)
+    for markers in (False, True):
+        (tmp_path / f"m{markers}.jinja").write_text(_mistral(markers))
+    plain = make_config(tmp_path, data, data={"template": str(tmp_path / "mFalse.jinja")})
+    with pytest.raises(
+        InputError, match=r"the answer in message 2 cannot be masked exactly: .*\{% generation %\}"
+    ):
+        run_format(plain, "r1", log=lambda *_: None)
+
+    cfg = make_config(tmp_path, data, data={"template": str(tmp_path / "mTrue.jinja"), "packing": False})
+    res = run_format(cfg, "r2", log=lambda *_: None)
+    tok = load_tokenizer(tiny_model)
+    by_text = {tok.decode(r["input_ids"]): r for r in load_from_disk(res.train_path)}
+    assert len(by_text) == res.counts["train"] == 27
+    for record in CHAT:
+        out = tok.apply_chat_template(
+            record["messages"], chat_template=_mistral(True), tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )  # fmt: skip
+        row = by_text.get(tok.decode(out["input_ids"]))
+        if row is None:  # an eval record
+            continue
+        assert row["input_ids"] == out["input_ids"]
+        assert [label != IGNORE for label in row["labels"]] == [bool(m) for m in out["assistant_masks"]]
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        assert trained_text(tok, row) == [f" {a}<|im_end|>" for a in answers]
 
 
 def test_train_on_inputs_trains_everything(tmp_path, tiny_model):

@@ -118,13 +118,20 @@ class DataConfig(_RolesAndColumns):
         description="sharegpt `from` value -> system/user/assistant, added to the defaults",
     )
     template: str = Field(
-        "auto", description="auto (tokenizer chat template, else alpaca), alpaca, chatml, or a .jinja path"
+        "auto",
+        description="auto (tokenizer chat template, else alpaca), alpaca, chatml, a family's official "
+        "template (llama3, qwen2.5, qwen3, gemma2, gemma3, mistral, phi3), or a .jinja path",
     )
     max_seq_len: int = Field(512, gt=0)
     packing: bool = True
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="split off for eval when there is no eval_path")
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     train_on_inputs: bool = False
+    require_stop: bool = Field(
+        True,
+        description="refuse examples that fit whole yet never train the template's end-of-turn token "
+        "(EOS for plain text): a model trained on them never learns to stop",
+    )
     excess_length: Literal["drop", "truncate", "error"] = "drop"
     seed: int = 42
     num_proc: int | None = Field(

@@ -1,6 +1,7 @@
 """Records, data mixes, the data plan, chat templates and masks, packing, the collator."""
 
 from tasks.data.batching import IGNORE, Collator, TrainingCollator
+from tasks.data.checks import check_bad_fraction, check_stops
 from tasks.data.mixing import Share, left_out_and_repeats, planned_counts, recorded_source, select
 from tasks.data.plan import DataPlan, plan_data
 from tasks.data.records import (
@@ -19,6 +20,7 @@ from tasks.data.templating import (
     Renderer,
     chat_template,
     end_of_turn_id,
+    named_templates,
     pack,
     prompt_text,
     stop_token_ids,
@@ -30,6 +32,9 @@ from tasks.data.templating import (
 
 __all__ = [
     "BadRecord",
+    "check_bad_fraction",
+    "check_stops",
+    "named_templates",
     "CHATML_TEMPLATE",
     "Collator",
     "DataPlan",

@@ -19,6 +19,7 @@ from tasks.core.hashing import file_sha256, hash_json, imports_hash, tree_sha256
 from tasks.core.results import Lineage
 from tasks.data.mixing import Share
 from tasks.data.records import resolve_sources
+from tasks.data.templating import named_templates
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,7 +53,7 @@ def template_source(setting: str) -> str:
     """What the template setting names: 'auto' is covered by the tokenizer files."""
     if setting in ("auto", "alpaca", "chatml"):
         return setting
-    path = Path(setting)
+    path = named_templates().get(setting) or Path(setting)
     return path.read_text(encoding="utf-8") if path.is_file() else setting
 
 

@@ -35,6 +35,8 @@ ALPACA_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
+TEMPLATES = Path(__file__).parent / "templates"
+GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # what transformers looks for, too
 SLOT = re.compile("\x00(\\d+)\x00")  # NUL never occurs in accepted data, so it cannot collide
 CHECKS_PER_SHAPE = 3
 
@@ -44,6 +46,11 @@ def template_sha(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
+def named_templates() -> dict[str, Path]:
+    """The families' official templates shipped with sftflow (each file names its source)."""
+    return {p.stem: p for p in sorted(TEMPLATES.glob("*.jinja"))}
+
+
 def chat_template(setting: str, tokenizer) -> str:
     if setting == "auto":
         return tokenizer.chat_template or ALPACA_TEMPLATE
@@ -51,9 +58,10 @@ def chat_template(setting: str, tokenizer) -> str:
         return ALPACA_TEMPLATE
     if setting == "chatml":
         return CHATML_TEMPLATE
-    path = Path(setting)
+    path = named_templates().get(setting) or Path(setting)
     if not path.is_file():
-        raise MissingError(f"data.template: {setting} is not auto/alpaca/chatml and not a file")
+        names = ", ".join(["auto", "alpaca", "chatml", *named_templates()])
+        raise MissingError(f"data.template: {setting} is none of {names}, and not a file")
     return path.read_text(encoding="utf-8")
 
 
@@ -64,6 +72,10 @@ class Renderer:
 
     def __init__(self, tokenizer, template: str):
         self.tokenizer, self.template = tokenizer, template
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+        stop = end_of_turn_id(tokenizer, template)
+        self.stop_id = stop if stop is not None else self.eos_id  # what each answer must train
+        self.marked = bool(GENERATION.search(template))
         self.plans: dict[tuple, list | None] = {}
         self.checked: dict[tuple, int] = {}
         self._encode = None
@@ -75,22 +87,70 @@ class Renderer:
         return self._encode
 
     def slow_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        render = lambda msgs, gen: self.tokenizer.apply_chat_template(
-            msgs, chat_template=self.template, tokenize=False, add_generation_prompt=gen
-        )
+        if self.marked:
+            return self.marked_pieces(messages)
         pieces, done = [], ""
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+            prompt, full = self.render(messages[:i], True), self.render(messages[: i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
-                raise InputError(
-                    "data.template: the chat template does not render conversations prefix by prefix; "
-                    "prompt masking needs a template whose rendering of a prefix is a prefix"
-                )
+                return self.anchored_pieces(messages)
             pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
         return pieces
+
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+        """The template's text; what the template itself refuses (Gemma's "System role not
+        supported") is an input error naming the roles."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as e:
+            roles = [m["role"] for m in messages]
+            raise InputError(f"data.template refuses a conversation of roles {roles}: {e}") from None
+
+    def anchored_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """For a template whose earlier turns render differently once a conversation goes on (Qwen 3
+        drops their reasoning, Phi-3 ends the conversation with EOS): the whole conversation
+        rendered once, each answer trained from where its own inference prompt ends (that prompt
+        must be a prefix of the rendering) through its end-of-turn token."""
+        whole, stop = self.render(messages, False), self.tokenizer.decode([self.stop_id])
+        pieces, at = [], 0
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], True)
+            end = whole.find(stop, len(prompt)) + len(stop) if whole.startswith(prompt) else -1
+            if len(prompt) < at or end < len(stop) or msg["content"].strip() not in whole[len(prompt) : end]:
+                raise InputError(
+                    f"data.template: in a conversation of roles {[m['role'] for m in messages]}, the answer in "
+                    f"message {i} cannot be masked exactly: its inference prompt is not a prefix of the whole "
+                    "conversation's rendering (e.g. a system prompt moved into the last user turn); mark "
+                    "what the model generates with {% generation %} ... {% endgeneration %} in the template"
+                )
+            pieces += [(whole[at : len(prompt)], False), (whole[len(prompt) : end], True)]
+            at = end
+        return pieces + [(whole[at:], False)] if at < len(whole) else pieces
+
+    def marked_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The whole conversation rendered once, trained where the template's ``{% generation %}``
+        blocks are (transformers' own tracker): exact on templates that do not render prefix by
+        prefix, such as a system prompt moved into the last user turn."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        texts, spans = render_jinja_template(
+            [messages], chat_template=self.template, return_assistant_tokens_mask=True,
+            **self.tokenizer.special_tokens_map,
+        )  # fmt: skip
+        text, pieces, at = texts[0], [], 0
+        for start, end in spans[0]:
+            pieces += [(text[at:start], False), (text[start:end], True)]
+            at = end
+        return [p for p in [*pieces, (text[at:], False)] if p[0]]
 
     def _plan(self, roles: tuple) -> list | None:
         """Pieces as lists of literal strings and content slots, or None when the template
@@ -257,12 +317,16 @@ OK, TOO_LONG, TRUNCATED = 0, 1, 2  # a tokenized example fits, does not, or was 
 def tokenize_batch(
     batch, renderer: Renderer, max_len: int, excess: str, train_on_inputs: bool, source_names: list[str]
 ):
-    """One Arrow batch of conversations -> tokenized examples with a status (ok, too long, truncated)."""
+    """One Arrow batch of conversations -> tokenized examples with a status (ok, too long, truncated)
+    and whether each trains its stop: the end-of-turn token, or EOS for plain text."""
     import numpy as np
     import pyarrow as pa
 
     convs = [orjson.loads(c) for c in batch.column("conv").to_pylist()]
     ids, labels, lengths = tokenize_conversations(convs, renderer, train_on_inputs)
+    stop = np.fromiter(
+        (renderer.eos_id if c[0]["role"] == "text" else renderer.stop_id for c in convs), np.int64, len(convs)
+    )
     over = lengths > max_len
     if over.any() and excess == "error":
         i = int(np.flatnonzero(over)[0])
@@ -278,6 +342,7 @@ def tokenize_batch(
     owner = np.repeat(np.arange(len(lengths)), lengths)
     trained = np.bincount(owner, weights=labels != IGNORE, minlength=len(lengths))
     status[trained == 0] = TOO_LONG  # nothing left to train on: counted, never kept silently empty
+    stops = np.bincount(owner, weights=labels == np.repeat(stop, lengths), minlength=len(lengths)) > 0
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return pa.table(
         {
@@ -285,6 +350,7 @@ def tokenize_batch(
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
             "length": pa.array(lengths.astype(np.int32)),
             "status": pa.array(status),
+            "stops": pa.array(stops),
             "source": batch.column("source"),
             "line": batch.column("line"),
         }

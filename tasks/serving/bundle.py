@@ -30,6 +30,14 @@ def check_serve_info(info: dict, version: str) -> None:
         )
 
 
+def served_length(max_seq_len: int, max_new_tokens: int, positions: int | None) -> int:
+    """vLLM's ``--max-model-len``: the longest prompt training kept (``data.max_seq_len``) plus the
+    answer evaluate generated to it (``eval.max_new_tokens``), within the model's positions. With
+    ``max_seq_len`` alone, vLLM cuts the answers to long prompts short of the evaluated ones."""
+    wanted = max_seq_len + max_new_tokens
+    return min(wanted, positions) if positions else wanted
+
+
 def serve_argv(
     name: str,
     max_model_len: int,

@@ -100,7 +100,7 @@ def estimate(t: TrainConfig, max_seq_len: int, model_path: Path) -> Estimate:
     n_all = sum(p.numel() for p in model.parameters())
     n_linear = sum(m.weight.numel() for m in linears)
     lora_params = sum(t.lora.r * (m.in_features + m.out_features) for m in linears)
-    width = torch.finfo(pick_dtype(t.precision)).bits // 8
+    width = torch.finfo(pick_dtype(t.precision, model_path, "train.precision")).bits // 8
     zero = deepspeed_config(t.deepspeed).get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"

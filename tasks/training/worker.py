@@ -30,7 +30,7 @@ from tasks.core.files import write_json  # noqa: E402
 from tasks.core.tracking import mlflow_client  # noqa: E402
 from tasks.data.batching import Collator  # noqa: E402
 from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config  # noqa: E402
-from tasks.training.attention import register  # noqa: E402
+from tasks.training.attention import describe, register  # noqa: E402
 from tasks.training.collating import EVAL_ROW, RecordingCollator  # noqa: E402
 from tasks.training.hosts import interface_for  # noqa: E402
 from tasks.training.memory import ADVICE  # noqa: E402
@@ -322,13 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     if needs_interface and (name := interface_for(os.environ["MASTER_ADDR"])):
         os.environ["GLOO_SOCKET_IFNAME"] = name
     set_seed(t["seed"])
-    dtype = pick_dtype(t["precision"])
+    dtype = pick_dtype(t["precision"], spec["model_path"], "train.precision")
     tok = load_tokenizer(spec["model_path"])
     collator = RecordingCollator(tok.pad_token_id)
     args = training_args(spec, dtype)
     # the process group comes up with the device (every rank has joined); the train stage waits for this
     print(f"[train] joined: rank {args.process_index} of {args.world_size} on {args.device}", flush=True)
     model = build_model(spec, dtype)
+    if args.process_index == 0:
+        print(f"[train] attention: {describe(model.config)}", flush=True)
     model.register_forward_pre_hook(collator.on_forward, with_kwargs=True)
     guard = Guard(spec, collator)
     trainer = Trainer(

@@ -1,6 +1,6 @@
 """The vLLM argv and compose service a bundle carries."""
 
-from tasks.serving.bundle import compose_snippet, serve_argv
+from tasks.serving.bundle import compose_snippet, serve_argv, served_length
 
 
 def test_merged_and_adapter_argv():
@@ -35,3 +35,9 @@ def test_a_serve_json_that_would_run_anything_but_vllm_is_refused():
             check_serve_info({"argv": bad, "env": {}}, "v3")
     with pytest.raises(InputError, match="v3: serve.json sets LD_PRELOAD"):
         check_serve_info({"argv": argv, "env": {"LD_PRELOAD": "/tmp/x.so"}}, "v3")
+
+
+def test_the_served_length_holds_the_longest_prompt_and_its_answer_within_the_positions():
+    assert served_length(256, 48, 2048) == 304
+    assert served_length(2048, 256, 2048) == 2048  # never past the model's positions
+    assert served_length(512, 64, None) == 576

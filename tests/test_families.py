@@ -1,0 +1,197 @@
+"""The families people fine-tune: each trains with its own attention, and speaks its own template."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.core.errors import InputError
+from tasks.data.templating import named_templates
+from tasks.models.tiny import FAMILIES, family_config
+from tasks.training.attention import packed_attention, register
+
+LENGTHS = (11, 40, 97)  # one example inside the window, two past it
+WINDOW = 16
+
+
+def _model(family: str, attn: str, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    # initializer_range 0.3: sharp attention, so a dropped window or cap moves the loss visibly
+    config = family_config(family, 512, initializer_range=0.3, **overrides)
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = WINDOW
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _loss_and_grads(model, examples, packed: bool):
+    """The summed next-token loss over ``examples``: one packed row, or each example alone."""
+    model.zero_grad()
+    ce = torch.nn.functional.cross_entropy
+    if packed:
+        ids = torch.cat(examples)[None]
+        positions = torch.cat([torch.arange(len(e)) for e in examples])[None]
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        parts = logits.split([len(e) for e in examples])
+    else:
+        parts = [model(input_ids=e[None], use_cache=False).logits[0] for e in examples]
+    loss = sum(ce(p[:-1], e[1:], reduction="sum") for p, e in zip(parts, examples))
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _dropping(*names):
+    """The previous packed attention: the model's window and softcap never reached the kernel."""
+    from transformers import AttentionInterface
+
+    def attention(module, q, k, v, mask, **kwargs):
+        kwargs = {key: value for key, value in kwargs.items() if key not in names}
+        return packed_attention(module, q, k, v, mask, **kwargs)
+
+    AttentionInterface.register("dropping_window", attention)
+    return "dropping_window"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_training_attention_is_the_models_own_past_the_window(family):
+    """Loss and every parameter's gradient from one packed row equal the model's own attention
+    (transformers' default, with its masks) on the same examples one at a time."""
+    torch.manual_seed(1)
+    examples = [torch.randint(0, 512, (n,)) for n in LENGTHS]
+    reference = _model(family, "eager")
+    ref_loss, ref_grads = _loss_and_grads(reference, examples, packed=False)
+    ours = _model(family, register())
+    ours.load_state_dict(reference.state_dict())
+    loss, grads = _loss_and_grads(ours, examples, packed=True)
+
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    worst = max(
+        (grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12) for n, g in ref_grads.items()
+    )
+    assert worst < 1e-4, f"largest relative gradient difference {worst:.2e}"
+    config = reference.config
+    if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
+        wrong = _model(family, _dropping("sliding_window", "softcap"))
+        wrong.load_state_dict(reference.state_dict())
+        wrong_loss, _ = _loss_and_grads(wrong, examples, packed=True)
+        assert abs(wrong_loss - ref_loss) / ref_loss > 1e-3, "the test model cannot tell a dropped window"
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+TURNS = [
+    {"role": "user", "content": "Hi 1"},
+    {"role": "assistant", "content": "Hello 1!"},
+    {"role": "user", "content": "And again?"},
+    {"role": "assistant", "content": "Again 1."},
+]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_multi_turn_masks_train_each_answer_from_its_own_inference_prompt(family):
+    """Each answer is trained from exactly the prompt the model gets at inference for that turn,
+    through the end-of-turn token; Qwen 3 (earlier turns lose their reasoning block) and Phi-3 (EOS
+    closes the conversation) included. Gemma 2's template refuses a system role, and Mistral's moves
+    the system prompt into the last user turn: both are refused, naming why."""
+    from tasks.data.templating import Renderer
+    from tasks.models.loading import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(f"tiny-{family}"))
+    renderer = Renderer(tokenizer, named_templates()[FAMILIES[family].template].read_text(encoding="utf-8"))
+    stop = tokenizer.decode([renderer.stop_id])
+    for conv in (TURNS, [SYSTEM, *TURNS]):
+        if conv[0] is SYSTEM and family in ("gemma2", "mistral"):
+            why = (
+                "System role not supported" if family == "gemma2" else "answer in message 2 cannot be masked"
+            )
+            with pytest.raises(InputError, match=why):
+                renderer.slow_pieces(conv)
+            continue
+        pieces = renderer.slow_pieces(conv)
+        answers = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+        spans = [k for k, (_, trained) in enumerate(pieces) if trained]
+        assert len(spans) == len(answers)
+        for i, k in zip(answers, spans):
+            before = "".join(text for text, _ in pieces[:k])
+            assert before == renderer.render(conv[:i], True)  # the turn's own inference prompt
+            text = pieces[k][0]
+            assert conv[i]["content"] in text and stop in text and not text.startswith(stop)
+
+
+@pytest.mark.parametrize("name", sorted(named_templates()))
+def test_named_templates_are_their_sources_byte_for_byte(name):
+    """Each shipped template names its source on its first line, with the sha256 of the rest."""
+    head, body = named_templates()[name].read_bytes().split(b"\n", 1)
+    sha = re.search(rb"sha256 ([0-9a-f]{64})", head).group(1).decode()
+    assert hashlib.sha256(body).hexdigest() == sha
+    assert head.startswith(b"{#-") and head.endswith(b"-#}")
+
+
+# ---------------------------------------------------------------- each family through the pipeline and vLLM
+
+
+@pytest.mark.slow
+@pytest.mark.families  # about 2.5 minutes each on 2 cores: `make test-families`, not CI (docs/testing.md)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path):
+    """The whole pipeline on the family's tiny model, with its official template named: training
+    attends as the model does, the merge is exact, the gate passes, and vLLM serves the bundle
+    with the same template, the same answers and the same stops."""
+    from mlflow import MlflowClient
+    from test_vllm import ARGS, FULL, servers_under
+
+    from tasks.data.templating import template_sha
+
+    from conftest import run_cli
+
+    template = FAMILIES[family].template
+    args = [
+        "--set", f"output_dir={tmp_path / 'runs'}",
+        "--set", f"model.name_or_path=tiny-{family}",
+        "--set", f"data.template={template}",
+        "--set", f"tracking.registered_model=tiny-{family}",
+        *ARGS, *FULL,
+    ]  # fmt: skip
+    res = run_cli("run", "configs/tiny.yaml", *args, "--summary-json", str(tmp_path / "summary.json"))
+    logs = res.stdout + res.stderr
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    run = Path(summary["run_dir"])
+    parity = json.loads((run / "handoff/parity.json").read_text())
+    assert parity["passed"] and parity["template_match"] == parity["agreement"] == 1.0, parity
+    # answers stop where the evaluated model's stopped; most of them stop (gemma2 ran one of 8 to max_tokens)
+    assert parity["stop_mismatches"] == 0 and parity["finish_reasons"].get("stop", 0) >= parity["prompts"] - 2
+    assert summary["promoted"] and summary["merge_max_logit_diff"] <= 1e-4
+    config = json.loads((run / "merge/model/config.json").read_text())
+    windowed = f"sliding window {config['sliding_window']}" if config.get("sliding_window") else "full causal"
+    assert f"[train] attention: per-example attention ({windowed}" in logs
+    assert "examples train their stop token" in logs
+
+    sha = template_sha(named_templates()[template].read_text(encoding="utf-8"))
+    served = json.loads((run / "handoff/bundle/serve.json").read_text())
+    assert served["chat_template"] == {"name": template, "sha256": sha}
+    version = MlflowClient(summary["mlflow_uri"], summary["mlflow_uri"]).get_model_version(
+        f"tiny-{family}", summary["version"]
+    )
+    assert version.tags["sftflow.chat_template"] == f"{template} {sha}"
+    assert servers_under(tmp_path) == []
+    print(
+        json.dumps(
+            {
+                "family": family,
+                "template": template,
+                "attention": re.search(r"\[train\] attention: (.*)", logs).group(1),
+                "merge_max_logit_diff": summary["merge_max_logit_diff"],
+                "gate": summary["gate"][:60],
+                "parity": {k: parity[k] for k in ("template_match", "agreement", "finish_reasons")},
+                "vllm_start_s": parity["server_start_s"],
+                "seconds": summary["seconds"],
+            }
+        )
+    )
