@@ -21,6 +21,7 @@ from tasks.core.files import atomic_dir
 from tasks.core.paths import sftflow_home
 from tasks.data.templating import CHATML_TEMPLATE
 from tasks.models.tiny import ALIASES as FAMILY_ALIASES
+from tasks.models.tiny import SHAPE as TINY_SHAPE
 from tasks.models.tiny import build_tiny, small_tokenizer
 
 # The cached folder's name changes when its builder builds something else, so no stale copy is reused.
@@ -86,7 +87,8 @@ def build_smollm2(target: Path) -> Path:
 
 
 def build_tiny_llama(target: Path, corpus: list[str] | None = None, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained on a small corpus."""
+    """A 2-layer Llama (the tiny families' dimensions) with a byte-level BPE tokenizer trained on a
+    small corpus, speaking ChatML."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,13 +98,7 @@ def build_tiny_llama(target: Path, corpus: list[str] | None = None, seed: int = 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        # head_dim 32: vLLM's CPU attention has no kernel for head_dim 16
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
+        **{**TINY_SHAPE, "max_position_embeddings": 1024},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
