@@ -62,7 +62,7 @@ def _dropping(*names):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_packed_training_attention_is_the_models_own_past_the_window(family):
     """Loss and every parameter's gradient from one packed row equal the model's own attention
-    (transformers' default, with its masks) on the same examples one at a time."""
+    (transformers' eager reference, with its window and softcap) on the same examples one at a time."""
     torch.manual_seed(1)
     examples = [torch.randint(0, 512, (n,)) for n in LENGTHS]
     reference = _model(family, "eager")
