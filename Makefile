@@ -79,6 +79,7 @@ bench: install vllm
 	$(BIN)/python bench/format.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/step_profile.py
+	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/pipeline.py
