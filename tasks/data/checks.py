@@ -30,7 +30,7 @@ def check_stops(tokens, missing, renderer: Renderer, names: list[str], split: st
     first = int(missing[0])
     source, line = (tokens.data.column(c)[first].as_py() for c in ("source", "line"))
     where = f"{names[source]}:{line}"
-    token = renderer.tokenizer.convert_ids_to_tokens(renderer.stop_id) if renderer.stop_id >= 0 else None
+    token = renderer.stop_text or None
     raise InputError(
         f"{where}: {len(missing):,} {split} example(s), this one first, never train the stop token "
         f"{token!r}: the template (data.template) puts no {token!r} after the answer, or masks it; a "

@@ -113,12 +113,17 @@ class Renderer:
             roles = [m["role"] for m in messages]
             raise InputError(f"data.template refuses a conversation of roles {roles}: {e}") from None
 
+    @property
+    def stop_text(self) -> str:
+        """The stop token as the rendered text holds it."""
+        return self.tokenizer.decode([self.stop_id]) if self.stop_id >= 0 else ""
+
     def anchored_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """For a template whose earlier turns render differently once a conversation goes on (Qwen 3
         drops their reasoning, Phi-3 ends the conversation with EOS): the whole conversation
         rendered once, each answer trained from where its own inference prompt ends (that prompt
         must be a prefix of the rendering) through its end-of-turn token."""
-        whole, stop = self.render(messages, False), self.tokenizer.decode([self.stop_id])
+        whole, stop = self.render(messages, False), self.stop_text
         pieces, at = [], 0
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
