@@ -1,4 +1,4 @@
-"""Train stage: starts the ``deepspeed`` launcher in its own process group and supervises it.
+"""Train stage: starts the ``deepspeed`` launcher (or a lone rank) in its own process group and supervises it.
 
 Reads the format stage's packed ``train/`` dataset and the base model; writes ``<run>/train/``:
 ``adapter/`` (lora, qlora) or ``model/`` (full), ``checkpoints/``, ``train.log``, ``loss.png``,

@@ -158,12 +158,17 @@ def fill_disk(disk: Path, leave: int = 0) -> Path:
     return filler
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k deselect
 def pytest_collection_modifyitems(config, items):
     """The family matrix through vLLM takes about 20 minutes: ``make test-families`` runs it
-    (``-m families``), ``make test`` (CI) does not."""
-    if "families" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="the family matrix through vLLM: make test-families runs it")
-    for item in items:
-        if "families" in item.keywords:
-            item.add_marker(skip)
+    (``-m families``), ``make test`` (CI) does not. When image tests are selected, the Docker
+    engine, base and train image are made in the background from the start (tests/dockerhost.py)."""
+    if "families" not in (config.option.markexpr or ""):
+        skip = pytest.mark.skip(reason="the family matrix through vLLM: make test-families runs it")
+        for item in items:
+            if "families" in item.keywords:
+                item.add_marker(skip)
+    if any("docker" in item.keywords and item.module.__name__ == "test_images" for item in items):
+        from dockerhost import warm_up
+
+        warm_up()

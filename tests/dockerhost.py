@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,3 +101,42 @@ def build_context(folder: Path, tag: str) -> str:
     cpu_base()
     sh("docker", "build", "-q", "-t", tag, str(folder))
     return tag
+
+
+class WarmUp(threading.Thread):
+    """The engine, the CPU base and the train image made while the first tests run: most of it
+    waits on downloads (apt, debootstrap, the images' installs), which overlap CPU-bound tests."""
+
+    def __init__(self):
+        super().__init__(name="docker-warm-up", daemon=True)
+        self.log = Path(tempfile.mkdtemp(prefix="sftflow-dockerd-")) / "dockerd.log"
+        self.engine: subprocess.Popen | None = None
+        self.train_image: dict | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.engine = start_engine(self.log)
+            self.train_image = build("Dockerfile.train", "sftflow-train:test", BASE=cpu_base())
+        except BaseException as e:  # pytest's skip and fail too: raised again in the test that waits
+            self.error = e
+
+
+_warm_up: WarmUp | None = None
+
+
+def warm_up() -> WarmUp:
+    """Started once (by conftest when image tests are selected, or by the first that needs it)."""
+    global _warm_up
+    if _warm_up is None:
+        _warm_up = WarmUp()
+        _warm_up.start()
+    return _warm_up
+
+
+def ready() -> WarmUp:
+    done = warm_up()
+    done.join()
+    if done.error is not None:
+        raise done.error
+    return done

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from dockerhost import build, build_context, cpu_base, sh, start_engine
+from dockerhost import build, build_context, cpu_base, ready, sh
 from services import free_port, stop
 from test_deployment import wait_final
 
@@ -34,8 +34,8 @@ FULL = [
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    proc = start_engine(tmp_path_factory.mktemp("dockerd") / "dockerd.log")
+def engine():
+    proc = ready().engine
     yield
     if proc is not None:
         stop(proc)
@@ -43,7 +43,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_image(engine) -> dict:
-    built = build("Dockerfile.train", "sftflow-train:test", BASE=cpu_base())
+    built = ready().train_image
     print(f"\ntrain image: {built}")
     return built
 

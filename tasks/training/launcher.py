@@ -33,6 +33,7 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 def launch_command(t: TrainConfig, spec_path: Path, port: int, node_rank: int = 0) -> list[str]:
+    worker = ["--module", "tasks.training.worker", "--spec", str(spec_path)]
     if t.hostfile:  # DeepSpeed's runner: it reaches the other nodes with pdsh, or (per_node) starts this one
         each = ["--no_ssh", "--node_rank", str(node_rank)] if t.launcher == "per_node" else []
         cmd = [
@@ -49,20 +50,40 @@ def launch_command(t: TrainConfig, spec_path: Path, port: int, node_rank: int = 
             "--master_port",
             str(port),
         ]
-    else:  # one node: the per-node launcher the runner would start, without the runner's own interpreter (~3 s)
-        world = base64.urlsafe_b64encode(
-            json.dumps({"localhost": list(range(t.num_processes))}).encode()
-        ).decode()
-        cmd = [
-            sys.executable,
-            "-u",
-            "-m",
-            "deepspeed.launcher.launch",
-            f"--world_info={world}",
-            f"--master_addr={t.master_addr}",
-            f"--master_port={port}",
-        ]
-    return cmd + ["--module", "tasks.training.worker", "--spec", str(spec_path)]
+        return cmd + worker
+    if t.num_processes == 1:  # one rank: started as the launcher would start it, in single_rank_env
+        return [sys.executable, "-u", "-m", *worker[1:]]
+    # one node: the per-node launcher the runner would start, without the runner's own interpreter (~3 s)
+    world = base64.urlsafe_b64encode(
+        json.dumps({"localhost": list(range(t.num_processes))}).encode()
+    ).decode()
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.launch",
+        f"--world_info={world}",
+        f"--master_addr={t.master_addr}",
+        f"--master_port={port}",
+    ]
+    return cmd + worker
+
+
+def single_rank_env(t: TrainConfig, port: int) -> dict[str, str]:
+    """What DeepSpeed's per-node launcher gives its one rank (transformers' documented way to run
+    DeepSpeed in one process): the launcher's interpreter importing DeepSpeed costs ~5 s of CPU,
+    as much as a short training. Empty where the launcher starts the ranks."""
+    if t.hostfile or t.num_processes != 1:
+        return {}
+    one = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_SIZE": "1",
+        "CROSS_RANK": "0",
+        "CROSS_SIZE": "1",
+    }
+    return one | {"MASTER_ADDR": t.master_addr, "MASTER_PORT": str(port)}
 
 
 def rendezvous_env(t: TrainConfig, env: dict, log) -> dict:
@@ -79,7 +100,7 @@ def supervise_node(
     t: TrainConfig, mlflow_uri: str, cmd: list[str], log_path: Path, node_rank: int, port: int, log
 ) -> None:
     """``supervise``, with a multi-node rendezvous failure said in terms of the hostfile's hosts."""
-    env = rendezvous_env(t, worker_env(mlflow_uri), log)
+    env = rendezvous_env(t, worker_env(mlflow_uri) | single_rank_env(t, port), log)
     if t.hostfile and t.launcher == "ssh":
         env = ssh_env(env, log_path.parent / "deepspeed_env", log)
     try:  # across hosts a missing peer blocks the rendezvous without a word: bound the wait

@@ -28,6 +28,7 @@ RUN apt-get update -qq \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv
 COPY ca.crt /etc/ssl/certs/ca-certificates.crt
+ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 RUN printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\ndisable-pip-version-check = true\n' > /etc/pip.conf
 CMD ["python"]
 EOF
