@@ -11,6 +11,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # concurrency-slot leases on disk: a restarted server still frees a killed run's slot
 export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE ?= prefect.server.concurrency.lease_storage.filesystem
 export MLFLOW_DISABLE_TELEMETRY ?= true
+# `mlflow server` (make stack) runs no job consumers: ~7 idle processes for GenAI jobs sftflow never sends
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 export DO_NOT_TRACK ?= 1
 # Nothing the demo or the tests use comes from the hub; set HF_HUB_OFFLINE=0 to load hub datasets.
 export HF_HUB_OFFLINE ?= 1

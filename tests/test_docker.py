@@ -67,3 +67,5 @@ def test_compose_file_is_a_consistent_stack():
     assert "CREATE DATABASE prefect" in sql and "CREATE DATABASE mlflow" in sql
     assert "/prefect" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert "/mlflow" in services["mlflow-server"]["command"]
+    # the same MLflow server as the tests' and `make stack`'s: no idle job consumers
+    assert services["mlflow-server"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"

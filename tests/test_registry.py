@@ -124,3 +124,14 @@ def test_the_unchanged_lookup_reads_a_tracking_server_as_mlflow_does(server):
     expected = tagged_versions(server["uri"])
     assert versions_tagged(server["uri"], "lookup", "sftflow.fingerprint", "aaa") == expected
     assert versions_tagged(server["uri"], "lookup", "sftflow.fingerprint", "none") == []
+
+
+def test_the_server_starts_no_job_consumers(server):
+    """MLflow 3's server starts huey consumers for its GenAI jobs (about 7 processes, each importing
+    MLflow and polling) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION is false; sftflow sends no jobs."""
+    import psutil
+
+    commands = [" ".join(p.cmdline()) for p in psutil.Process(server["proc"].pid).children(recursive=True)]
+    assert any("uvicorn" in c for c in commands) and not [
+        c for c in commands if "huey" in c or "_job_runner" in c
+    ], commands
