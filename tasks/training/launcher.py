@@ -33,7 +33,7 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 def launch_command(t: TrainConfig, spec_path: Path, port: int, node_rank: int = 0) -> list[str]:
-    worker = ["--module", "tasks.training.worker", "--spec", str(spec_path)]
+    worker = ["tasks.training.worker", "--spec", str(spec_path)]
     if t.hostfile:  # DeepSpeed's runner: it reaches the other nodes with pdsh, or (per_node) starts this one
         each = ["--no_ssh", "--node_rank", str(node_rank)] if t.launcher == "per_node" else []
         cmd = [
@@ -50,9 +50,9 @@ def launch_command(t: TrainConfig, spec_path: Path, port: int, node_rank: int = 
             "--master_port",
             str(port),
         ]
-        return cmd + worker
+        return [*cmd, "--module", *worker]
     if t.num_processes == 1:  # one rank: started as the launcher would start it, in single_rank_env
-        return [sys.executable, "-u", "-m", *worker[1:]]
+        return [sys.executable, "-u", "-m", *worker]
     # one node: the per-node launcher the runner would start, without the runner's own interpreter (~3 s)
     world = base64.urlsafe_b64encode(
         json.dumps({"localhost": list(range(t.num_processes))}).encode()
@@ -66,7 +66,7 @@ def launch_command(t: TrainConfig, spec_path: Path, port: int, node_rank: int = 
         f"--master_addr={t.master_addr}",
         f"--master_port={port}",
     ]
-    return cmd + worker
+    return [*cmd, "--module", *worker]
 
 
 def single_rank_env(t: TrainConfig, port: int) -> dict[str, str]:
