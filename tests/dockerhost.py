@@ -24,8 +24,10 @@ APT = {"dockerd": "docker.io", "debootstrap": "debootstrap", "docker-compose": "
 CPU_BASE = "sftflow-base:cpu"
 
 
-def sh(*cmd: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def sh(
+    *cmd: str, timeout: float = 1800, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and done.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd)} exited {done.returncode}:\n{(done.stderr or done.stdout)[-4000:]}"

@@ -80,11 +80,14 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp: Path, port: int | None = None, db_url: str | None = None) -> Iterator[dict]:
-    """`mlflow server` with its backend store on PostgreSQL and artifacts under tmp."""
+def mlflow_server(
+    tmp: Path, port: int | None = None, db_url: str | None = None, admin_password: str | None = None
+) -> Iterator[dict]:
+    """`mlflow server` with its backend store on PostgreSQL and artifacts under tmp; with
+    ``admin_password``, behind MLflow's basic-auth app (user `admin`, users kept under tmp)."""
     with contextlib.ExitStack() as stack:
         url = db_url or stack.enter_context(fresh_database("sftflow_mlflow"))
-        info = start_mlflow(tmp, url, port or free_port())
+        info = start_mlflow(tmp, url, port or free_port(), admin_password)
         stack.callback(stop, info["proc"])
         yield info
 
@@ -94,9 +97,17 @@ def mlflow_server(tmp: Path, port: int | None = None, db_url: str | None = None)
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def start_mlflow(tmp: Path, db_url: str, port: int) -> dict:
+def start_mlflow(tmp: Path, db_url: str, port: int, admin_password: str | None = None) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / f"mlflow-server-{port}.log"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", **MLFLOW_SERVER_ENV}
+    auth = []
+    if admin_password:
+        ini = tmp / "basic_auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp}/basic_auth.db\n")
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}  # fmt: skip
+        auth = ["--app-name", "basic-auth"]
     cmd = [
         sys.executable,
         "-m",
@@ -112,8 +123,8 @@ def start_mlflow(tmp: Path, db_url: str, port: int) -> dict:
         str(tmp / "mlartifacts"),
         "--workers",
         "1",
+        *auth,
     ]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", **MLFLOW_SERVER_ENV}
     proc = subprocess.Popen(
         cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
     )

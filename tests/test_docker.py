@@ -69,3 +69,39 @@ def test_compose_file_is_a_consistent_stack():
     assert "/mlflow" in services["mlflow-server"]["command"]
     # the same MLflow server as the tests' and `make stack`'s: no idle job consumers
     assert services["mlflow-server"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_compose_stack_needs_credentials_for_every_server():
+    """Secure by default: each server gets its credentials from a required variable (compose
+    stops with the variable's name when it is unset), and the worker the same ones as a client;
+    tests/test_images.py brings the stack up and checks that each refuses requests without them."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+
+    def required(value: str) -> str:
+        found = re.fullmatch(r"\$\{(\w+):\?set \1[^}]*\}", value)
+        assert found, f"{value!r} is not a required variable"
+        return found[1]
+
+    prefect = services["prefect-server"]["environment"]
+    assert required(prefect["PREFECT_SERVER_API_AUTH_STRING"]) == "PREFECT_API_AUTH_STRING"
+    mlflow = services["mlflow-server"]
+    assert (
+        "--app-name basic-auth" in mlflow["command"]
+        and "mlflow[auth]==" + PINS["mlflow"] in mlflow["command"]
+    )
+    env = mlflow["environment"]
+    assert required(env["MLFLOW_AUTH_ADMIN_USERNAME"]) == "MLFLOW_TRACKING_USERNAME"
+    assert required(env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == "MLFLOW_TRACKING_PASSWORD"
+    assert required(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == "MLFLOW_FLASK_SERVER_SECRET_KEY"
+    ini = env["MLFLOW_AUTH_CONFIG_PATH"]
+    assert any(v.endswith(f":{ini}:ro") and (DOCKER / v.split(":")[0]).is_file() for v in mlflow["volumes"])
+    assert "/mlflow_auth" in (DOCKER / "mlflow/basic_auth.ini").read_text()
+    assert "CREATE DATABASE mlflow_auth" in (DOCKER / "initdb/01-databases.sql").read_text()
+    # the worker reaches MLflow as mlflow-server:5000, a Host MLflow refuses unless allowed
+    assert ":-mlflow-server:5000," in env["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    assert services["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow-server:5000"
+    worker = services["worker"]["environment"]
+    for name in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert required(worker[name]) == name
+    assert required(services["vllm"]["environment"]["VLLM_API_KEY"]) == "VLLM_API_KEY"

@@ -141,21 +141,36 @@ def local_stack(folder: Path, images: dict[str, str], bundle: Path) -> tuple[Pat
             ports[name] = free_port()
             svc["ports"][i] = f"127.0.0.1:{ports[name]}:{mapping.split(':')[-1]}"
         svc["volumes"] = [
-            v.replace("./initdb", str(ROOT / "docker/initdb")).replace("./bundle", str(bundle))
+            v.replace("./bundle", str(bundle)).replace("./", f"{ROOT}/docker/", 1)
             for v in svc.get("volumes", [])
         ]
-    compose["services"]["vllm"]["environment"] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    compose["services"]["vllm"]["environment"]["VLLM_CPU_KVCACHE_SPACE"] = "1"
     path = folder / "compose.yaml"
     path.write_text(yaml.safe_dump(compose, sort_keys=False))
     return path, ports
 
 
+# what a user sets before `up` (docker/compose.yaml's header); every service needs its part
+CREDENTIALS = {
+    "PREFECT_API_AUTH_STRING": "sftflow:prefect-test-pass",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-test-pass",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-test-key",
+    "VLLM_API_KEY": "vllm-test-key",
+}
+
+
 def test_compose_stack_validates_and_comes_up_on_local_images(engine, train_image, container_run, tmp_path):
-    """`docker-compose config` passes on docker/compose.yaml; the whole stack then comes up on
-    local images (the official postgres, Prefect and MLflow images cannot be pulled here): the
-    Prefect server and MLflow server on their PostgreSQL databases, the worker in its pool, and
-    vLLM serving the container run's bundle."""
-    done = sh("docker-compose", "-f", str(ROOT / "docker/compose.yaml"), "config", check=False)
+    """`docker-compose config` refuses docker/compose.yaml without credentials and passes with
+    them; the whole stack then comes up on local images (the official postgres, Prefect and MLflow
+    images cannot be pulled here): the Prefect and MLflow servers on their PostgreSQL databases,
+    each refusing requests without its credentials, the worker online in its pool and able to
+    write to MLflow, and vLLM serving the container run's bundle to its key only."""
+    bare = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
+    done = sh("docker-compose", "-f", str(ROOT / "docker/compose.yaml"), "config", check=False, env=bare)
+    assert done.returncode != 0 and "set PREFECT_API_AUTH_STRING=user:password" in done.stderr, done.stderr
+    env = bare | CREDENTIALS
+    done = sh("docker-compose", "-f", str(ROOT / "docker/compose.yaml"), "config", check=False, env=env)
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
     assert set(services) == {"postgres", "prefect-server", "mlflow-server", "worker", "vllm"}
@@ -167,26 +182,63 @@ def test_compose_stack_validates_and_comes_up_on_local_images(engine, train_imag
     path, ports = local_stack(tmp_path, images, Path(container_run["summary"]["bundle"]))
     compose = ["docker-compose", "-p", f"sftflowtest{ports['vllm']}", "-f", str(path)]
     try:
-        sh(*compose, "up", "-d", timeout=600)
-        prefect = f"http://127.0.0.1:{ports['prefect-server']}/api"
+        sh(*compose, "up", "-d", timeout=600, env=env)
         t0 = time.monotonic()
-        wait_http_ok(f"{prefect}/health", 300)
-        wait_http_ok(f"http://127.0.0.1:{ports['mlflow-server']}/health", 300)
-        workers = wait_http_ok(f"{prefect}/work_pools/sftflow-process/workers/filter", 120, post={})
-        wait_http_ok(f"http://127.0.0.1:{ports['vllm']}/v1/models", 600)
-        print(f"\ncompose stack up in {time.monotonic() - t0:.0f}s; worker {workers[0]['name']}")
-        assert workers and workers[0]["status"] == "ONLINE"
+        check_stack(ports)
+        print(f"\ncompose stack up and checked in {time.monotonic() - t0:.0f}s")
         tables = sh(*compose, "exec", "-T", "postgres", "psql", "-U", "sftflow", "-d", "mlflow", "-Atc",
-                    "select count(*) from alembic_version").stdout  # fmt: skip
+                    "select count(*) from alembic_version", env=env).stdout  # fmt: skip
         assert tables.strip() == "1"  # MLflow migrated its own database
+        # the worker's flows reach MLflow with the stack's credentials, past sftflow's pre-check
+        code = (
+            "import os; from mlflow import MlflowClient; from tasks.core import check_reachable; "
+            "check_reachable(os.environ['MLFLOW_TRACKING_URI']); print(MlflowClient().create_experiment('c'))"
+        )
+        assert sh(*compose, "exec", "-T", "worker", "python", "-c", code, env=env).stdout.strip().isdigit()
     except Exception:
-        print(sh(*compose, "logs", "--tail", "30", check=False).stdout[-6000:])
+        print(sh(*compose, "logs", "--tail", "30", check=False, env=env).stdout[-6000:])
         raise
     finally:
-        sh(*compose, "down", "-v", check=False, timeout=300)
+        sh(*compose, "down", "-v", check=False, timeout=300, env=env)
 
 
-def wait_http_ok(url: str, timeout: float, post: dict | None = None, container: str | None = None):
+def check_stack(ports: dict[str, int]) -> None:
+    """Each server healthy, each refusing a request without its credentials and answering with them."""
+    prefect, mlflow = (
+        f"http://127.0.0.1:{ports['prefect-server']}/api",
+        f"http://127.0.0.1:{ports['mlflow-server']}",
+    )
+    vllm = f"http://127.0.0.1:{ports['vllm']}/v1/models"
+    prefect_auth = httpx.BasicAuth(*CREDENTIALS["PREFECT_API_AUTH_STRING"].split(":", 1))
+    mlflow_auth = httpx.BasicAuth(
+        CREDENTIALS["MLFLOW_TRACKING_USERNAME"], CREDENTIALS["MLFLOW_TRACKING_PASSWORD"]
+    )
+    vllm_key = {"Authorization": f"Bearer {CREDENTIALS['VLLM_API_KEY']}"}
+    wait_http_ok(f"{prefect}/health", 300)  # health probes need no credentials
+    wait_http_ok(f"{mlflow}/health", 300)
+    workers = wait_http_ok(
+        f"{prefect}/work_pools/sftflow-process/workers/filter", 120, post={}, auth=prefect_auth
+    )
+    print(f"\nworker {workers[0]['name']}")
+    assert workers[0]["status"] == "ONLINE"  # the worker signed in with the stack's auth string
+    wait_http_ok(vllm, 600, headers=vllm_key)
+    refused = {
+        "prefect": httpx.post(f"{prefect}/flows/filter", json={}, timeout=10).status_code,
+        "prefect, wrong": httpx.post(
+            f"{prefect}/flows/filter", json={}, auth=("sftflow", "x"), timeout=10
+        ).status_code,
+        "mlflow": httpx.get(
+            f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10
+        ).status_code,
+        "vllm": httpx.get(vllm, timeout=10).status_code,
+    }
+    assert refused == dict.fromkeys(refused, 401), refused
+    assert httpx.post(f"{prefect}/flows/filter", json={}, auth=prefect_auth, timeout=10).status_code == 200
+    search = f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(search, auth=mlflow_auth, timeout=10).status_code == 200
+
+
+def wait_http_ok(url: str, timeout: float, post: dict | None = None, container: str | None = None, **auth):
     """The JSON of the first 200 answer (a non-empty one, for a list) within ``timeout``; fails
     at once if ``container`` exits first."""
     deadline = time.monotonic() + timeout
@@ -197,7 +249,11 @@ def wait_http_ok(url: str, timeout: float, post: dict | None = None, container: 
         ):
             raise RuntimeError(f"container {container} exited before {url} answered")
         try:
-            r = httpx.post(url, json=post, timeout=5) if post is not None else httpx.get(url, timeout=5)
+            r = (
+                httpx.post(url, json=post, timeout=5, **auth)
+                if post is not None
+                else httpx.get(url, timeout=5, **auth)
+            )
             body = r.json() if "json" in r.headers.get("content-type", "") else r.text
             if r.status_code == 200 and body != []:
                 return body

@@ -135,3 +135,34 @@ def test_the_server_starts_no_job_consumers(server):
     assert any("uvicorn" in c for c in commands) and not [
         c for c in commands if "huey" in c or "_job_runner" in c
     ], commands
+
+
+def test_a_server_behind_basic_auth_is_checked_before_any_work(tmp_path, monkeypatch):
+    """MLflow's basic-auth app answers /health to anyone, so a check of /health alone let a run
+    without credentials start, train, and fail at its first MLflow write. The check asks the API
+    too: no credentials, or wrong ones, stop the run at once with the variables to set; the ones
+    MLflow's client reads (environment or URI) work for the unchanged lookup's REST path."""
+    from tasks.core import Unauthorized, check_reachable
+    from tasks.registry.versions import versions_tagged
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with mlflow_server(tmp_path, admin_password="s3cret-at-least-12") as info:
+        uri = info["uri"]
+        with pytest.raises(
+            Unauthorized, match="refused a request without credentials .HTTP 401.; set MLFLOW_TR"
+        ):
+            check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(Unauthorized, match="refused the credentials it was sent"):
+            check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-at-least-12")
+        check_reachable(uri)
+        expected = tagged_versions(uri)
+        assert versions_tagged(uri, "lookup", "sftflow.fingerprint", "aaa") == expected
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        in_uri = uri.replace("://", "://admin:s3cret-at-least-12@")
+        check_reachable(in_uri)
+        assert versions_tagged(in_uri, "lookup", "sftflow.fingerprint", "aaa") == expected

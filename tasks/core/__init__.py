@@ -9,6 +9,7 @@ from tasks.core.errors import (
     SftflowError,
     StageFailed,
     StageTimeout,
+    Unauthorized,
     Unreachable,
 )
 from tasks.core.faults import fault
@@ -60,6 +61,7 @@ __all__ = [
     "Tracker",
     "TrackingTarget",
     "TrainResult",
+    "Unauthorized",
     "Unchanged",
     "Unreachable",
     "atomic_dir",

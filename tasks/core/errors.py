@@ -32,6 +32,10 @@ class Unreachable(SftflowError, ConnectionError):
     """A server (MLflow, vLLM, a rendezvous) that cannot be reached."""
 
 
+class Unauthorized(SftflowError, PermissionError):
+    """A server that refused the credentials it was sent, or their absence."""
+
+
 class StageTimeout(SftflowError, TimeoutError):
     """Something that did not finish within its deadline."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.errors import StageFailed, Unreachable
+from tasks.core.errors import StageFailed, Unauthorized, Unreachable
 from tasks.core.files import read_json, write_json
 from tasks.core.hashing import code_version
 from tasks.core.paths import run_dir
@@ -57,15 +57,25 @@ def _quiet_env(uri: str) -> None:
 
 
 def _split(uri: str):
-    """The URI without credentials, and the Basic auth header they make (as MLflow's client sends)."""
+    """The URI without credentials, and the auth header MLflow's client would send: from
+    ``user:password@`` in the URI, else from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN."""
     import base64
     import urllib.parse
 
     url = urllib.parse.urlsplit(uri)
     headers = {}
-    if url.username:
-        token = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    user, password = url.username, url.password
+    if user:
+        user, password = urllib.parse.unquote(user), urllib.parse.unquote(password or "")
+    else:
+        user, password = (
+            os.environ.get("MLFLOW_TRACKING_USERNAME"),
+            os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+        )
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    elif token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
     netloc = url.hostname + (f":{url.port}" if url.port else "")
     return urllib.parse.urlunsplit((url.scheme, netloc, url.path.rstrip("/"), "", "")), headers
 
@@ -80,13 +90,26 @@ def http_get(uri: str, path: str, timeout_s: float = 10, **query) -> bytes:
 
 
 def check_reachable(uri: str, timeout_s: float = 10) -> None:
-    """An HTTP tracking server must answer /health now; MLflow's own retries would wait minutes."""
+    """An HTTP tracking server must answer now, and accept the credentials it is sent: MLflow's
+    own retries would wait minutes, and a refusal would otherwise come after training."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
 
     try:
         http_get(uri, "/health", timeout_s)
+        # /health answers anyone; MLflow's basic-auth app guards the API behind it
+        http_get(uri, "/api/2.0/mlflow/experiments/search", timeout_s, max_results=1)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            sent = "the credentials it was sent" if _split(uri)[1] else "a request without credentials"
+            raise Unauthorized(
+                f"tracking.mlflow_uri: MLflow at {redact(uri)} refused {sent} (HTTP {e.code}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
+            ) from None
+        raise Unreachable(
+            f"tracking.mlflow_uri: MLflow at {redact(uri)} answered HTTP {e.code}: {e.reason}"
+        ) from None
     except (urllib.error.URLError, OSError) as e:
         raise Unreachable(f"tracking.mlflow_uri: cannot reach MLflow at {redact(uri)}: {e}") from None
 

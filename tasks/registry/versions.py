@@ -35,7 +35,7 @@ def versions_tagged(uri: str, name: str, key: str, value: str) -> list[tuple[str
     The nightly unchanged-check asks this on every run. Importing MLflow and opening its SQL store
     costs about 2 s, most of a run that then does nothing, so a SQLite store is read with sqlite3
     (read-only) and a tracking server through its REST search; other stores, and servers that
-    MLflow's environment settings authenticate or verify, go through MLflow's client."""
+    MLflow's environment settings verify (TLS) or authenticate by plugin, go through MLflow's client."""
     query = f"name = '{name}' and tag.`{key}` = '{value}'"
     if uri.startswith("sqlite:///"):
         import sqlite3
@@ -62,9 +62,8 @@ def versions_tagged(uri: str, name: str, key: str, value: str) -> list[tuple[str
     return sorted(found.items(), key=lambda item: int(item[0]))
 
 
+# what only MLflow's client applies (http_get sends the username, password and token itself)
 _CLIENT_SETTINGS = (
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_TRACKING_CLIENT_CERT_PATH",
