@@ -29,7 +29,7 @@ from tasks.data.templating import stop_token_ids, template_sha
 from tasks.evaluation.gate import Decision, SampleStats, decide, resampled, spreads
 from tasks.evaluation.losssets import past_eval_sets, retention_rows
 from tasks.evaluation.report import report_markdown, write_outputs
-from tasks.evaluation.scoring import generate, metric_stats, row_losses
+from tasks.evaluation.scoring import generate, metric_stats, row_losses, spread
 from tasks.models.loading import dtype_name, load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.registry.tags import BASE_TAG
 from tasks.registry.versions import alias_version, all_versions, download_bundle
@@ -66,9 +66,8 @@ def score_model(
     tokenizer.chat_template = template
     model = load_model(path, pick_dtype(cfg.merge.dtype, path, "merge.dtype"), adapter)
     losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
-    prompts = [r["messages"] for r in records]
     preds, stopped = generate(
-        model, tokenizer, prompts, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        model, tokenizer, records, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
     )
     refs = [r["reference"] for r in records]
     stats = SampleStats({"eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})
@@ -102,7 +101,7 @@ def run_evaluate(
         stage.manifest.add_input("eval_records", Path(data.eval_records))
         stage.manifest.add_input("candidate", Path(merged.model_path))
         template = data.template()
-        records = read_jsonl(Path(data.eval_records), cfg.eval.max_samples)
+        records = spread(read_jsonl(Path(data.eval_records)), cfg.eval.max_samples)
         eval_ds = load_from_disk(data.eval_path)
         tokenizer = load_tokenizer(merged.model_path)
         eos_ids = stop_token_ids(tokenizer, template)

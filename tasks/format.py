@@ -31,6 +31,7 @@ from tasks.core.files import atomic_dir, copy_tree, write_json
 from tasks.core.results import FormatResult, Lineage
 from tasks.core.stage import Stage, open_stage, prefect_markdown
 from tasks.data.checks import check_bad_fraction, check_stops
+from tasks.data.messages import split_conversation
 from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
 from tasks.data.plan import DataPlan, plan_data
 from tasks.data.records import read_records
@@ -153,22 +154,29 @@ def tokenize_split(
     return kept, records, procs
 
 
-def write_eval_records(records, path: Path) -> None:
-    """The prompt of each eval conversation and its last answer (and its slice, when the data
-    names one), as the later stages ask them; with slices, also ``eval_slices.json``: the slice
-    of each row of the eval split, for the loss per slice."""
+def write_eval_records(records, path: Path, renderer: Renderer) -> None:
+    """The prompt of each eval conversation (with its tools) and its last answer (and its slice,
+    when the data names one), as the later stages ask them; an answer that calls tools is the
+    text the template trains for it. With slices, also ``eval_slices.json``: the slice of each
+    row of the eval split, for the loss per slice."""
     has_slice = "slice" in records.column_names
     slices = list(records["slice"]) if has_slice else [None] * len(records)
     if has_slice:
         write_json(path.with_name("eval_slices.json"), slices)
     with path.open("w", encoding="utf-8") as f:
         for conv, label in zip(records["conv"], slices):
-            conv = json.loads(conv)
+            messages, tools = split_conversation(json.loads(conv))
             # plain text has no prompt to generate from; it still counts for loss
-            if conv[0]["role"] == "text":
+            if messages[0]["role"] == "text":
                 continue
-            last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-            record = {"messages": conv[:last], "reference": conv[last]["content"]}
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            answer = messages[last]
+            reference = (
+                renderer.answer(messages[: last + 1], tools) if "tool_calls" in answer else answer["content"]
+            )
+            record = {"messages": messages[:last], "reference": reference}
+            if tools:
+                record["tools"] = tools
             if has_slice:
                 record["slice"] = label
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -254,7 +262,7 @@ def build_dataset(cfg: PipelineConfig, plan: DataPlan, renderer: Renderer, out: 
         )
 
     rows = save_rows(kept["train"], kept["eval"], cfg.data, key, work, out)
-    write_eval_records(records["eval"], out / "eval_records.jsonl")
+    write_eval_records(records["eval"], out / "eval_records.jsonl", renderer)
     lengths = np.asarray(kept["train"].data.column("length"))
     length_histogram(lengths, d.max_seq_len, out / "token_lengths.png")
     stats = {

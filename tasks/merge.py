@@ -44,7 +44,7 @@ def verification_inputs(tokenizer, eval_records: Path, n: int) -> list:
         for line in f:
             rec = json.loads(line)
             msgs = rec["messages"] + [{"role": "assistant", "content": rec["reference"]}]
-            text = tokenizer.apply_chat_template(msgs, tokenize=False)
+            text = tokenizer.apply_chat_template(msgs, tools=rec.get("tools"), tokenize=False)
             out.append(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]))
             if len(out) == n:
                 break

@@ -161,12 +161,13 @@ def fill_disk(disk: Path, leave: int = 0) -> Path:
 @pytest.hookimpl(trylast=True)  # after -m and -k deselect
 def pytest_collection_modifyitems(config, items):
     """The family matrix through vLLM takes about 20 minutes: ``make test-families`` runs it
-    (``-m families``), ``make test`` (CI) does not. When image tests are selected, the Docker
-    engine, base and train image are made in the background from the start (tests/dockerhost.py)."""
+    (``-m families``), ``make test`` (CI) runs only the family it names on the command line. When
+    image tests are selected, the Docker engine, base and train image are made in the background
+    from the start (tests/dockerhost.py)."""
     if "families" not in (config.option.markexpr or ""):
         skip = pytest.mark.skip(reason="the family matrix through vLLM: make test-families runs it")
         for item in items:
-            if "families" in item.keywords:
+            if "families" in item.keywords and item.nodeid not in config.args:
                 item.add_marker(skip)
     if any("docker" in item.keywords and item.module.__name__ == "test_images" for item in items):
         from dockerhost import warm_up

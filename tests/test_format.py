@@ -93,6 +93,40 @@ def test_every_example_trains_its_stop_and_the_stage_counts_them(tmp_path, tiny_
     assert res.counts["trains_stop"] == res.counts["train"] + res.counts["eval"] == 60
 
 
+def test_tool_calling_data_trains_the_calls_and_evaluates_them_with_their_tools(tmp_path):
+    """data/tools/train.jsonl on tiny-qwen2.5 with Qwen 2.5's template: every example trains its
+    calls and its stop, and the eval prompts carry their tools, with the call as the reference a
+    perfect model's decoded answer equals; ChatML, which renders no tools, is refused by name."""
+    from tasks.models.loading import resolve_model
+
+    from conftest import ROOT
+
+    data = str(ROOT / "data/tools/train.jsonl")
+    tiny = {"model": {"name_or_path": "tiny-qwen2.5"}}  # the tools' schema makes prompts of ~500 tokens
+    cfg = make_config(tmp_path, data, **tiny, data={"template": "qwen2.5", "max_seq_len": 768})
+    res = run_format(cfg, "r1", log=lambda *_: None)
+    assert res.counts["trains_stop"] == res.counts["train"] + res.counts["eval"] == 200
+    tok = load_tokenizer(resolve_model("tiny-qwen2.5"))
+    rows = load_from_disk(res.train_path)
+    trained = [text for i in range(3) for text in trained_text(tok, rows[i])]
+    assert any('"name": "lookup_city", "arguments": {"city": ' in text for text in trained)
+    records = [json.loads(line) for line in open(res.eval_records, encoding="utf-8")]
+    assert all(r["tools"][0]["function"]["name"] == "lookup_city" for r in records)
+    calls = [r for r in records if r["messages"][-1]["role"] == "user"]  # the answer is a call
+    assert calls and len(calls) < len(records)
+    for r in calls:
+        city = r["reference"].split('"city": "')[1].split('"')[0]
+        assert r["reference"] == json.dumps({"name": "lookup_city", "arguments": {"city": city}})
+        assert city in r["messages"][0]["content"]
+    for r in records:  # the others answer with the tool's result
+        if r not in calls:
+            assert r["reference"].endswith(f" is in {json.loads(r['messages'][-1]['content'])['country']}.")
+
+    chatml = make_config(tmp_path, data, **tiny, data={"template": "chatml", "max_seq_len": 768})
+    with pytest.raises(InputError, match="data.template does not render call 'lookup_city'"):
+        run_format(chatml, "r2", log=lambda *_: None)
+
+
 def _mistral(markers: bool) -> str:
     """Mistral v0.3's template (the shipped one): the system prompt goes into the last user turn, so
     a conversation's prefix does not render as a prefix; with markers around what the model says."""

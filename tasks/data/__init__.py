@@ -2,16 +2,10 @@
 
 from tasks.data.batching import IGNORE, Collator, TrainingCollator
 from tasks.data.checks import check_bad_fraction, check_stops
+from tasks.data.messages import BadRecord, openai_messages, split_conversation
 from tasks.data.mixing import Share, left_out_and_repeats, planned_counts, recorded_source, select
 from tasks.data.plan import DataPlan, plan_data
-from tasks.data.records import (
-    SHAREGPT_ROLES,
-    BadRecord,
-    detect_format,
-    iter_source,
-    read_records,
-    to_messages,
-)
+from tasks.data.records import SHAREGPT_ROLES, detect_format, iter_source, read_records, to_messages
 from tasks.data.report import length_histogram, summary_markdown
 from tasks.data.templating import (
     CHATML_TEMPLATE,
@@ -51,6 +45,7 @@ __all__ = [
     "iter_source",
     "left_out_and_repeats",
     "length_histogram",
+    "openai_messages",
     "pack",
     "plan_data",
     "planned_counts",
@@ -58,6 +53,7 @@ __all__ = [
     "read_records",
     "recorded_source",
     "select",
+    "split_conversation",
     "stop_token_ids",
     "summary_markdown",
     "template_sha",

@@ -2,8 +2,8 @@
 
 ``iter_source`` yields ``(line, record-or-BadRecord)`` for one source: the 1-based line of
 a JSONL file, the 1-based record of a JSON array, or the 1-based row of a CSV, Parquet or
-``save_to_disk`` dataset. ``to_messages`` turns one record of any shape into a list of
-``{role, content}`` turns, or raises ``BadRecord`` with the reason it goes to quarantine.
+``save_to_disk`` dataset. ``to_messages`` turns one record of any shape into a conversation
+(``tasks.data.messages``), or raises ``BadRecord`` with the reason it goes to quarantine.
 """
 
 from __future__ import annotations
@@ -23,9 +23,17 @@ import orjson
 
 from tasks.config import HUB_NAME, DataConfig
 from tasks.core.errors import InputError, MissingError
+from tasks.data.messages import (
+    BadRecord,
+    chat_turn,
+    conversation,
+    split_conversation,
+    text_field,
+    tools_field,
+)
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
-CANONICAL_ROLES = ("system", "user", "assistant")
+CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -34,11 +42,6 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
 }
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # undecodable bytes, as surrogateescape keeps them
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class BadRecord(InputError):
-    """A record that cannot be used; the message is the quarantine reason."""
 
 
 def resolve_sources(spec: str | list[str], field: str = "data.path") -> list[str]:
@@ -223,23 +226,6 @@ def detect_format(record: dict, columns: dict[str, str]) -> str:
     raise BadRecord(f"cannot tell the data format from the keys {sorted(record)[:8]}")
 
 
-def _text(record: dict, key: str, required: bool = True) -> str:
-    value = record.get(key)
-    if value is None:
-        if required:
-            raise BadRecord(f"missing field {key!r}" if key not in record else f"field {key!r} is null")
-        return ""
-    if not isinstance(value, str):
-        raise BadRecord(f"field {key!r} is a {type(value).__name__}, not a string")
-    if "\x00" in value:
-        raise BadRecord(f"field {key!r} contains a NUL character")
-    if SURROGATE.search(value):  # a JSON escape like \ud800 with no partner: not encodable text
-        raise BadRecord(f"field {key!r} contains an unpaired surrogate (invalid Unicode)")
-    if required and not value.strip():
-        raise BadRecord(f"field {key!r} is empty")
-    return value
-
-
 def _turns(record: dict, key: str) -> list:
     turns = record.get(key)
     if isinstance(turns, str):  # CSV and some Parquet exports keep the turns as JSON text
@@ -252,26 +238,28 @@ def _turns(record: dict, key: str) -> list:
     return turns
 
 
-def to_messages(record: dict, shape: str, columns: dict[str, str], roles: dict[str, str]) -> list[dict]:
-    """One record in any supported shape -> a list of {role, content} with >= 1 assistant turn.
-
-    ``roles`` maps sharegpt ``from`` values onto system/user/assistant.
-    """
+def to_messages(record: dict, shape: str, columns: dict[str, str], roles: dict[str, str]):
+    """One record in any supported shape -> a conversation with >= 1 assistant turn: a list of
+    turns, or turns and tools (``tasks.data.messages``). ``roles`` maps sharegpt ``from`` values
+    onto system/user/assistant/tool."""
     col = lambda name: columns.get(name, name)
     if shape == "alpaca":
-        instruction, extra = _text(record, col("instruction")), _text(record, col("input"), required=False)
+        instruction, extra = (
+            text_field(record, col("instruction")),
+            text_field(record, col("input"), required=False),
+        )
         msgs = [
             {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction},
-            {"role": "assistant", "content": _text(record, col("output"))},
+            {"role": "assistant", "content": text_field(record, col("output"))},
         ]
-        system = _text(record, col("system"), required=False)
+        system = text_field(record, col("system"), required=False)
         return ([{"role": "system", "content": system}] if system.strip() else []) + msgs
     if shape == "completion":
         if col("prompt") not in record and col("text") in record:
-            return [{"role": "text", "content": _text(record, col("text"))}]
+            return [{"role": "text", "content": text_field(record, col("text"))}]
         return [
-            {"role": "user", "content": _text(record, col("prompt"))},
-            {"role": "assistant", "content": _text(record, col("completion"))},
+            {"role": "user", "content": text_field(record, col("prompt"))},
+            {"role": "assistant", "content": text_field(record, col("completion"))},
         ]
     if shape == "messages":
         key, role_key, text_key, role_map = (
@@ -289,10 +277,10 @@ def to_messages(record: dict, shape: str, columns: dict[str, str], roles: dict[s
         role = turn.get(role_key)
         if role not in role_map:
             raise BadRecord(f"{key}[{n}].{role_key}: unknown role {role!r} (known: {sorted(role_map)})")
-        msgs.append({"role": role_map[role], "content": _text(turn, text_key)})
+        msgs.append(chat_turn(turn, role_map[role], text_key, f"{key}[{n}]"))
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord("no assistant turn")
-    return msgs
+    return conversation(msgs, tools_field(record, col("tools")))
 
 
 # ---------------------------------------------------------------- every source into one Arrow file
@@ -351,7 +339,10 @@ def read_records(
                     src["quarantined"] += 1
                     continue
                 conv = orjson.dumps(msgs).decode()
-                norm = orjson.dumps([(m["role"], " ".join(m["content"].split())) for m in msgs])
+                turns, tools = split_conversation(msgs)
+                norm = orjson.dumps(
+                    [[(m["role"], " ".join(m["content"].split()), m.get("tool_calls")) for m in turns], tools]
+                )
                 key = int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "little")
                 if key in seen:
                     counts["duplicates"] += 1

@@ -19,6 +19,7 @@ import orjson
 
 from tasks.core.errors import InputError, MissingError
 from tasks.data.batching import IGNORE
+from tasks.data.messages import check_tools_rendered, is_text, split_conversation, uses_tools
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -86,29 +87,33 @@ class Renderer:
             self._encode = encoder(self.tokenizer)
         return self._encode
 
-    def slow_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def slow_pieces(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         if self.marked:
-            return self.marked_pieces(messages)
+            return self.marked_pieces(messages, tools)
         pieces, done = [], ""
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            prompt, full = self.render(messages[:i], True), self.render(messages[: i + 1], False)
+            prompt, full = (
+                self.render(messages[:i], True, tools),
+                self.render(messages[: i + 1], False, tools),
+            )
             if not prompt.startswith(done) or not full.startswith(prompt):
-                return self.anchored_pieces(messages)
+                return self.anchored_pieces(messages, tools)
             pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
         return pieces
 
-    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
         """The template's text; what the template itself refuses (Gemma's "System role not
         supported") is an input error naming the roles."""
         from jinja2 import TemplateError
 
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
-            )
+                messages, tools=tools, chat_template=self.template, tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )  # fmt: skip
         except TemplateError as e:
             roles = [m["role"] for m in messages]
             raise InputError(f"data.template refuses a conversation of roles {roles}: {e}") from None
@@ -118,17 +123,19 @@ class Renderer:
         """The stop token as the rendered text holds it."""
         return self.tokenizer.decode([self.stop_id]) if self.stop_id >= 0 else ""
 
-    def anchored_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def anchored_pieces(
+        self, messages: list[dict], tools: list[dict] | None = None
+    ) -> list[tuple[str, bool]]:
         """For a template whose earlier turns render differently once a conversation goes on (Qwen 3
         drops their reasoning, Phi-3 ends the conversation with EOS): the whole conversation
         rendered once, each answer trained from where its own inference prompt ends (that prompt
         must be a prefix of the rendering) through its end-of-turn token."""
-        whole, stop = self.render(messages, False), self.stop_text
+        whole, stop = self.render(messages, False, tools), self.stop_text
         pieces, at = [], 0
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            prompt = self.render(messages[:i], True)
+            prompt = self.render(messages[:i], True, tools)
             end = whole.find(stop, len(prompt)) + len(stop) if whole.startswith(prompt) else -1
             if len(prompt) < at or end < len(stop) or msg["content"].strip() not in whole[len(prompt) : end]:
                 raise InputError(
@@ -141,14 +148,14 @@ class Renderer:
             at = end
         return pieces + [(whole[at:], False)] if at < len(whole) else pieces
 
-    def marked_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def marked_pieces(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         """The whole conversation rendered once, trained where the template's ``{% generation %}``
         blocks are (transformers' own tracker): exact on templates that do not render prefix by
         prefix, such as a system prompt moved into the last user turn."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
         texts, spans = render_jinja_template(
-            [messages], chat_template=self.template, return_assistant_tokens_mask=True,
+            [messages], tools=tools, chat_template=self.template, return_assistant_tokens_mask=True,
             **self.tokenizer.special_tokens_map,
         )  # fmt: skip
         text, pieces, at = texts[0], [], 0
@@ -172,9 +179,13 @@ class Renderer:
             for t, tr in plain
         ]
 
-    def pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def pieces(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         if messages[0]["role"] == "text":  # plain text: trained on everything
             return [(messages[0]["content"] + (self.tokenizer.eos_token or ""), True)]
+        if uses_tools(messages, tools):  # calls and tools are not verbatim contents: no fast plan
+            pieces = self.slow_pieces(messages, tools)
+            check_tools_rendered(messages, tools, pieces)
+            return pieces
         roles = tuple(m["role"] for m in messages)
         if roles not in self.plans:
             self.plans[roles] = self._plan(roles)
@@ -194,6 +205,13 @@ class Renderer:
                 return slow
         return out
 
+    def answer(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The last turn (an assistant's) as a perfect model's decoded answer reads: its trained
+        text up to the stop, without special tokens. The reference for an answer that calls tools."""
+        trained = [text for text, tr in self.pieces(messages, tools) if tr][-1]
+        text = trained.rsplit(self.stop_text, 1)[0] if self.stop_text else trained
+        return self.tokenizer.decode(self.encode([text])[0], skip_special_tokens=True).strip()
+
     @property
     def fast(self) -> bool:
         """Whether every shape seen so far took the fast path."""
@@ -212,10 +230,10 @@ def end_of_turn_id(tokenizer, template: str) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
-def prompt_text(tokenizer, messages: list[dict]) -> str:
+def prompt_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """A prompt as the model sees it before answering: what evaluate generates from and what a
     server's ``/tokenize`` must reproduce (the tokenizer carries the training template)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def stop_token_ids(tokenizer, template: str) -> list[int]:
@@ -239,7 +257,7 @@ def encoder(tokenizer):
     return direct if direct(probe) == wrapped(probe) else wrapped
 
 
-def tokenize_conversations(convs: list[list[dict]], renderer: Renderer, train_on_inputs: bool):
+def tokenize_conversations(convs: list, renderer: Renderer, train_on_inputs: bool):
     """All pieces of all conversations go through the tokenizer in one batched call.
 
     Returns flat numpy arrays (ids, labels) and each conversation's length: no per-token
@@ -247,7 +265,7 @@ def tokenize_conversations(convs: list[list[dict]], renderer: Renderer, train_on
     """
     import numpy as np
 
-    plan = [renderer.pieces(c) for c in convs]
+    plan = [renderer.pieces(*split_conversation(c)) for c in convs]
     flat = [text for pieces in plan for text, _ in pieces]
     ids = renderer.encode(flat) if flat else []
     piece_len = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
@@ -330,7 +348,7 @@ def tokenize_batch(
     convs = [orjson.loads(c) for c in batch.column("conv").to_pylist()]
     ids, labels, lengths = tokenize_conversations(convs, renderer, train_on_inputs)
     stop = np.fromiter(
-        (renderer.eos_id if c[0]["role"] == "text" else renderer.stop_id for c in convs), np.int64, len(convs)
+        (renderer.eos_id if is_text(c) else renderer.stop_id for c in convs), np.int64, len(convs)
     )
     over = lengths > max_len
     if over.any() and excess == "error":

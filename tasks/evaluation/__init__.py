@@ -14,7 +14,7 @@ from tasks.evaluation.gate import (
 )
 from tasks.evaluation.losssets import past_eval_sets, retention_conversations, retention_rows
 from tasks.evaluation.report import bar_chart, report_markdown, write_outputs
-from tasks.evaluation.scoring import generate, metric_stats, row_losses
+from tasks.evaluation.scoring import generate, metric_stats, row_losses, spread
 
 __all__ = [
     "SampleStats",
@@ -30,6 +30,7 @@ __all__ = [
     "retention_conversations",
     "retention_rows",
     "row_losses",
+    "spread",
     "shown",
     "slice_failures",
     "slice_metric",

@@ -103,6 +103,8 @@ def write_generations(
     with open(path, "w", encoding="utf-8") as f:
         for i, rec in enumerate(records):
             row = {"prompt": rec["messages"], "reference": rec["reference"]}
+            if rec.get("tools"):
+                row["tools"] = rec["tools"]
             for n in preds:
                 row |= {n: preds[n][i], f"{n}_stopped": stopped[n][i]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -7,6 +7,14 @@ from tasks.data.batching import IGNORE, Collator
 from tasks.data.templating import prompt_text
 
 
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items``, evenly spaced and in order (all of them when there are no more). A mix's
+    eval split holds its sources one after another: the first ``n`` would ask the first only."""
+    if n >= len(items):
+        return items
+    return [items[k * len(items) // n] for k in range(n)]
+
+
 def row_losses(model, dataset, pad_id: int, batch_size: int):
     """Per eval row: the summed loss of its trained tokens and their count (eval loss is the
     sum over rows divided by the count, as a token-weighted mean)."""
@@ -27,15 +35,18 @@ def row_losses(model, dataset, pad_id: int, batch_size: int):
 
 
 def generate(
-    model, tokenizer, prompts: list[list[dict]], eos_ids: list[int], max_new_tokens: int, batch_size: int
+    model, tokenizer, prompts: list[dict], eos_ids: list[int], max_new_tokens: int, batch_size: int
 ) -> tuple[list[str], list[bool]]:
-    """Greedy answers, and whether each ended on a stop token (else it ran to ``max_new_tokens``)."""
+    """Greedy answers to eval records' prompts (``messages``, and ``tools`` when they have them),
+    and whether each ended on a stop token (else it ran to ``max_new_tokens``)."""
     import torch
 
     tokenizer.padding_side = "left"
     texts, stopped = [], []
     for start in range(0, len(prompts), batch_size):
-        chats = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
+        chats = [
+            prompt_text(tokenizer, p["messages"], p.get("tools")) for p in prompts[start : start + batch_size]
+        ]
         enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             gen = model.generate(

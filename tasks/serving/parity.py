@@ -26,6 +26,7 @@ from tasks.core.errors import StageFailed
 from tasks.core.faults import fault
 from tasks.core.files import read_jsonl, write_json
 from tasks.core.results import EvalResult
+from tasks.data.messages import openai_messages
 from tasks.data.templating import prompt_text
 from tasks.serving.server import Server
 from tasks.serving.venv import server_env, vllm_python
@@ -106,9 +107,21 @@ def parity_table(result: dict) -> dict[str, list]:
     return {k: [i[k] for i in result["items"]] for k in keys}
 
 
-def served_ids(base_url: str, model: str, messages: list[dict], api_key: str) -> list[int]:
+def chat_request(messages: list[dict], tools: list[dict] | None) -> dict:
+    """A prompt as OpenAI's chat API takes it; its tools reach the template, and the answer comes
+    back as the text the model wrote (tool_choice "none": the gate compares text, not parsed calls)."""
+    return {"messages": openai_messages(messages)} | (
+        {"tools": tools, "tool_choice": "none"} if tools else {}
+    )
+
+
+def served_ids(
+    base_url: str, model: str, messages: list[dict], api_key: str, tools: list | None = None
+) -> list[int]:
     """The server's token ids for a chat prompt (vLLM's ``/tokenize`` lives beside ``/v1``)."""
-    body = {"model": model, "messages": messages, "add_generation_prompt": True}
+    body = {"model": model, "messages": openai_messages(messages), "add_generation_prompt": True}
+    if tools:
+        body["tools"] = tools
     req = urllib.request.Request(
         base_url.rstrip("/").removesuffix("/v1") + "/tokenize",
         data=json.dumps(body).encode(),
@@ -153,7 +166,8 @@ def check_parity(
     # the tokenizer is used here, in one thread: a Rust tokenizer shared by threads can refuse
     # ("Already borrowed")
     trained = [
-        tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows
+        tokenizer(prompt_text(tokenizer, r["prompt"], r.get("tools")), add_special_tokens=False)["input_ids"]
+        for r in rows
     ]
 
     def check(row_ids: tuple[dict, list[int]]) -> dict:
@@ -171,6 +185,7 @@ def check_parity(
     count = max(len(items), 1)
     return {
         "prompts": len(items),
+        "tool_prompts": sum(bool(r.get("tools")) for r in rows),
         "template_match": sum(i["template_match"] for i in items) / count,
         "agreement": sum(i["agrees"] for i in items) / count,
         "finish_reasons": {
@@ -186,9 +201,9 @@ def check_prompt(
     client, base_url: str, model: str, row: dict, ours: list[int], max_tokens: int, api_key: str
 ) -> dict:
     """One prompt: the served token ids against ``ours`` (training's), the greedy answer against the evaluated one."""
-    theirs = served_ids(base_url, model, row["prompt"], api_key)
+    theirs = served_ids(base_url, model, row["prompt"], api_key, row.get("tools"))
     r = client.chat.completions.create(
-        model=model, messages=row["prompt"], max_tokens=max_tokens, temperature=0
+        model=model, **chat_request(row["prompt"], row.get("tools")), max_tokens=max_tokens, temperature=0
     )
     answer = (r.choices[0].message.content or "").strip()
     item = {

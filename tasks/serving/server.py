@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from tasks.core.errors import InputError, StageFailed, StageTimeout
+from tasks.data.messages import openai_messages
 from tasks.data.templating import end_of_turn_id
 
 # vLLM's model registry, for when vLLM itself is not installed (it lives in its own image).
@@ -274,7 +275,7 @@ def smoke_test(
     for messages in prompts:
         t0 = time.monotonic()
         r = client.chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=0
+            model=model, messages=openai_messages(messages), max_tokens=max_tokens, temperature=0
         )
         choice = r.choices[0]
         text = choice.message.content or ""
