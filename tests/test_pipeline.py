@@ -248,8 +248,11 @@ def test_batched_left_padded_generation_equals_one_at_a_time(first_run):
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     template = (run / "format/chat_template.jinja").read_text()
     tokenizer.chat_template = template
-    prompts = [r["messages"] for r in read_jsonl(run / "format/eval_records.jsonl", 8)]
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    prompts = read_jsonl(run / "format/eval_records.jsonl", 8)
+    texts = [
+        tokenizer.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts}
     assert len(lengths) > 1, "the prompts must differ in length for padding to matter"
     eos = stop_token_ids(tokenizer, template)
