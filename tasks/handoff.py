@@ -52,7 +52,7 @@ from tasks.registry.versions import (
     set_version_tag,
     version_for_run,
 )
-from tasks.serving.bundle import serve_argv, served_length, write_launchers, write_mlmodel
+from tasks.serving.bundle import serve_argv, served_length, tool_parser, write_launchers, write_mlmodel
 from tasks.serving.parity import ParityError, parity_gate, parity_table, start_server
 from tasks.serving.server import Server, hot_swap, preflight, smoke_markdown, smoke_test, wait_healthy
 from tasks.serving.venv import has_cuda
@@ -82,10 +82,11 @@ def build_bundle(
             folder, Path(model), template, cfg.serve.max_lora_rank, adapter_dir=folder / "adapter"
         )
     length = served_length(cfg.data.max_seq_len, cfg.eval.max_new_tokens, max_positions(folder / model))
-    argv = serve_argv(
-        cfg.served_model_name, length, cfg.serve.max_lora_rank, model, dtype, "adapter" if adapter else None
+    parser = tool_parser(cfg.serve.tool_call_parser, cfg.data.template)
+    ref = "adapter" if adapter else None
+    argv = (
+        serve_argv(cfg.served_model_name, length, cfg.serve.max_lora_rank, model, dtype, ref, parser) + extra
     )
-    argv += extra
     info = {
         "served_model_name": cfg.served_model_name,
         "mode": cfg.serve.mode,

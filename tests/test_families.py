@@ -198,6 +198,7 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
     from test_vllm import ARGS, FULL, servers_under
 
     from tasks.data.templating import template_sha
+    from tasks.serving.bundle import tool_parser
 
     from conftest import run_cli
 
@@ -237,6 +238,13 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
     sha = template_sha(named_templates()[template].read_text(encoding="utf-8"))
     served = json.loads((run / "handoff/bundle/serve.json").read_text())
     assert served["chat_template"] == {"name": template, "sha256": sha}
+    # the families whose templates call tools are served with vLLM's parser for them (it started)
+    parser = (
+        served["argv"][served["argv"].index("--tool-call-parser") + 1] if family in TOOL_FAMILIES else None
+    )
+    assert parser == tool_parser("auto", template) and (
+        "--enable-auto-tool-choice" in served["argv"]
+    ) == bool(parser)
     version = MlflowClient(summary["mlflow_uri"], summary["mlflow_uri"]).get_model_version(
         f"tiny-{family}", summary["version"]
     )

