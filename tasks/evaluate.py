@@ -56,6 +56,7 @@ def score_model(
     log=print,
     loss_sets: dict | None = None,
     adapter: Path | None = None,
+    template_kwargs: dict | None = None,
 ) -> tuple[dict[str, float], list[str], list[bool], SampleStats]:
     """Loss, perplexity and the generation metrics of one model (``path``, plus ``adapter`` for an
     adapter champion), with per-sample statistics, its answers and whether each stopped;
@@ -67,7 +68,7 @@ def score_model(
     model = load_model(path, pick_dtype(cfg.merge.dtype, path, "merge.dtype"), adapter)
     losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
     preds, stopped = generate(
-        model, tokenizer, records, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        model, tokenizer, records, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, template_kwargs
     )
     refs = [r["reference"] for r in records]
     stats = SampleStats({"eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})
@@ -105,7 +106,7 @@ def run_evaluate(
         eval_ds = load_from_disk(data.eval_path)
         tokenizer = load_tokenizer(merged.model_path)
         eos_ids = stop_token_ids(tokenizer, template)
-        loss_sets = extra_loss_sets(cfg, run_id, tokenizer, template, stage.log)
+        loss_sets = extra_loss_sets(cfg, run_id, tokenizer, template, stage.log, data.template_kwargs)
         models = {
             "base": ModelRef(resolve_model(cfg.model.name_or_path)),
             "candidate": ModelRef(Path(merged.model_path)),
@@ -113,7 +114,7 @@ def run_evaluate(
         if champion is not None:
             models["champion"] = champion
         scores, preds, stopped, stats = score_models(
-            cfg, models, template, records, eval_ds, eos_ids, loss_sets, stage.log
+            cfg, models, template, records, eval_ds, eos_ids, loss_sets, stage.log, data.template_kwargs
         )
         fault("evaluate:scored")
         row_slices = read_json(Path(data.eval_slices)) if data.eval_slices else None
@@ -161,23 +162,27 @@ def record_evaluation(stage: Stage, scores: dict, d: Decision) -> None:
 
 
 def score_models(
-    cfg: PipelineConfig, models: dict, template, records, eval_ds, eos_ids, loss_sets, log
+    cfg: PipelineConfig, models: dict, template, records, eval_ds, eos_ids, loss_sets, log, template_kwargs
 ) -> tuple:
     """Each model's (scores, answers, whether each answer stopped, per-sample statistics), by name."""
     scores, preds, stopped, stats = {}, {}, {}, {}
     for name, ref in models.items():
         log(f"evaluate: scoring {name} on {len(records)} samples ...")
         scores[name], preds[name], stopped[name], stats[name] = score_model(
-            ref.path, cfg, template, records, eval_ds, eos_ids, log, loss_sets, ref.adapter
+            ref.path, cfg, template, records, eval_ds, eos_ids, log, loss_sets, ref.adapter, template_kwargs
         )
     return scores, preds, stopped, stats
 
 
-def extra_loss_sets(cfg: PipelineConfig, run_id: str, tokenizer, template: str, log) -> dict:
+def extra_loss_sets(
+    cfg: PipelineConfig, run_id: str, tokenizer, template: str, log, template_kwargs: dict
+) -> dict:
     """retention_loss and past_<version>_loss: the sets tasks/evaluation/losssets.py describes."""
     sets = {}
     if cfg.eval.retention.enabled:
-        sets["retention_loss"] = retention_rows(cfg.eval.retention, cfg.data.max_seq_len, tokenizer, template)
+        sets["retention_loss"] = retention_rows(
+            cfg.eval.retention, cfg.data.max_seq_len, tokenizer, template, template_kwargs
+        )
         log(f"evaluate: retention set {cfg.eval.retention.file}: {len(sets['retention_loss'])} conversations")
     if cfg.eval.past_eval_sets:
         versions = all_versions(cfg.mlflow_uri, cfg.registered_model)

@@ -16,6 +16,7 @@ are ``datasets.map`` passes over it (``data.num_proc``). The output is cached un
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -27,12 +28,13 @@ from prefect import task
 
 from tasks.config import PipelineConfig
 from tasks.core.errors import InputError
-from tasks.core.files import atomic_dir, copy_tree, write_json
+from tasks.core.files import atomic_dir, copy_tree, read_json, write_json
 from tasks.core.results import FormatResult, Lineage
 from tasks.core.stage import Stage, open_stage, prefect_markdown
 from tasks.data.checks import check_bad_fraction, check_stops
 from tasks.data.messages import split_conversation
 from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
+from tasks.data.packing import pack, with_positions
 from tasks.data.plan import DataPlan, plan_data
 from tasks.data.records import read_records
 from tasks.data.report import length_histogram, summary_markdown
@@ -42,10 +44,9 @@ from tasks.data.templating import (
     TRUNCATED,
     Renderer,
     chat_template,
-    pack,
+    pinned_date,
     template_sha,
     tokenize_batch,
-    with_positions,
 )
 from tasks.evaluation.losssets import retention_conversations
 from tasks.models.loading import check_context, load_tokenizer, resolve_model
@@ -328,8 +329,11 @@ def run_format(
             tokenizer = load_tokenizer(plan.model_dir)
             template = chat_template(d.template, tokenizer)
             (out / "chat_template.jinja").write_text(template, encoding="utf-8")
-            stats = build_dataset(cfg, plan, Renderer(tokenizer, template), out, stage.log)
+            pins = pinned_date(template, dt.date.today())  # before any work: an unpinnable one is refused
+            write_json(out / "chat_template_kwargs.json", pins)
+            stats = build_dataset(cfg, plan, Renderer(tokenizer, template, pins), out, stage.log)
         template = (out / "chat_template.jinja").read_text(encoding="utf-8")
+        pins = template_kwargs(out)
         replayed = lineage.label if lineage and d.replay else None
         stage.manifest.outputs = format_outputs(out, plan, template, bool(hit), cached, replayed)
         stage.manifest.metrics = stats
@@ -347,12 +351,15 @@ def run_format(
             declared_key=plan.declared_key,
             sources=stage.manifest.outputs["sources"],
             eval_slices=str(out / "eval_slices.json") if (out / "eval_slices.json").is_file() else "",
+            template_kwargs=pins,
         )
         stage.finish(result)
         if d.cache and not hit:
             store_in_cache(out, cached, stage.log)
         c = stats["counts"]
         fill = f", rows {stats['real_token_fraction']:.1%} full" if stats.get("real_token_fraction") else ""
+        if pins:
+            stage.log(f"format: data.template writes today's date; pinned for every later stage: {pins}")
         stage.log(
             f"format: {c['train']:,} train / {c['eval']:,} eval records -> {stats['train_rows']:,} rows of "
             f"<= {d.max_seq_len} tokens{fill}; {c['trains_stop']:,} examples train their stop token"
@@ -361,6 +368,12 @@ def run_format(
         stage.tags({"sftflow.format_cache": "hit" if hit else "miss"})
         prefect_markdown(f"format-{cfg.run_name}", summary_markdown(result, stats), "format stage counts")
     return result
+
+
+def template_kwargs(out: Path) -> dict:
+    """The date pinned when this data was rendered (a cache hit keeps the day it was built)."""
+    path = out / "chat_template_kwargs.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def format_outputs(

@@ -3,8 +3,8 @@
 Reads the merged model (or, in adapter mode, the trained adapter and the base), the training
 chat template, the evaluate stage's answers and the gate's decision; writes ``<run>/handoff/``.
 
-``<run>/handoff/bundle/`` holds the model folder (or the adapter, in adapter mode),
-``serve.json`` with the exact vLLM argv and the chat template's name and hash, ``serve.sh``, and an
+``<run>/handoff/bundle/`` holds the model folder (or the adapter, in adapter mode), ``serve.json``
+with the exact vLLM argv and the chat template's name, hash and pinned date, ``serve.sh``, and an
 ``MLmodel`` file with the ``python_function`` flavor. Before registering, the parity gate serves
 the bundle with the real vLLM, exactly as serve.json says, and compares it with the evaluated model
 (``parity.json``/``parity.md``, ``vllm.log``); a bundle that fails is not registered. The version
@@ -31,7 +31,6 @@ from tasks.core.results import EvalResult, FormatResult, HandoffResult, MergeRes
 from tasks.core.space import require_free, tree_bytes
 from tasks.core.stage import Stage, open_stage, prefect_markdown, stage_logger
 from tasks.core.tracking import StageRun
-from tasks.data.templating import template_sha
 from tasks.models.loading import dtype_name, load_tokenizer, max_positions, resolve_model
 from tasks.registry.fingerprint import pipeline_fingerprint
 from tasks.registry.inputs import dataset_inputs
@@ -52,7 +51,15 @@ from tasks.registry.versions import (
     set_version_tag,
     version_for_run,
 )
-from tasks.serving.bundle import serve_argv, served_length, tool_parser, write_launchers, write_mlmodel
+from tasks.serving.bundle import (
+    serve_argv,
+    served_length,
+    template_label,
+    template_record,
+    tool_parser,
+    write_launchers,
+    write_mlmodel,
+)
 from tasks.serving.parity import ParityError, parity_gate, parity_table, start_server
 from tasks.serving.server import Server, hot_swap, preflight, smoke_markdown, smoke_test, wait_healthy
 from tasks.serving.venv import has_cuda
@@ -64,13 +71,13 @@ def build_bundle(
     cfg: PipelineConfig,
     run_id: str,
     folder: Path,
-    template: str,
+    data: FormatResult,
     merged: MergeResult,
     trained: TrainResult,
     dtype: str,
 ) -> dict:
     """The bundle folder, checked by the vLLM pre-flight (which may fix it, with notes)."""
-    adapter = cfg.serve.mode == "adapter"
+    adapter, template, pins = cfg.serve.mode == "adapter", data.template(), data.template_kwargs
     if not adapter:
         copy_tree(Path(merged.model_path), folder / "model")
         notes, extra = preflight(folder, folder / "model", template, cfg.serve.max_lora_rank)
@@ -85,7 +92,8 @@ def build_bundle(
     parser = tool_parser(cfg.serve.tool_call_parser, cfg.data.template)
     ref = "adapter" if adapter else None
     argv = (
-        serve_argv(cfg.served_model_name, length, cfg.serve.max_lora_rank, model, dtype, ref, parser) + extra
+        serve_argv(cfg.served_model_name, length, cfg.serve.max_lora_rank, model, dtype, ref, parser, pins)
+        + extra
     )
     info = {
         "served_model_name": cfg.served_model_name,
@@ -94,7 +102,7 @@ def build_bundle(
         "model": model,
         "dtype": dtype,
         "max_tokens": cfg.eval.max_new_tokens,
-        "chat_template": {"name": cfg.data.template, "sha256": template_sha(template)},
+        "chat_template": template_record(cfg.data.template, template, pins),
         "argv": argv,
         "env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if adapter else {},
         "preflight_notes": notes,
@@ -125,7 +133,7 @@ def make_bundle(
     # served as evaluated: in the dtype the evaluate stage ran in
     dtype = cfg.serve.dtype or dtype_name(cfg.merge.dtype, merged.model_path)
     with atomic_dir(bundle) as tmp:
-        info = build_bundle(cfg, run_id, tmp, data.template(), merged, trained, dtype)
+        info = build_bundle(cfg, run_id, tmp, data, merged, trained, dtype)
     fault("handoff:bundle")
     return info
 
@@ -176,6 +184,7 @@ def served_like_evaluated(
         stage.dir,
         stage.log,
         server,
+        data.template_kwargs,
     )
     markdown = (stage.dir / "parity.md").read_text(encoding="utf-8")
     prefect_markdown(f"parity-{cfg.run_name}", markdown, "train/serve parity: vLLM vs the evaluated model")
@@ -248,7 +257,7 @@ def register(
         PROMOTED_TAG: False,  # True once champion has moved to it (move_aliases)
         "sftflow.gate": scores.reason[:4000],
         "sftflow.serve_argv": json.dumps(info["argv"]),
-        "sftflow.chat_template": "{name} {sha256}".format(**info["chat_template"]),
+        "sftflow.chat_template": template_label(info["chat_template"]),
         "sftflow.parity": f"agreement {parity['agreement']:.3f}, template {parity['template_match']:.3f}"
         if parity
         else "off",

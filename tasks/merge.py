@@ -35,7 +35,7 @@ from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config, resol
 SECTIONS = ("model", "train", "merge")
 
 
-def verification_inputs(tokenizer, eval_records: Path, n: int) -> list:
+def verification_inputs(tokenizer, eval_records: Path, n: int, template_kwargs: dict | None = None) -> list:
     """Full prompt+reference sequences of the first n eval records (fixed, so reruns compare alike)."""
     import torch
 
@@ -44,7 +44,9 @@ def verification_inputs(tokenizer, eval_records: Path, n: int) -> list:
         for line in f:
             rec = json.loads(line)
             msgs = rec["messages"] + [{"role": "assistant", "content": rec["reference"]}]
-            text = tokenizer.apply_chat_template(msgs, tools=rec.get("tools"), tokenize=False)
+            text = tokenizer.apply_chat_template(
+                msgs, tools=rec.get("tools"), tokenize=False, **(template_kwargs or {})
+            )
             out.append(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]))
             if len(out) == n:
                 break
@@ -332,7 +334,9 @@ def run_merge(
         dtype = pick_dtype(cfg.merge.dtype, base_path, "merge.dtype")
         tokenizer = load_tokenizer(base_path)
         tokenizer.chat_template = data.template()
-        inputs = verification_inputs(tokenizer, Path(data.eval_records), cfg.merge.verify_prompts)
+        inputs = verification_inputs(
+            tokenizer, Path(data.eval_records), cfg.merge.verify_prompts, data.template_kwargs
+        )
         source = trained_dir if method == "full" else base_path
         require_free(out, weights_bytes(source, dtype), f"merge (the {cfg.merge.dtype} merged model)")
         metrics: dict = {}

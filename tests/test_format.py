@@ -127,6 +127,28 @@ def test_tool_calling_data_trains_the_calls_and_evaluates_them_with_their_tools(
         run_format(chatml, "r2", log=lambda *_: None)
 
 
+def test_a_template_that_writes_todays_date_is_pinned_and_a_cache_hit_keeps_its_day(tmp_path):
+    """Llama 3.2's template writes today's date: the format stage pins it, every example holds it,
+    the result carries it to evaluate, the parity gate and the bundle, and a later night that reuses
+    the cached data keeps the day that data was rendered on."""
+    import datetime as dt
+
+    from tasks.models.loading import resolve_model
+
+    data = write_jsonl(tmp_path / "d.jsonl", CHAT)
+    cfg = make_config(tmp_path, data, model={"name_or_path": "tiny-llama3"}, data={"template": "llama3.2"})
+    res = run_format(cfg, "r1", log=lambda *_: None)
+    today = dt.date.today().strftime("%d %b %Y")
+    assert res.template_kwargs == {"date_string": today}
+    tok = load_tokenizer(resolve_model("tiny-llama3"))
+    texts = [tok.decode(row["input_ids"]) for row in load_from_disk(res.train_path)]
+    assert all(t.count(f"Today Date: {today}\n") == t.count("Cutting Knowledge Date") > 0 for t in texts)
+    cached = next((tmp_path / "runs/.cache/format").glob("*/chat_template_kwargs.json"))
+    cached.write_text(json.dumps({"date_string": "02 Jan 2024"}))  # as if rendered on that day
+    again = run_format(cfg, "r2", log=lambda *_: None)
+    assert again.cache_hit and again.template_kwargs == {"date_string": "02 Jan 2024"}
+
+
 def _mistral(markers: bool) -> str:
     """Mistral v0.3's template (the shipped one): the system prompt goes into the last user turn, so
     a conversation's prefix does not render as a prefix; with markers around what the model says."""

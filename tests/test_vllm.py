@@ -287,6 +287,42 @@ def test_a_bundle_with_another_chat_template_fails_template_parity(served_run, t
     assert failures[0].startswith("template parity 0% < 100%: the server renders prompts differently")
 
 
+def test_vllm_renders_the_date_the_format_stage_pinned(served_run, tmp_path):
+    """Llama 3.2's template writes today's date: the bundle's vLLM gets the pinned one as every
+    request's default (serve_argv's --default-chat-template-kwargs), so /tokenize and the chat
+    answers render training's prompt, on any day; without the pin the prompts differ."""
+    from tasks.data.templating import named_templates, pinned_date
+    from tasks.models.loading import load_tokenizer
+    from tasks.serving.bundle import serve_argv
+    from tasks.serving.parity import check_parity, start_server
+
+    run = Path(served_run["summary"]["run_dir"])
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run / "handoff/bundle", bundle)
+    template = named_templates()["llama3.2"].read_text(encoding="utf-8")
+    (bundle / "chat_template.jinja").write_text(template)
+    pins = pinned_date(template, dt.date(2024, 1, 2))
+    info = json.loads((bundle / "serve.json").read_text())
+    info["argv"] += [
+        "--chat-template",
+        "chat_template.jinja",
+        *serve_argv("m", 1, 1, "m", "float32", None, None, pins)[-2:],
+    ]
+    tokenizer = load_tokenizer(run / "merge/model")
+    tokenizer.chat_template = template
+    rows = [json.loads(line) for line in (run / "evaluate/generations.jsonl").read_text().splitlines()][:4]
+    server = start_server(bundle, info, tmp_path, 600, print)
+    try:
+        server.wait(print)
+        pinned = check_parity(server.url, "model", tokenizer, rows, 2, server.api_key, 4, print, pins)
+        unpinned = check_parity(server.url, "model", tokenizer, rows, 2, server.api_key, 4, print)
+    finally:
+        server.stop()
+    assert servers_under(tmp_path) == []
+    assert pinned["template_match"] == 1.0, pinned["items"][0].get("template_diff")
+    assert unpinned["template_match"] == 0.0  # today's date, locally: not what vLLM was told to render
+
+
 def test_an_eos_that_misses_the_end_of_turn_fails_stop_parity(served_run, tmp_path):
     def endoftext_eos(bundle, info):  # the base's <|endoftext|> as EOS, as in many base checkpoints
         for name, key in (("generation_config.json", "eos_token_id"), ("config.json", "eos_token_id")):

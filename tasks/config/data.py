@@ -120,7 +120,8 @@ class DataConfig(_RolesAndColumns):
     template: str = Field(
         "auto",
         description="auto (tokenizer chat template, else alpaca), alpaca, chatml, a family's official "
-        "template (llama3, qwen2.5, qwen3, gemma2, gemma3, mistral, phi3), or a .jinja path",
+        "template (llama3, llama3.2, qwen2.5, qwen3, gemma2, gemma3, mistral, phi3), or a .jinja path; "
+        "a template that writes today's date (llama3.2) gets the format day's date, pinned for every stage",
     )
     max_seq_len: int = Field(512, gt=0)
     packing: bool = True

@@ -50,7 +50,8 @@ class ServeConfig(Section):
     tool_call_parser: str = Field(
         "auto",
         description="vLLM's --tool-call-parser in the bundle: auto (data.template's: hermes for qwen2.5 and "
-        "qwen3, llama3_json for llama3, mistral for mistral; none for the others), none, or a parser name",
+        "qwen3, llama3_json for llama3 and llama3.2, mistral for mistral; none for the others), none, or a "
+        "parser name",
     )
     parity: ParityConfig = Field(default_factory=ParityConfig)
     health_timeout_s: int = Field(600, gt=0, description="how long vLLM may take to answer /v1/models")

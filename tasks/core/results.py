@@ -62,6 +62,7 @@ class FormatResult(StageResult):
     declared_key: str = ""  # the cache key without replayed sources: what the nightly fingerprint covers
     sources: list = field(default_factory=list)  # the mix as a later run replays it
     eval_slices: str = ""  # with data.slice_column: JSON list of each eval row's slice
+    template_kwargs: dict = field(default_factory=dict)  # the date pinned for a template reading the clock
 
     def template(self) -> str:
         return Path(self.chat_template).read_text(encoding="utf-8")

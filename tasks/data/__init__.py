@@ -4,6 +4,7 @@ from tasks.data.batching import IGNORE, Collator, TrainingCollator
 from tasks.data.checks import check_bad_fraction, check_stops
 from tasks.data.messages import BadRecord, openai_messages, split_conversation
 from tasks.data.mixing import Share, left_out_and_repeats, planned_counts, recorded_source, select
+from tasks.data.packing import bins, pack, with_positions
 from tasks.data.plan import DataPlan, plan_data
 from tasks.data.records import SHAREGPT_ROLES, detect_format, iter_source, read_records, to_messages
 from tasks.data.report import length_histogram, summary_markdown
@@ -15,17 +16,16 @@ from tasks.data.templating import (
     chat_template,
     end_of_turn_id,
     named_templates,
-    pack,
     prompt_text,
     stop_token_ids,
     template_sha,
     tokenize_batch,
     tokenize_conversations,
-    with_positions,
 )
 
 __all__ = [
     "BadRecord",
+    "bins",
     "check_bad_fraction",
     "check_stops",
     "named_templates",

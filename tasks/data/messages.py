@@ -138,7 +138,7 @@ def check_tools_rendered(
     if missing:
         raise InputError(
             f"data.template does not render {', '.join(missing)} (it ignores tools or tool_calls), so "
-            "training would drop them; use a template that carries tools (llama3, qwen2.5, qwen3, mistral)"
+            "training would drop them; use a template that carries tools (llama3, llama3.2, qwen2.5, qwen3, mistral)"
         )
 
 

@@ -9,7 +9,6 @@ shape whose template treats the content as more than text (trims it, branches on
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import itertools
 import re
@@ -40,6 +39,8 @@ TEMPLATES = Path(__file__).parent / "templates"
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # what transformers looks for, too
 SLOT = re.compile("\x00(\\d+)\x00")  # NUL never occurs in accepted data, so it cannot collide
 CHECKS_PER_SHAPE = 3
+# `{% set date_string = strftime_now("%d %b %Y") %}`: a template that writes today's date (Llama 3.2)
+DATED = re.compile(r"""set\s+(\w+)\s*=\s*strftime_now\(\s*(['"])(.+?)\2\s*\)""")
 
 
 def template_sha(template: str) -> str:
@@ -66,13 +67,34 @@ def chat_template(setting: str, tokenizer) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def pinned_date(template: str, day) -> dict[str, str]:
+    """The template variables that fix the date a template writes from the clock (Llama 3.2's
+    ``date_string``) to ``day``, so that training, evaluate, the parity gate and the bundle's vLLM
+    all render the same prompt; {} for a template that does not read the clock. A template that
+    reads it into a variable it does not let a caller set cannot be pinned for vLLM: refused."""
+    if "strftime_now" not in template:
+        return {}
+    pins = {name: day.strftime(fmt) for name, _, fmt in DATED.findall(template)}
+    fixed = [name for name in pins if re.search(rf"\b{name}\s+is\s+defined", template)]
+    if not pins or len(fixed) < len(pins):
+        loose = sorted(set(pins) - set(fixed)) or ["strftime_now(...)"]
+        raise InputError(
+            f"data.template writes today's date ({', '.join(loose)} from strftime_now) and no variable can "
+            "set it from outside, so evaluate, the parity gate and a server on another day would render "
+            "other prompts than training did; use a copy of the template that sets it only when "
+            "undefined, as Llama 3.2's does: {%- if not date_string is defined %}"
+        )
+    return pins
+
+
 class Renderer:
     """Splits a conversation into (text, trained) pieces: each assistant answer with its
     end-of-turn token is trained; the prompt before it is rendered with the generation
     prompt, exactly as at inference time."""
 
-    def __init__(self, tokenizer, template: str):
+    def __init__(self, tokenizer, template: str, template_kwargs: dict | None = None):
         self.tokenizer, self.template = tokenizer, template
+        self.kwargs = template_kwargs or {}  # the pinned date of a template that reads the clock
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         stop = end_of_turn_id(tokenizer, template)
         self.stop_id = stop if stop is not None else self.eos_id  # what each answer must train
@@ -112,7 +134,7 @@ class Renderer:
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tools=tools, chat_template=self.template, tokenize=False,
-                add_generation_prompt=generation_prompt,
+                add_generation_prompt=generation_prompt, **self.kwargs,
             )  # fmt: skip
         except TemplateError as e:
             roles = [m["role"] for m in messages]
@@ -156,7 +178,7 @@ class Renderer:
 
         texts, spans = render_jinja_template(
             [messages], tools=tools, chat_template=self.template, return_assistant_tokens_mask=True,
-            **self.tokenizer.special_tokens_map,
+            **self.tokenizer.special_tokens_map, **self.kwargs,
         )  # fmt: skip
         text, pieces, at = texts[0], [], 0
         for start, end in spans[0]:
@@ -230,10 +252,15 @@ def end_of_turn_id(tokenizer, template: str) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
-def prompt_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+def prompt_text(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None
+) -> str:
     """A prompt as the model sees it before answering: what evaluate generates from and what a
-    server's ``/tokenize`` must reproduce (the tokenizer carries the training template)."""
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    server's ``/tokenize`` must reproduce (the tokenizer carries the training template, and
+    ``template_kwargs`` the date pinned for a template that reads the clock)."""
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
 
 
 def stop_token_ids(tokenizer, template: str) -> list[int]:
@@ -281,57 +308,6 @@ def tokenize_conversations(convs: list, renderer: Renderer, train_on_inputs: boo
     return flat_ids, labels, lengths
 
 
-def bins(lengths: list[int], max_len: int) -> list[list[int]]:
-    """Best-fit-decreasing: indices grouped into rows of at most max_len tokens, each example
-    going to the fullest row that still has room for it (a sorted list of free space)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row), sorted
-    for i in order:
-        n = lengths[i]
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            groups.append([i])
-            bisect.insort(free, (max_len - n, len(groups) - 1))
-        else:
-            room, row = free.pop(k)
-            groups[row].append(i)
-            bisect.insort(free, (room - n, row))
-    return groups
-
-
-def pack(table, max_len: int):
-    """Pack a pyarrow table of examples (input_ids, labels, length) into rows of <= max_len.
-
-    Positions restart per example, and with no attention mask the model builds a
-    block-diagonal causal mask from them (transformers' packed-sequence detection on
-    sdpa/eager, varlen kernels on flash-attention): no token attends across examples.
-    """
-    import numpy as np
-    import pyarrow as pa
-
-    lengths = table.column("length").to_numpy()
-    groups = bins(lengths.tolist(), max_len)
-    order = np.fromiter((i for g in groups for i in g), dtype=np.int64, count=len(lengths))
-    taken = table.select(["input_ids", "labels"]).take(pa.array(order))
-    ids = taken.column("input_ids").combine_chunks().flatten()
-    labels = taken.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False).copy()
-    ex_len = lengths[order]
-    ex_start = np.concatenate([[0], np.cumsum(ex_len)[:-1]])
-    labels[ex_start] = IGNORE  # the first token of an example is never a target of the previous one
-    positions = (np.arange(int(ex_len.sum())) - np.repeat(ex_start, ex_len)).astype(np.int32)
-    row_len = np.fromiter((int(lengths[g].sum()) for g in groups), dtype=np.int64, count=len(groups))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(row_len)]).astype(np.int32))
-    return pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(offsets, ids),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions)),
-            "length": pa.array(row_len.astype(np.int32)),
-        }
-    )
-
-
 # ---------------------------------------------------------------- datasets.map functions of the format stage
 
 OK, TOO_LONG, TRUNCATED = 0, 1, 2  # a tokenized example fits, does not, or was cut to fit
@@ -376,25 +352,5 @@ def tokenize_batch(
             "stops": pa.array(stops),
             "source": batch.column("source"),
             "line": batch.column("line"),
-        }
-    )
-
-
-def with_positions(batch):
-    """Unpacked rows: positions 0..n-1 per example."""
-    import numpy as np
-    import pyarrow as pa
-
-    ids = batch.column("input_ids").combine_chunks()
-    lengths = batch.column("length").to_numpy().astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    positions = (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    return pa.table(
-        {
-            "input_ids": ids,
-            "labels": batch.column("labels").combine_chunks(),
-            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions)),
-            "length": pa.array(lengths.astype(np.int32)),
         }
     )

