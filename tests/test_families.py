@@ -187,6 +187,38 @@ def test_named_templates_are_their_sources_byte_for_byte(name):
 # ---------------------------------------------------------------- each family through the pipeline and vLLM
 
 
+def served_calls(run: Path, served: dict, out: Path) -> list[tuple[dict, object]]:
+    """Each evaluated answer that is one whole call, with the message vLLM returns to its prompt
+    with the tools and the API's default ``tool_choice: auto``: the bundle's tool parser at work."""
+    from openai import OpenAI
+
+    from tasks.data.messages import openai_messages
+    from tasks.serving.parity import start_server
+
+    calls = []
+    for line in (run / "evaluate/generations.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        try:
+            call = json.loads(row["candidate"])
+        except ValueError:  # an answer in words, or a call the tiny model garbled
+            continue
+        if row.get("tools") and row["candidate_stopped"] and isinstance(call, dict) and "name" in call:
+            calls.append((row, call))
+    server = start_server(run / "handoff/bundle", served, out, 600, print)
+    try:
+        server.wait(print)
+        client = OpenAI(base_url=server.url, api_key=server.api_key, timeout=300)
+        return [
+            (call, client.chat.completions.create(
+                model=served["served_model_name"], messages=openai_messages(row["prompt"]), tools=row["tools"],
+                max_tokens=served["max_tokens"], temperature=0,
+            ).choices[0].message)
+            for row, call in calls
+        ]  # fmt: skip
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.families  # about 2.5 minutes each on 2 cores: `make test-families`; CI names Qwen 3's (Makefile)
 @pytest.mark.parametrize("family", [*sorted(FAMILIES), "llama3.2"])
@@ -258,6 +290,13 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
         f"tiny-{family}", summary["version"]
     )
     assert version.tags["sftflow.chat_template"] == template_label(record)
+    if tools:  # the calls evaluate scored come back parsed, as a client with tools gets them
+        pairs = served_calls(run, served, tmp_path)
+        assert pairs, "no evaluated answer was a whole call"
+        for call, message in pairs:
+            assert message.tool_calls and message.tool_calls[0].function.name == call["name"], message
+            arguments = call.get("arguments", call.get("parameters"))  # Llama 3 writes "parameters"
+            assert json.loads(message.tool_calls[0].function.arguments) == arguments, message
     assert servers_under(tmp_path) == []
     print(
         json.dumps(
