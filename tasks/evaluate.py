@@ -13,14 +13,15 @@ decides whether the candidate may become the champion.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prefect import task
 
-from tasks.config import SHIPPED_METRICS, PipelineConfig
+from tasks.config import SHIPPED_METRICS, EvalConfig, PipelineConfig
 from tasks.core.errors import MissingError
 from tasks.core.faults import fault
 from tasks.core.files import read_json, read_jsonl
+from tasks.core.hashing import file_sha256, hash_json, imports_hash, tree_sha256
 from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import CODE_ROOT, stage_dir
 from tasks.core.results import EvalResult, FormatResult, MergeResult
@@ -29,6 +30,7 @@ from tasks.data.templating import stop_token_ids, template_sha
 from tasks.evaluation.gate import Decision, SampleStats, decide, resampled, spreads
 from tasks.evaluation.losssets import past_eval_sets, retention_rows
 from tasks.evaluation.report import report_markdown, write_outputs
+from tasks.evaluation.scorecache import load_scores, score_key, store_scores
 from tasks.evaluation.scoring import generate, metric_stats, row_losses, spread
 from tasks.models.loading import dtype_name, load_model, load_tokenizer, pick_dtype, resolve_model
 from tasks.registry.tags import BASE_TAG
@@ -46,41 +48,42 @@ class ModelRef(NamedTuple):
     version: str | None = None  # the registry version, for the champion
 
 
+class EvalSet(NamedTuple):
+    """What every model is scored on."""
+
+    template: str
+    records: list[dict]  # the prompts and references
+    rows: Any  # the tokenized eval split, for the loss
+    eos_ids: list[int]
+    loss_sets: dict  # metric name -> rows, loss only
+    template_kwargs: dict  # the date the format stage pinned
+
+
 def score_model(
-    path: Path,
-    cfg: PipelineConfig,
-    template: str,
-    records: list[dict],
-    eval_ds,
-    eos_ids: list[int],
-    log=print,
-    loss_sets: dict | None = None,
-    adapter: Path | None = None,
-    template_kwargs: dict | None = None,
+    ref: ModelRef, e: EvalConfig, dtype: str, s: EvalSet, log=print
 ) -> tuple[dict[str, float], list[str], list[bool], SampleStats]:
-    """Loss, perplexity and the generation metrics of one model (``path``, plus ``adapter`` for an
-    adapter champion), with per-sample statistics, its answers and whether each stopped;
-    ``loss_sets``: metric name -> rows, loss only."""
+    """Loss, perplexity and the generation metrics of one model (``ref``: its folder, plus an
+    adapter champion's adapter), with per-sample statistics, its answers and whether each stopped."""
     import evaluate as hf_evaluate  # the Hugging Face library, not this stage
 
-    tokenizer = load_tokenizer(path)
-    tokenizer.chat_template = template
-    model = load_model(path, pick_dtype(cfg.merge.dtype, path, "merge.dtype"), adapter)
-    losses = row_losses(model, eval_ds, tokenizer.pad_token_id, cfg.eval.batch_size)
+    tokenizer = load_tokenizer(ref.path)
+    tokenizer.chat_template = s.template
+    model = load_model(ref.path, pick_dtype(dtype, ref.path, "merge.dtype"), ref.adapter)
+    losses = row_losses(model, s.rows, tokenizer.pad_token_id, e.batch_size)
     preds, stopped = generate(
-        model, tokenizer, records, eos_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, template_kwargs
+        model, tokenizer, s.records, s.eos_ids, e.max_new_tokens, e.batch_size, s.template_kwargs
     )
-    refs = [r["reference"] for r in records]
+    refs = [r["reference"] for r in s.records]
     stats = SampleStats({"eval_loss": ("ratio", losses), "perplexity": ("exp", losses)})
-    for name, rows in (loss_sets or {}).items():
-        stats.stats[name] = ("ratio", row_losses(model, rows, tokenizer.pad_token_id, cfg.eval.batch_size))
+    for name, rows in s.loss_sets.items():
+        stats.stats[name] = ("ratio", row_losses(model, rows, tokenizer.pad_token_id, e.batch_size))
     scores = {name: stats.value(name) for name in stats.stats}
-    for name in cfg.eval.metrics:
+    for name in e.metrics:
         module = hf_evaluate.load(str(METRICS_DIR / name) if name in SHIPPED_METRICS else name)
         corpus = module.compute(predictions=preds, references=refs)
         scores |= corpus
         stats.stats |= metric_stats(name, module, preds, refs, corpus)
-    log(f"evaluate: {path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    log(f"evaluate: {ref.path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     return scores, preds, stopped, stats
 
 
@@ -100,7 +103,6 @@ def run_evaluate(
     with open_stage(cfg.scope(SECTIONS), run_id, "evaluate", log, track) as stage:
         out = stage.dir
         stage.manifest.add_input("eval_records", Path(data.eval_records))
-        stage.manifest.add_input("candidate", Path(merged.model_path))
         template = data.template()
         records = spread(read_jsonl(Path(data.eval_records)), cfg.eval.max_samples)
         eval_ds = load_from_disk(data.eval_path)
@@ -113,8 +115,21 @@ def run_evaluate(
         }
         if champion is not None:
             models["champion"] = champion
+        for name, ref in models.items():  # what was scored, by content (and the score cache's key)
+            stage.manifest.add_input(name, ref.path)
+            if ref.adapter is not None:
+                stage.manifest.add_input(f"{name}_adapter", ref.adapter)
+        scored_on = EvalSet(template, records, eval_ds, eos_ids, loss_sets, data.template_kwargs)
+        cache = Path(cfg.output_dir) / ".cache" / "scores" if cfg.eval.cache else None
+        inputs = score_inputs(cfg.eval, data.cache_key, scored_on)
         scores, preds, stopped, stats = score_models(
-            cfg, models, template, records, eval_ds, eos_ids, loss_sets, stage.log, data.template_kwargs
+            models,
+            cfg.eval,
+            cfg.merge.dtype,
+            scored_on,
+            stage.manifest.inputs,
+            (cache, inputs, run_id),
+            stage.log,
         )
         fault("evaluate:scored")
         row_slices = read_json(Path(data.eval_slices)) if data.eval_slices else None
@@ -162,16 +177,50 @@ def record_evaluation(stage: Stage, scores: dict, d: Decision) -> None:
 
 
 def score_models(
-    cfg: PipelineConfig, models: dict, template, records, eval_ds, eos_ids, loss_sets, log, template_kwargs
+    models: dict, e: EvalConfig, dtype: str, s: EvalSet, hashes: dict, cache: tuple, log
 ) -> tuple:
-    """Each model's (scores, answers, whether each answer stopped, per-sample statistics), by name."""
+    """Each model's (scores, answers, whether each answer stopped, per-sample statistics), by name.
+    ``cache``: (folder or None, inputs, run id). A model whose weights (``hashes``: the manifest's
+    inputs) were scored on the same inputs before gets those scores back; others are scored and
+    stored."""
+    folder, inputs, run_id = cache
     scores, preds, stopped, stats = {}, {}, {}, {}
     for name, ref in models.items():
-        log(f"evaluate: scoring {name} on {len(records)} samples ...")
-        scores[name], preds[name], stopped[name], stats[name] = score_model(
-            ref.path, cfg, template, records, eval_ds, eos_ids, log, loss_sets, ref.adapter, template_kwargs
-        )
+        adapter = hashes.get(f"{name}_adapter", {}).get("sha256")
+        key = score_key([hashes[name]["sha256"], adapter, dtype_name(dtype, ref.path)], inputs)
+        entry = load_scores(folder, key) if folder else None
+        if entry is not None:
+            log(
+                f"evaluate: {name}: scores of run {entry['run_id']} reused (score cache {key}: the same "
+                "weights, eval data, template, settings, code and libraries)"
+            )
+            scored = (entry["scores"], entry["answers"], entry["stopped"], SampleStats(entry["stats"]))
+        else:
+            log(f"evaluate: scoring {name} on {len(s.records)} samples ...")
+            scored = score_model(ref, e, dtype, s, log)
+            if folder:
+                store_scores(folder, key, run_id, scored, log)
+        scores[name], preds[name], stopped[name], stats[name] = scored
     return scores, preds, stopped, stats
+
+
+def score_inputs(e: EvalConfig, data_key: str, s: EvalSet) -> dict:
+    """What a model's scores depend on besides its weights: the format stage's key (its data,
+    template, tokenizer and settings), the pinned date, the eval settings and metric modules, the
+    loss sets and the scoring code."""
+    modules = [METRICS_DIR / m if m in SHIPPED_METRICS else Path(m) for m in e.metrics]
+    loss_sets = {
+        name: hash_json(rows) if isinstance(rows, list) else [file_sha256(f["filename"]) for f in rows.cache_files]
+        for name, rows in s.loss_sets.items()
+    }  # fmt: skip
+    return {
+        "data": data_key,
+        "template": [template_sha(s.template), s.template_kwargs, s.eos_ids],
+        "eval": e.model_dump(include={"max_samples", "max_new_tokens", "batch_size"}),
+        "metrics": [tree_sha256(m) if m.exists() else str(m) for m in modules],  # by content; or a hub name
+        "loss_sets": loss_sets,
+        "code": imports_hash(__name__),
+    }
 
 
 def extra_loss_sets(

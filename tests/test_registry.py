@@ -37,7 +37,7 @@ def two_runs(server, tmp_path_factory):
             str(path),
         )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-        summaries.append((json.loads(path.read_text()), res.stdout))
+        summaries.append((json.loads(path.read_text()), res.stdout + res.stderr))
     return summaries
 
 
@@ -69,6 +69,18 @@ def test_worse_candidate_is_refused_with_the_numbers(server, two_runs):
         and "vs champion" in text
         and "| metric | base | candidate | champion |" in text
     )
+
+
+def test_the_base_and_the_champion_are_not_scored_again(two_runs):
+    """The second night's base is the first's, and its champion is the first's candidate, downloaded
+    from the registry: both come back from the score cache with the numbers they had. The new
+    candidate (learning rate 0: the base's numbers, other bytes) is scored."""
+    (first, _), (second, logs) = two_runs
+    for name in ("base", "champion"):
+        assert f"evaluate: {name}: scores of run {first['run_id']} reused (score cache " in logs, logs[-3000:]
+    assert "evaluate: scoring candidate" in logs and "evaluate: scoring base" not in logs
+    assert second["scores"]["base"] == first["scores"]["base"]
+    assert second["scores"]["champion"] == first["scores"]["candidate"]
 
 
 def test_promote_and_rollback_through_the_cli(server, two_runs, cli):

@@ -32,6 +32,9 @@ def test_gc_keeps_what_later_nights_read_and_deletes_the_rest_through_mlflow(tmp
     stale.mkdir(parents=True)
     month_ago = time.time() - 30 * 86400
     os.utime(stale, (month_ago, month_ago))
+    stale_scores = out / ".cache/scores/stale-entry.json"  # a model no night scores any more
+    stale_scores.write_text("{}")
+    os.utime(stale_scores, (month_ago, month_ago))
     leftover = out / "night1/merge/tmpkilled"  # a SIGKILLed merge's scratch folder
     leftover.mkdir()
     os.utime(leftover, (month_ago, month_ago))
@@ -41,6 +44,7 @@ def test_gc_keeps_what_later_nights_read_and_deletes_the_rest_through_mlflow(tmp
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "would delete" in dry.stdout and "(dry run: nothing deleted)" in dry.stdout
     assert (out / "night1").is_dir() and (out / "night2").is_dir() and stale.is_dir() and leftover.is_dir()
+    assert stale_scores.is_file()
 
     ids = {f"night{n}": json.loads((out / f"night{n}/mlflow.json").read_text()) for n in (1, 2)}
     res = night(out, 3, *policy)
@@ -56,8 +60,10 @@ def test_gc_keeps_what_later_nights_read_and_deletes_the_rest_through_mlflow(tmp
                 out / "mlartifacts" / run / "artifacts"
             ).exists()  # mlflow gc removed them (the bundle)
     assert not (out / "night3/train/checkpoints").exists() and (out / "night3/train/adapter").is_dir()
-    assert not stale.exists() and not leftover.exists()
+    assert not stale.exists() and not leftover.exists() and not stale_scores.exists()
     assert list((out / ".cache/format").iterdir())  # the entry night 3 used stays
+    assert "evaluate: base: scores of run night1 reused" in res.stderr  # and the base's scores it read
+    assert len(list((out / ".cache/scores").iterdir())) >= 2
     summary = json.loads((tmp_path / "night3.json").read_text())
     assert summary["gc"]["used_before"] > summary["gc"]["used_after"] and "disk:" in res.stdout
 

@@ -77,6 +77,11 @@ class EvalConfig(Section):
     past_eval_sets: int = Field(
         0, ge=0, description="also report eval loss on the eval sets of this many earlier registered versions"
     )
+    cache: bool = Field(
+        True,
+        description="reuse the scores of a model scored before on the same eval data and settings "
+        "(the base, the champion): <output_dir>/.cache/scores",
+    )
 
     @field_validator("metrics")
     @classmethod

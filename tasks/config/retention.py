@@ -18,6 +18,9 @@ class RetentionPolicy(Section):
     format_cache_days: float = Field(
         14, gt=0, description="format cache entries unused this long are deleted"
     )
+    score_cache_days: float = Field(
+        14, gt=0, description="score cache entries (eval.cache) unused this long are deleted"
+    )
     min_age_hours: float = Field(
         1, ge=0, description="nothing younger is touched (a run in progress, a folder being written)"
     )

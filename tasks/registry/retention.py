@@ -7,8 +7,9 @@ and MLflow's copy of the bundle; nothing else ever deletes them. `collect` keeps
 champion`` starts from its weights) and of the ``eval.past_eval_sets`` newest versions (their
 eval splits). Every other run folder is deleted, with its registry versions and its MLflow runs
 deleted through MLflow's API; ``mlflow gc`` then removes their artifacts, so no file MLflow owns
-is deleted by hand. Kept runs that finished lose their training checkpoints; format cache
-entries unused for ``retention.format_cache_days`` and stale temporary folders go too.
+is deleted by hand. Kept runs that finished lose their training checkpoints; format and score
+cache entries unused for ``retention.format_cache_days`` and ``score_cache_days``, and stale
+temporary folders, go too.
 Replayed data files live outside ``output_dir`` and are never touched.
 """
 
@@ -97,9 +98,10 @@ def collect(
             gone.append(run)
     for run in gone:
         drop_run(run, uri, name, versions, report, dry_run)
-    for entry in sorted((output_dir / ".cache/format").glob("*")):
-        if entry.stat().st_mtime < time.time() - r.format_cache_days * 86400:
-            _delete(entry, report, dry_run)
+    for cache, days in (("format", r.format_cache_days), ("scores", r.score_cache_days)):
+        for entry in sorted((output_dir / ".cache" / cache).glob("*")):
+            if entry.stat().st_mtime < time.time() - days * 86400:
+                _delete(entry, report, dry_run)
     for run in [d for d in run_folders(output_dir) if d not in gone]:
         for tmp in [t for pattern in TEMP_GLOBS for t in run.glob(pattern)]:
             if tmp.stat().st_mtime < young:  # a killed merge's or copy's leftovers
