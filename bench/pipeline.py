@@ -10,7 +10,10 @@ A fresh clone of ``--rev`` in a temporary folder, with empty pip and uv caches a
 ``.cache/`` (models, vLLM's venv and compile cache), as on a new machine: ``make install``,
 ``make vllm`` and ``make demo`` are timed one by one. Then ``sftflow run configs/demo.yaml
 --force`` runs ``--warm-runs`` times in the same clone: everything installed, vLLM's compile
-cache present. Each run's phases come from its stage manifests and its parity.json:
+cache present, and (as on a night with new data) a new candidate from another ``train.seed``
+each time, so evaluate scores the candidate and reads the base's and the champion's scores
+from the score cache (``--same-candidate``: the config's seed, every score from the cache).
+Each run's phases come from its stage manifests and its parity.json:
 
 - before the first stage: Prefect's temporary server, the model's first build, the unchanged check;
 - format, train, merge, evaluate, handoff (each stage's own duration);
@@ -140,6 +143,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
     p.add_argument("--reuse", type=Path, help="a clone kept by --keep: only the warm runs, in it")
     p.add_argument("--set", action="append", default=[], help="an override for the warm runs (repeatable)")
+    p.add_argument(
+        "--same-candidate",
+        dest="new_candidate",
+        action="store_false",
+        help="warm runs train with the config's seed: the same weights, every score from the cache",
+    )
     a = p.parse_args()
     tmp = a.reuse.parent if a.reuse else Path(tempfile.mkdtemp(prefix="sftflow-bench-"))
     clone, log = tmp / "sftflow", tmp / "bench.log"
@@ -153,7 +162,10 @@ def main() -> None:
     make_env = env | {k: str(clone / v) for k, v in MAKE_DIRS.items()} | MAKE_ENV
     overrides = [x for o in a.set for x in ("--set", o)]
     for i in range(a.warm_runs):
-        cmd = [".venv/bin/sftflow", "run", "configs/demo.yaml", "--force", *overrides]
+        # a night trains a new candidate: another seed here (the same seed gives the same bytes,
+        # whose scores come back from the score cache); the base and the champion come back
+        seed = ["--set", f"train.seed={1000 + i}"] if a.new_candidate else []
+        cmd = [".venv/bin/sftflow", "run", "configs/demo.yaml", "--force", *seed, *overrides]
         rows[f"warm {i + 1}"] = demo_run(clone, make_env, log, cmd)
         print(f"warm {i + 1}: {rows[f'warm {i + 1}']}", flush=True)
     print(table(rows))
