@@ -21,7 +21,7 @@ from tasks.config import SHIPPED_METRICS, EvalConfig, PipelineConfig
 from tasks.core.errors import MissingError
 from tasks.core.faults import fault
 from tasks.core.files import read_json, read_jsonl
-from tasks.core.hashing import file_sha256, hash_json, imports_hash, tree_sha256
+from tasks.core.hashing import hash_json, imports_hash, tree_sha256
 from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import CODE_ROOT, stage_dir
 from tasks.core.results import EvalResult, FormatResult, MergeResult
@@ -121,7 +121,7 @@ def run_evaluate(
                 stage.manifest.add_input(f"{name}_adapter", ref.adapter)
         scored_on = EvalSet(template, records, eval_ds, eos_ids, loss_sets, data.template_kwargs)
         cache = Path(cfg.output_dir) / ".cache" / "scores" if cfg.eval.cache else None
-        inputs = score_inputs(cfg.eval, data.cache_key, scored_on)
+        inputs = score_inputs(cfg.eval, scored_on)
         scores, preds, stopped, stats = score_models(
             models,
             cfg.eval,
@@ -204,21 +204,21 @@ def score_models(
     return scores, preds, stopped, stats
 
 
-def score_inputs(e: EvalConfig, data_key: str, s: EvalSet) -> dict:
-    """What a model's scores depend on besides its weights: the format stage's key (its data,
-    template, tokenizer and settings), the pinned date, the eval settings and metric modules, the
-    loss sets and the scoring code."""
+def score_inputs(e: EvalConfig, s: EvalSet) -> dict:
+    """What a model's scores depend on besides its weights (and tokenizer), by content: the eval
+    rows and prompts (not the training data: a night with new data and a fixed ``data.eval_path``
+    scores the base as the night before), the template with its pinned date, the eval settings,
+    the metric modules, the loss sets and the scoring code."""
     modules = [METRICS_DIR / m if m in SHIPPED_METRICS else Path(m) for m in e.metrics]
-    loss_sets = {
-        name: hash_json(rows) if isinstance(rows, list) else [file_sha256(f["filename"]) for f in rows.cache_files]
-        for name, rows in s.loss_sets.items()
-    }  # fmt: skip
     return {
-        "data": data_key,
+        "rows": hash_json(s.rows[:]),
+        "prompts": hash_json(s.records),
         "template": [template_sha(s.template), s.template_kwargs, s.eos_ids],
-        "eval": e.model_dump(include={"max_samples", "max_new_tokens", "batch_size"}),
-        "metrics": [tree_sha256(m) if m.exists() else str(m) for m in modules],  # by content; or a hub name
-        "loss_sets": loss_sets,
+        "eval": e.model_dump(include={"max_new_tokens", "batch_size"}),
+        "metrics": [tree_sha256(m) if m.exists() else str(m) for m in modules],  # or a hub name
+        "loss_sets": {
+            name: hash_json(rows if isinstance(rows, list) else rows[:]) for name, rows in s.loss_sets.items()
+        },
         "code": imports_hash(__name__),
     }
 

@@ -64,3 +64,37 @@ def test_a_cut_short_entry_is_scored_again_and_a_failed_write_is_logged(tmp_path
     logs = []
     store_scores(blocked, "k", "night2", scored(), logs.append)
     assert len(logs) == 1 and "could not store the score cache entry k" in logs[0]
+
+
+def test_a_night_with_new_training_data_and_a_fixed_eval_set_keeps_the_key(tmp_path):
+    """Two nights train on different records and evaluate on the same data.eval_path: what the
+    base's scores depend on is unchanged, so it is not scored again. Another eval set, or another
+    max_new_tokens, changes it."""
+    from datasets import load_from_disk
+
+    from tasks.core.files import read_jsonl
+    from tasks.evaluate import EvalSet, score_inputs
+    from tasks.evaluation.scoring import spread
+    from tasks.format import run_format
+
+    from conftest import ROOT, write_jsonl
+
+    lines = (ROOT / "data/demo/train.jsonl").read_text(encoding="utf-8").splitlines()
+    files = {
+        name: write_jsonl(tmp_path / f"{name}.jsonl", part)
+        for name, part in (("a", lines[:150]), ("b", lines[150:300]), ("eval", lines[300:340]), ("other", lines[340:]))
+    }  # fmt: skip
+
+    def inputs(run_id: str, train: str, held_out: str, **eval_cfg):
+        cfg = make_config(
+            tmp_path, str(files[train]), data={"eval_path": str(files[held_out])}, eval=eval_cfg
+        )
+        res = run_format(cfg, run_id, log=lambda *_: None)
+        records = spread(read_jsonl(res.eval_records), cfg.eval.max_samples)
+        s = EvalSet(res.template(), records, load_from_disk(res.eval_path), [2], {}, res.template_kwargs)
+        return score_inputs(cfg.eval, s)
+
+    night1 = inputs("n1", "a", "eval")
+    assert inputs("n2", "b", "eval") == night1
+    assert inputs("n3", "b", "other") != night1
+    assert inputs("n4", "b", "eval", max_new_tokens=12) != night1
