@@ -33,9 +33,10 @@ def library_versions() -> dict[str, str | None]:
     return {name: one(name) for name in LIBRARIES}
 
 
-def score_key(weights: dict, inputs: dict) -> str:
-    """The entry of a model (``weights``: the content hashes of its folder and adapter) scored on
-    ``inputs`` (eval data, template, settings, the scoring code); the libraries are added here."""
+def score_key(weights: list, inputs: dict) -> str:
+    """The entry of a model (``weights``: the content hashes of its folder and adapter, and the
+    dtype it is scored in) scored on ``inputs`` (eval data, template, settings, the scoring code);
+    the libraries are added here."""
     return hash_json({"weights": weights, "inputs": inputs, "libraries": library_versions()})
 
 
@@ -44,10 +45,10 @@ def load_scores(folder: Path, key: str) -> dict | None:
     path = Path(folder) / f"{key}.json"
     try:
         entry = read_json(path)
+        entry["stats"] = {name: (kind, np.asarray(rows)) for name, (kind, rows) in entry["stats"].items()}
         os.utime(path)  # used today: the garbage collection deletes entries by their last use
-    except (OSError, ValueError):  # absent, or cut short by a full disk: scored again
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, cut short: scored again
         return None
-    entry["stats"] = {name: (kind, np.asarray(rows)) for name, (kind, rows) in entry["stats"].items()}
     return entry
 
 

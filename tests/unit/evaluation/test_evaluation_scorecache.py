@@ -58,7 +58,9 @@ def test_the_key_follows_weights_inputs_and_libraries():
 
 def test_a_cut_short_entry_is_scored_again_and_a_failed_write_is_logged(tmp_path):
     (tmp_path / "k.json").write_text('{"run_id": "night1", "scores": {')  # the disk filled mid-write
+    (tmp_path / "empty.json").write_text("{}")
     assert load_scores(tmp_path, "k") is None and load_scores(tmp_path, "absent") is None
+    assert load_scores(tmp_path, "empty") is None
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
     logs = []
