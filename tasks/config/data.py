@@ -23,13 +23,16 @@ KNOWN_COLUMNS = (
     "prompt",
     "completion",
     "text",
+    "tools",
 )
 
 
 def check_roles(v: dict[str, str] | None) -> dict[str, str] | None:
     for key, role in (v or {}).items():
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"{key!r} maps to {role!r}; roles map onto system, user or assistant")
+        if role not in ("system", "user", "assistant", "tool", "function_call"):
+            raise ValueError(
+                f"{key!r} maps to {role!r}; roles map onto system, user, assistant, tool or function_call"
+            )
     return v
 
 
@@ -115,7 +118,8 @@ class DataConfig(_RolesAndColumns):
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
     roles: dict[str, str] = Field(
         default_factory=dict,
-        description="sharegpt `from` value -> system/user/assistant, added to the defaults",
+        description="sharegpt `from` value -> system/user/assistant/tool/function_call, added to the "
+        "defaults (human, gpt, observation, function_call, ...)",
     )
     template: str = Field(
         "auto",

@@ -7,6 +7,11 @@ the model may call, and is kept as ``{"messages": [...], "tools": [...]}``. Turn
 - ``assistant``: ``content`` text, or ``tool_calls`` (then ``content`` may be empty), or both;
 - ``tool``: the ``content`` a call returned, with the data's ``tool_call_id`` when it has one.
 
+ShareGPT data as LLaMA-Factory writes it for tool calling has a ``function_call`` turn, whose
+``value`` is the call (or a list of calls) as JSON ``{"name", "arguments"}``, and an
+``observation`` turn for the result; its tools may be bare function schemas. Both become the
+turns and tools above.
+
 A call is kept as transformers' chat templates read it: ``{"type": "function", "function":
 {"arguments", "name"}}``, the arguments a JSON object (the data may hold them as JSON text, as
 OpenAI's API does), with the data's ``id`` when it has one. vLLM's API takes the arguments as
@@ -54,6 +59,8 @@ def _json_value(value, where: str):
 
 
 def _function(value, where: str) -> dict:
+    if isinstance(value, dict) and "function" not in value and "name" in value:
+        value = {"type": "function", "function": value}  # a bare schema or call (LLaMA-Factory, Glaive)
     if not isinstance(value, dict) or value.get("type", "function") != "function":
         raise BadRecord(f"{where} must be an object of type 'function'")
     function = value.get("function")
@@ -69,9 +76,8 @@ def tools_field(record: dict, key: str) -> list[dict] | None:
         return None
     if not isinstance(tools, list):
         raise BadRecord(f"field {key!r} must be a list of tools")
-    for n, tool in enumerate(tools):
-        _function(tool, f"{key}[{n}]")
-    return tools
+    # kept as OpenAI's API and the templates take them, bare schemas wrapped
+    return [{"type": "function", "function": _function(tool, f"{key}[{n}]")} for n, tool in enumerate(tools)]
 
 
 def tool_calls_field(turn: dict, where: str) -> list[dict]:
@@ -95,6 +101,14 @@ def tool_calls_field(turn: dict, where: str) -> list[dict]:
 
 def chat_turn(turn: dict, role: str, text_key: str, where: str) -> dict:
     """One turn of a ``messages`` or ShareGPT record, its ``role`` already mapped."""
+    if role == "function_call":  # ShareGPT: the calls as JSON text in the turn's value
+        calls = _json_value(text_field(turn, text_key), f"{where}.{text_key}")
+        calls = calls if isinstance(calls, list) else [calls]
+        return {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": tool_calls_field({"tool_calls": calls}, where),
+        }
     if role == "assistant" and turn.get("tool_calls") not in (None, []):
         out = {"role": role, "content": text_field(turn, text_key, required=False)}
         return out | {"tool_calls": tool_calls_field(turn, where)}

@@ -40,6 +40,10 @@ SHAREGPT_ROLES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    # tool calling as LLaMA-Factory writes it: a turn of calls as JSON, and what the tool returned
+    "function_call": "function_call",
+    "observation": "tool",
+    "tool": "tool",
 }
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # undecodable bytes, as surrogateescape keeps them
 
@@ -280,6 +284,9 @@ def to_messages(record: dict, shape: str, columns: dict[str, str], roles: dict[s
         msgs.append(chat_turn(turn, role_map[role], text_key, f"{key}[{n}]"))
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord("no assistant turn")
+    system = text_field(record, col("system"), required=False) if shape == "sharegpt" else ""
+    if system.strip() and msgs[0]["role"] != "system":  # LLaMA-Factory's ShareGPT `system` column
+        msgs.insert(0, {"role": "system", "content": system})
     return conversation(msgs, tools_field(record, col("tools")))
 
 

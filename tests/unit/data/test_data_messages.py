@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tasks.data.messages import BadRecord, openai_messages, split_conversation
-from tasks.data.records import to_messages
+from tasks.data.records import SHAREGPT_ROLES, to_messages
 
 TOOLS = [{"type": "function", "function": {"name": "lookup_city", "parameters": {"type": "object"}}}]
 CALL = {
@@ -106,3 +106,39 @@ def test_a_tool_result_needs_its_content_and_an_answer_needs_text_or_calls():
     rec["messages"][1]["tool_calls"] = []
     with pytest.raises(BadRecord, match="field 'content' is null"):
         to_messages(rec, "messages", {}, {})
+
+
+def test_sharegpt_function_call_and_observation_turns_read_as_calls_and_results():
+    """LLaMA-Factory's ShareGPT for tool calling: a `function_call` turn holds the call as JSON
+    text, an `observation` turn the result, `tools` bare schemas as JSON text, `system` a column."""
+    rec = {
+        "system": "Use tools.",
+        "tools": json.dumps([{"name": "lookup_city", "parameters": {"type": "object"}}]),
+        "conversations": [
+            {"from": "human", "value": "Which country is Pune in?"},
+            {"from": "function_call", "value": '{"name": "lookup_city", "arguments": {"city": "Pune"}}'},
+            {"from": "observation", "value": '{"country": "IN"}'},
+            {"from": "gpt", "value": "IN."},
+        ],
+    }
+    messages, tools = split_conversation(to_messages(rec, "sharegpt", {}, SHAREGPT_ROLES))
+    from_messages, _ = split_conversation(to_messages(record(), "messages", {}, {}))
+    assert tools == TOOLS
+    assert messages[0] == {"role": "system", "content": "Use tools."}
+    without_ids = [{k: v for k, v in m.items() if k != "tool_call_id"} for m in from_messages]
+    without_ids[1]["tool_calls"] = [
+        {k: v for k, v in c.items() if k != "id"} for c in without_ids[1]["tool_calls"]
+    ]
+    assert messages[1:] == without_ids  # the same turns the messages form of this record gives
+    # parallel calls: a list in one turn
+    rec["conversations"][1]["value"] = json.dumps(
+        [{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{}"}]
+    )
+    messages, _ = split_conversation(to_messages(rec, "sharegpt", {}, SHAREGPT_ROLES))
+    assert [c["function"] for c in messages[2]["tool_calls"]] == [
+        {"arguments": {}, "name": "a"},
+        {"arguments": {}, "name": "b"},
+    ]
+    rec["conversations"][1]["value"] = "lookup_city(Pune)"
+    with pytest.raises(BadRecord, match=r"conversations\[1\].value is text that is not JSON"):
+        to_messages(rec, "sharegpt", {}, SHAREGPT_ROLES)
