@@ -66,7 +66,7 @@ def sft_pipeline(
     run_id = run_id or recorded_run_id(flow_run.id, lambda: new_run_id(cfg.run_name))
     if flow_run.run_count > 1:
         log(f"flow run attempt {flow_run.run_count}: resuming run {run_id}")
-    with pipeline_slot(log):  # one pipeline run at a time, whichever deployment started it
+    with pipeline_slot(log, cfg.output_dir):  # one pipeline run at a time, whichever deployment started it
         return run_pipeline(cfg, run_id, force, t0)
 
 

@@ -23,7 +23,7 @@ from prefect import task
 from tasks.config import SECTION_NAMES, PipelineConfig
 from tasks.core.errors import StageFailed
 from tasks.core.faults import fault
-from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
+from tasks.core.files import atomic_dir, copy_tree, read_json, write_json
 from tasks.core.hashing import code_version
 from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import stage_dir
@@ -61,7 +61,7 @@ from tasks.serving.bundle import (
     write_mlmodel,
 )
 from tasks.serving.parity import ParityError, parity_gate, parity_table, start_server
-from tasks.serving.server import Server, hot_swap, preflight, smoke_markdown, smoke_test, wait_healthy
+from tasks.serving.server import Server, hot_swap, preflight, smoke_check, smoke_markdown
 from tasks.serving.venv import has_cuda
 
 SECTIONS = SECTION_NAMES  # the version is tagged with the fingerprint of every section
@@ -199,22 +199,6 @@ def served_like_evaluated(
     return result
 
 
-def smoke(cfg: PipelineConfig, eval_records: Path, out: Path, log) -> dict:
-    """The OpenAI-compatible smoke test on a running serve.endpoint (the production server, say)."""
-    prompts = [r["messages"] for r in read_jsonl(eval_records, cfg.serve.smoke_prompts)]
-    api_key = os.environ.get(cfg.serve.api_key_env, "EMPTY")
-    wait_healthy(cfg.serve.endpoint, 30, api_key=api_key)
-    result = smoke_test(cfg.serve.endpoint, cfg.served_model_name, prompts, cfg.serve.max_tokens, api_key)
-    write_json(out / "smoke.json", result)
-    for a in result["answers"]:
-        log(
-            f"smoke: {a['prompt'][:60]!r} -> {a['answer'][:80]!r} (finish_reason {a['finish_reason']}, {a['seconds']}s)"
-        )
-    if not result["passed"]:
-        raise StageFailed(f"smoke test on {cfg.serve.endpoint} failed: " + "; ".join(result["failures"]))
-    return result
-
-
 def register(
     cfg: PipelineConfig,
     run_id: str,
@@ -297,7 +281,11 @@ def run_handoff(
         stage.log(f"handoff: bundle at {bundle}; serve with: {shlex.join(info['argv'])}")
         # a bundle that does not answer as evaluated, or at all, is never registered
         parity = served_like_evaluated(cfg, stage, bundle, info, data, merged, scores, server)
-        smoke_result = smoke(cfg, Path(data.eval_records), out, stage.log) if cfg.serve.endpoint else None
+        smoke_result = (
+            smoke_check(cfg.serve, cfg.served_model_name, Path(data.eval_records), out, stage.log)
+            if cfg.serve.endpoint
+            else None
+        )
         mv = register(cfg, run_id, stage, bundle, info, data, trained, scores, parity)
         aliases, not_promoted = move_aliases(cfg, stage, mv.version, bundle, scores)
         record_handoff(stage, bundle, cfg.registered_model, str(mv.version), aliases, parity, smoke_result)

@@ -1,6 +1,8 @@
 """What a run asks of its Prefect server (the limits that keep runs apart, parameters without
 credentials) and a full disk under MLflow's SQLite store, on real servers."""
 
+import os
+
 import pytest
 
 from conftest import ROOT, fill_disk, small_disk
@@ -62,3 +64,68 @@ def test_deployments_share_one_pipeline_limit():
         for d in spec["deployments"]
     }
     assert set(limits.values()) == {"sftflow-pipeline"}, limits
+
+
+HOLDER = """import sys, time
+from pathlib import Path
+from tasks.core.orchestration import pipeline_slot
+from tasks.core.orphans import mark_owner
+mark_owner(Path(sys.argv[1]))
+with pipeline_slot(print, Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_runs_slot_is_freed_at_once_by_the_next_run_in_its_output_dir(
+    prefect_server, tmp_path, monkeypatch
+):
+    """A SIGKILLed holder never releases its slot, and its lease lapses only after a minute or
+    more. The next run in the same output_dir frees it at once; while the holder lives, or from
+    another output_dir, nothing is freed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.core.orchestration import SLOT_RECORD, pipeline_slot, release_dead_holder
+
+    if prefect_server is None:
+        pytest.skip("needs the tests' Prefect server (PostgreSQL)")
+    name = f"sftflow-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("SFTFLOW_PIPELINE_LIMIT", name)
+    out, other = tmp_path / "runs", tmp_path / "other"
+    out.mkdir(), other.mkdir()
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(name).active_slots
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in holder.stdout:  # "created the ... limit", then "held"
+            if line.strip() == "held":
+                break
+        assert line.strip() == "held" and active() == 1
+        said = []
+        release_dead_holder(out / SLOT_RECORD, out, prefect_server, said.append)  # it lives
+        assert said == [] and (out / SLOT_RECORD).is_file() and active() == 1
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    release_dead_holder(out / SLOT_RECORD, other, prefect_server, said.append)  # not that folder's
+    assert said == [] and active() == 1
+    t0 = time.monotonic()
+    with pipeline_slot(said.append, out):
+        waited = time.monotonic() - t0
+        assert active() == 1 and str(os.getpid()) in (out / SLOT_RECORD).read_text()
+    assert waited < 10 and not [s for s in said if "waited" in s], (waited, said)
+    assert said[0].startswith("released the pipeline slot a killed run held"), said
+    assert active() == 0 and not (out / SLOT_RECORD).exists()
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(name)

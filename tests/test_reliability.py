@@ -516,8 +516,9 @@ def test_mlflow_stopped_mid_training_and_restarted_loses_no_metrics(tmp_path):
     "point, what", [("train:running", "tasks.training.worker"), ("handoff:serving", "vllm")]
 )
 def test_a_flow_killed_mid_run_leaves_no_process_once_the_retry_starts(tmp_path, point, what):
-    """SIGKILL of the flow process skips every finally: the ranks (or vLLM) it started live on. The
-    retried run in the same output_dir reaps them before it starts anything, and completes."""
+    """SIGKILL of the flow process skips every finally: the ranks (or vLLM) it started live on, and
+    its pipeline slot stays taken. The retried run in the same output_dir reaps them and frees the
+    slot before it starts anything, and completes."""
     from tasks.core.orphans import find_orphans, start_time
 
     out = tmp_path / "runs"
@@ -531,7 +532,11 @@ def test_a_flow_killed_mid_run_leaves_no_process_once_the_retry_starts(tmp_path,
     assert any(what in o.command for o in left), left  # without reaping, these would stay
     res = run_cli(*args, env=fault)  # the fault fired once: the retry runs clean
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "process(es) left by a killed run" in res.stdout + res.stderr
+    said = res.stdout + res.stderr
+    assert "process(es) left by a killed run" in said
+    # and the killed run's pipeline slot is freed at once, not after its lease lapses
+    assert "released the pipeline slot a killed run held" in said, said[-3000:]
+    assert "for the concurrency limit" not in said, said[-3000:]
     assert find_orphans(out) == [] and not [o for o in left if start_time(o.pid)]
 
 

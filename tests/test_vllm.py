@@ -182,14 +182,15 @@ def test_the_adapter_bundle_served_by_vllm_answers_as_evaluated(adapter_run):
     assert "--enable-lora" in argv and argv[argv.index("--lora-modules") + 1] == "model=adapter"
 
 
-def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path):
+def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path, monkeypatch):
     """`sftflow serve NAME@ALIAS` from the registry, with VLLM_API_KEY set: a request without the key
     is refused; the smoke test passes, fails on a cut answer or a wrong name;
     /v1/load_lora_adapter hot-swaps the adapter in under a new name."""
     import openai
 
+    from tasks.config import ServeConfig
     from tasks.core.files import read_jsonl
-    from tasks.serving.server import hot_swap, smoke_test, stop
+    from tasks.serving.server import hot_swap, smoke_check, smoke_test, stop
 
     run, port = adapter_run["run"], free_port()
     log = tmp_path / "serve.log"
@@ -214,9 +215,13 @@ def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path):
         prompts = [r["prompt"] for r in rows[:3]]
         with pytest.raises(openai.AuthenticationError):
             smoke_test(url, "model", prompts, max_tokens=8)  # no key: refused
-        ok = smoke_test(url, "model", prompts, max_tokens=48, api_key=key)
+        # as the handoff runs it on serve.endpoint: the first eval records, the key from the environment
+        s = ServeConfig(endpoint=url, smoke_prompts=3, max_tokens=48, api_key_env="SMOKE_KEY")
+        monkeypatch.setenv("SMOKE_KEY", key)
+        ok = smoke_check(s, "model", run / "format/eval_records.jsonl", tmp_path, print)
         answers = [a["answer"].strip() for a in ok["answers"]]
         assert ok["passed"] and answers == [r["candidate"] for r in rows[:3]]
+        assert json.loads((tmp_path / "smoke.json").read_text())["answers"] == ok["answers"]
         cut = smoke_test(url, "model", prompts, max_tokens=2, api_key=key)
         assert not cut["passed"] and "finish_reason 'length'" in cut["failures"][0]
         wrong = smoke_test(url, "other", prompts, max_tokens=8, api_key=key)

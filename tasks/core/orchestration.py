@@ -11,6 +11,10 @@ stages that use the accelerator (train, and handoff's vLLM parity server) carry 
 tag. Both limits are created with one slot when missing, so a server that `make
 prefect-setup` never saw still keeps runs apart; a limit someone set stays as they set it.
 
+A SIGKILLed run's slot stays taken until its lease lapses (a minute or more). The lease id is
+therefore recorded in ``output_dir``, and the next run there, on the same host, frees it at once
+when the run that recorded it no longer runs (``tasks.core.orphans``' owner marks).
+
 A plain `sftflow run` with no PREFECT_API_URL talks to a temporary server of its own, which
 runs no lease repossessor: a slot a killed run held there would stay taken for good. Such a run
 takes no slot (the registry's compare-and-set still guards the champion).
@@ -18,12 +22,16 @@ takes no slot (the registry's compare-and-set still guards the champion).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tasks.core.errors import InputError
+from tasks.core.files import read_json, write_json
+from tasks.core.orphans import owner_gone, owner_mark
 from tasks.core.tracking import REDACTED, redact
 
 PIPELINE_LIMIT = "sftflow-pipeline"
@@ -32,6 +40,7 @@ GPU_TAG = "gpu"
 # 60 s is the server's minimum). The servers `make stack` and docker/compose.yaml start keep
 # leases on disk (PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE) so that a restart forgets none.
 LEASE_S = 60
+SLOT_RECORD = ".pipeline-slot.json"  # in output_dir: the lease the run working there holds
 
 
 def pipeline_limit() -> str:
@@ -63,24 +72,63 @@ def ensure_limits(name: str, log) -> None:
 
 
 @contextmanager
-def pipeline_slot(log) -> Iterator[None]:
-    """Hold the pipeline's slot for the body: a second run waits here, and says so."""
+def pipeline_slot(log, output_dir: Path) -> Iterator[None]:
+    """Hold the pipeline's slot for the body: a second run waits here, and says so. The lease is
+    recorded in ``output_dir``, so that the next run there frees a killed run's slot at once
+    instead of waiting for its lease to lapse."""
+    from prefect.concurrency.context import ConcurrencyContext
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():  # a temporary server: nobody else's runs, and no lease ever lapses
         yield
         return
-    name = pipeline_limit()
+    name, record = pipeline_limit(), Path(output_dir) / SLOT_RECORD
     ensure_limits(name, log)
+    release_dead_holder(record, output_dir, PREFECT_API_URL.value(), log)
     t0 = time.monotonic()
     # A lease renewal that fails (the server restarting) must not kill hours of training.
-    with concurrency(
-        name, occupy=1, lease_duration=LEASE_S, strict=True, raise_on_lease_renewal_failure=False
+    # The context collects the lease id as it is granted (Prefect's own record, for clean-up).
+    with (
+        ConcurrencyContext() as granted,
+        concurrency(
+            name, occupy=1, lease_duration=LEASE_S, strict=True, raise_on_lease_renewal_failure=False
+        ),
     ):
         if (waited := time.monotonic() - t0) > 2:
             log(f"waited {waited:.0f} s for the concurrency limit {name!r}: another pipeline run held it")
-        yield
+        mine = {"lease_id": str(granted.cleanup_lease_ids[0]), "owner": owner_mark(output_dir),
+                "api_url": PREFECT_API_URL.value()}  # fmt: skip
+        try:
+            write_json(record, mine)
+        except OSError as e:  # a full disk fails later, by name; this only costs a retry's wait
+            log(f"could not record the pipeline slot's lease in {record} ({e})")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                if read_json(record) == mine:
+                    record.unlink()
+
+
+def release_dead_holder(record: Path, output_dir: Path, api_url: str, log) -> None:
+    """Free the slot a killed run in ``output_dir`` (on this host, on this server) still holds."""
+    from prefect import get_client
+
+    try:
+        held = read_json(record)
+    except (OSError, ValueError):
+        return
+    if held.get("api_url") != api_url or not owner_gone(str(held.get("owner", "")), output_dir):
+        return  # another server's, another host's, or its run is alive: it releases it itself
+    try:
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(lease_id=held["lease_id"])
+        log(f"released the pipeline slot a killed run held ({record}: owner {held['owner']})")
+    except Exception as e:  # lapsed already (404), or the server is down: then the wait says so
+        log(f"the pipeline slot a killed run held is not released ({e}); its lease lapses in {LEASE_S} s")
+    with contextlib.suppress(OSError):
+        record.unlink()
 
 
 def redact_parameters(flow_run_id, parameters: dict) -> None:

@@ -48,6 +48,16 @@ def mark_owner(output_dir: Path) -> None:
     os.environ[OWNER_ENV] = owner_mark(output_dir)
 
 
+def owner_gone(mark: str, output_dir: Path) -> bool:
+    """Whether ``mark`` names an owner of ``output_dir`` on this host that no longer runs (a mark
+    from another host, or for another folder, is never taken as gone: its pid means nothing here)."""
+    if mark.count("|") < 3:
+        return False
+    where, owner, started = mark.rsplit("|", 2)
+    here = f"{socket.gethostname()}|{Path(output_dir).resolve()}"
+    return where == here and owner.isdigit() and start_time(int(owner)) != started
+
+
 def _mark_of(pid: int) -> str | None:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -62,17 +72,14 @@ def _mark_of(pid: int) -> str | None:
 
 def find_orphans(output_dir: Path) -> list[Orphan]:
     """Live processes marked for ``output_dir`` by an owner that no longer runs."""
-    here = f"{socket.gethostname()}|{Path(output_dir).resolve()}"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         mark = _mark_of(int(entry.name))
-        if mark is None or mark.count("|") < 3:
+        if mark is None or not owner_gone(mark, output_dir):  # another folder's, or its owner lives
             continue
-        where, owner, started = mark.rsplit("|", 2)
-        if where != here or start_time(int(owner)) == started:  # another folder's, or its owner lives
-            continue
+        owner = mark.rsplit("|", 2)[1]
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:

@@ -22,7 +22,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tasks.config import ServeConfig
 from tasks.core.errors import InputError, StageFailed, StageTimeout
+from tasks.core.files import read_jsonl, write_json
 from tasks.data.messages import openai_messages
 from tasks.data.templating import end_of_turn_id
 
@@ -301,6 +303,23 @@ def smoke_test(
         "passed": not failures,
         "failures": failures,
     }
+
+
+def smoke_check(s: ServeConfig, served_name: str, eval_records: Path, out: Path, log) -> dict:
+    """The OpenAI-compatible smoke test on a running ``serve.endpoint`` (the production server,
+    say), with the first eval prompts; writes ``out/smoke.json`` and raises when it fails."""
+    prompts = [r["messages"] for r in read_jsonl(eval_records, s.smoke_prompts)]
+    api_key = os.environ.get(s.api_key_env, "EMPTY")
+    wait_healthy(s.endpoint, 30, api_key=api_key)
+    result = smoke_test(s.endpoint, served_name, prompts, s.max_tokens, api_key)
+    write_json(out / "smoke.json", result)
+    for a in result["answers"]:
+        log(
+            f"smoke: {a['prompt'][:60]!r} -> {a['answer'][:80]!r} (finish_reason {a['finish_reason']}, {a['seconds']}s)"
+        )
+    if not result["passed"]:
+        raise StageFailed(f"smoke test on {s.endpoint} failed: " + "; ".join(result["failures"]))
+    return result
 
 
 def hot_swap(base_url: str, lora_name: str, lora_path: str, api_key: str = "EMPTY") -> None:
