@@ -119,6 +119,8 @@ def release_dead_holder(record: Path, output_dir: Path, api_url: str, log) -> No
         held = read_json(record)
     except (OSError, ValueError):
         return
+    if not isinstance(held, dict) or "lease_id" not in held:
+        return
     if held.get("api_url") != api_url or not owner_gone(str(held.get("owner", "")), output_dir):
         return  # another server's, another host's, or its run is alive: it releases it itself
     try:
@@ -127,8 +129,9 @@ def release_dead_holder(record: Path, output_dir: Path, api_url: str, log) -> No
         log(f"released the pipeline slot a killed run held ({record}: owner {held['owner']})")
     except Exception as e:  # lapsed already (404), or the server is down: then the wait says so
         log(f"the pipeline slot a killed run held is not released ({e}); its lease lapses in {LEASE_S} s")
-    with contextlib.suppress(OSError):
-        record.unlink()
+    with contextlib.suppress(OSError, ValueError):
+        if read_json(record) == held:  # not a record a run beside this one has written since
+            record.unlink()
 
 
 def redact_parameters(flow_run_id, parameters: dict) -> None:
