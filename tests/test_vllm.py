@@ -218,7 +218,10 @@ def test_sftflow_serve_smoke_test_and_hot_swap(adapter_run, tmp_path, monkeypatc
         # as the handoff runs it on serve.endpoint: the first eval records, the key from the environment
         s = ServeConfig(endpoint=url, smoke_prompts=3, max_tokens=48, api_key_env="SMOKE_KEY")
         monkeypatch.setenv("SMOKE_KEY", key)
-        ok = smoke_check(s, "model", run / "format/eval_records.jsonl", tmp_path, print)
+        # (evaluate generated for a sample of the eval records: these are three of that sample's)
+        records = tmp_path / "eval_records.jsonl"
+        records.write_text("".join(json.dumps({"messages": p}) + "\n" for p in prompts + prompts))
+        ok = smoke_check(s, "model", records, tmp_path, print)
         answers = [a["answer"].strip() for a in ok["answers"]]
         assert ok["passed"] and answers == [r["candidate"] for r in rows[:3]]
         assert json.loads((tmp_path / "smoke.json").read_text())["answers"] == ok["answers"]
