@@ -127,7 +127,7 @@ def release_dead_holder(record: Path, output_dir: Path, api_url: str, log) -> No
         with get_client(sync_client=True) as client:
             client.release_concurrency_slots_with_lease(lease_id=held["lease_id"])
         log(f"released the pipeline slot a killed run held ({record}: owner {held['owner']})")
-    except Exception as e:  # lapsed already (404), or the server is down: then the wait says so
+    except Exception as e:  # the server is down, say (a lapsed lease's release is a no-op there)
         log(f"the pipeline slot a killed run held is not released ({e}); its lease lapses in {LEASE_S} s")
     with contextlib.suppress(OSError, ValueError):
         if read_json(record) == held:  # not a record a run beside this one has written since
