@@ -110,7 +110,7 @@ def build_bundle(
     }
     write_json(folder / "serve.json", info)
     write_launchers(folder, cfg.served_model_name, argv, info["env"])
-    write_mlmodel(folder, cfg.serve.mode)
+    write_mlmodel(folder, cfg.serve.mode, cfg.eval.max_new_tokens)
     return info
 
 

@@ -301,6 +301,15 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
         arguments = call.get("arguments", call.get("parameters"))  # Llama 3 writes "parameters"
         assert json.loads(message.tool_calls[0].function.arguments) == arguments, message
     assert servers_under(tmp_path) == []
+    if tools:  # MLflow's flavor answers a chat request with tools as evaluate did
+        import mlflow.pyfunc
+
+        rows = [json.loads(x) for x in (run / "evaluate/generations.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if r.get("tools")]
+        requests = [{"messages": r["prompt"], "tools": r["tools"]} for r in rows]
+        assert mlflow.pyfunc.load_model(str(run / "handoff/bundle")).predict(requests) == [
+            r["candidate"] for r in rows
+        ]
     print(
         json.dumps(
             {

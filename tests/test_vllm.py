@@ -411,7 +411,12 @@ def test_the_registered_version_loads_as_pyfunc_and_answers_as_evaluated(served_
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     rows = read_jsonl(Path(served_run["summary"]["run_dir"]) / "evaluate/generations.jsonl", 3)
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
-    assert model.predict([r["prompt"] for r in rows]) == [r["candidate"] for r in rows]
+    answers = [r["candidate"] for r in rows]
+    assert model.predict([r["prompt"] for r in rows]) == answers
+    assert model.predict([{"messages": r["prompt"]} for r in rows]) == answers  # a chat request
+    # the signature names max_new_tokens, so MLflow passes it on instead of dropping it
+    short = model.predict([r["prompt"] for r in rows], params={"max_new_tokens": 2})
+    assert all(a.startswith(s) and len(s) < len(a) for s, a in zip(short, answers)), (short, answers)
 
 
 def test_the_version_records_the_data_that_made_it(served_run):

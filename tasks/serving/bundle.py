@@ -148,11 +148,13 @@ def compose_snippet(name: str, argv: list[str], env: dict) -> dict:
     }
 
 
-def write_mlmodel(folder: Path, mode: str) -> None:
+def write_mlmodel(folder: Path, mode: str, max_tokens: int) -> None:
     """The MLmodel file: sftflow's vLLM flavor, and python_function so MLflow's own tools
-    (``mlflow.pyfunc.load_model``, ``mlflow models serve``) load the bundle through transformers."""
+    (``mlflow.pyfunc.load_model``, ``mlflow models serve``) load the bundle through transformers.
+    Its signature declares ``max_new_tokens``: MLflow drops any param a signature does not name."""
     import mlflow.pyfunc
-    from mlflow.models import Model
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
 
     (folder / "code").mkdir()
     shutil.copy(CODE_ROOT / "tasks/serving/pyfunc.py", folder / "code" / "sftflow_pyfunc.py")
@@ -160,4 +162,5 @@ def write_mlmodel(folder: Path, mode: str) -> None:
     model_dir = "model" if mode == "merged" else "adapter"
     mlmodel.add_flavor("sftflow_vllm", serve="serve.json", mode=mode, model_dir=model_dir)
     mlflow.pyfunc.add_to_model(mlmodel, loader_module="sftflow_pyfunc", data=".", code="code")
+    mlmodel.signature = ModelSignature(params=ParamSchema([ParamSpec("max_new_tokens", "long", max_tokens)]))
     mlmodel.save(str(folder / "MLmodel"))

@@ -1,6 +1,8 @@
 """MLflow's ``python_function`` flavor for an sftflow bundle, so MLflow's own tools load it:
 
-    mlflow.pyfunc.load_model("models:/NAME@champion").predict(["What is 2+2?"])
+    model = mlflow.pyfunc.load_model("models:/NAME@champion")
+    model.predict(["What is 2+2?"], params={"max_new_tokens": 64})
+    model.predict([{"messages": [{"role": "user", "content": "Weather in Graz?"}], "tools": [...]}])
 
 The handoff copies this file into each bundle as ``code/sftflow_pyfunc.py``; it imports only
 torch, transformers and peft (no sftflow). It answers as the evaluate stage did: the training
@@ -36,19 +38,17 @@ class BundleModel:
         self.eos = GenerationConfig.from_pretrained(gen_dir).eos_token_id
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
-        """Prompts as strings, chat message lists, or a DataFrame with a ``prompt`` column."""
+        """Each prompt a string, a chat message list, or a chat request ``{"messages", "tools"}``
+        (OpenAI's shape: the family template renders the tools, as evaluate did); or a DataFrame
+        with a ``prompt`` column and, optionally, ``tools``. A tool call comes back as the text
+        the model wrote (vLLM's tool parser is what turns it into ``tool_calls``)."""
         import torch
 
-        if hasattr(model_input, "columns"):
-            model_input = list(model_input["prompt"])
-        if isinstance(model_input, str):
-            model_input = [model_input]
         max_new = int((params or {}).get("max_new_tokens", self.info.get("max_tokens", 256)))
         answers = []
-        for prompt in model_input:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        for messages, tools in chat_requests(model_input):
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **self.template_kwargs
             )
             enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
@@ -62,6 +62,27 @@ class BundleModel:
             answer = out[0, enc["input_ids"].shape[1] :]
             answers.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
         return answers
+
+
+def chat_requests(model_input) -> list[tuple[list[dict], list[dict] | None]]:
+    """(messages, tools) per prompt, whichever of the shapes ``predict`` takes it came in."""
+    if hasattr(model_input, "columns"):  # a DataFrame, as `mlflow models serve` passes one
+        tools = model_input["tools"] if "tools" in model_input.columns else [None] * len(model_input)
+        model_input = [{"messages": p, "tools": t} for p, t in zip(model_input["prompt"], tools)]
+    if isinstance(model_input, (str, dict)):
+        model_input = [model_input]
+    requests = []
+    for i, prompt in enumerate(model_input):
+        tools = None
+        if isinstance(prompt, dict):
+            if "messages" not in prompt:
+                raise ValueError(f"prompt {i}: a chat request needs 'messages' (it has {sorted(prompt)})")
+            prompt, tools = prompt["messages"], prompt.get("tools")
+        # a row without tools in a DataFrame holds None or NaN; with them, a list or an array
+        tools = None if tools is None or isinstance(tools, float) else list(tools) or None
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        requests.append((messages, tools))
+    return requests
 
 
 def _load_pyfunc(data_path: str) -> BundleModel:

@@ -1,4 +1,6 @@
-"""The vLLM argv and compose service a bundle carries."""
+"""The vLLM argv and compose service a bundle carries, and the prompts its pyfunc flavor reads."""
+
+import pytest
 
 from tasks.serving.bundle import (
     compose_snippet,
@@ -74,3 +76,25 @@ def test_the_pinned_date_is_every_request_default_and_recorded_with_the_template
     assert record["kwargs"] == pins and "kwargs" not in template_record("chatml", "x", {})
     assert template_label(record) == f"llama3.2 {record['sha256']} " + '{"date_string": "02 Jan 2024"}'
     assert template_label(template_record("chatml", "x", {})).count(" ") == 1
+
+
+def test_the_pyfunc_reads_each_prompt_shape_as_messages_and_tools():
+    import pandas as pd
+
+    from tasks.serving.pyfunc import chat_requests
+
+    tools = [{"type": "function", "function": {"name": "lookup_city", "parameters": {"type": "object"}}}]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Pune?"}]
+    user = [{"role": "user", "content": "Pune?"}]
+    assert chat_requests("Pune?") == [(user, None)]
+    assert chat_requests(["Pune?", chat]) == [(user, None), (chat, None)]
+    assert chat_requests([{"messages": chat, "tools": tools}, {"messages": chat}]) == [
+        (chat, tools),
+        (chat, None),
+    ]
+    # `mlflow models serve` hands over a DataFrame: a row without tools holds NaN there
+    frame = pd.DataFrame([{"prompt": chat, "tools": tools}, {"prompt": "Pune?"}])
+    assert chat_requests(frame) == [(chat, tools), (user, None)]
+    needs = r"prompt 1: a chat request needs 'messages' \(it has \['prompt'\]\)"
+    with pytest.raises(ValueError, match=needs):
+        chat_requests(["Pune?", {"prompt": "Pune?"}])
