@@ -89,10 +89,17 @@ def iter_logits(model, inputs: list):
 
 
 def release_memory() -> None:
-    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    """Collect a dropped model (peft's wrappers and hooks hold it in reference cycles), then hand
+    the freed heap back to the OS. A collection walks every object the imports made (0.3-0.6 s
+    here), so tensors that only plain dicts held are released with ``trim_heap`` alone."""
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     import ctypes
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -195,7 +202,7 @@ def merge_shards(
                 total += out[name].numel() * out[name].element_size()
             save_file(out, str(out_dir / shard), metadata={"format": "pt"})
             del out
-        release_memory()
+        trim_heap()
     if left:
         raise InputError(f"adapter weights without a base weight: {sorted(left)[:3]}")
     if len(groups) > 1:
@@ -313,7 +320,10 @@ def merge_adapter(
             quantized = None
     merge_shards(base_path, out, factors, dtype, cfg.merge.max_shard_size_mb, quantized)
     del quantized, factors
-    release_memory()
+    if cfg.train.method == "qlora":  # the quantized base, in peft's wrapper, is garbage only now
+        release_memory()
+    else:
+        trim_heap()
     GenerationConfig.from_pretrained(base_path).save_pretrained(out)
     return reference
 
