@@ -306,6 +306,7 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
 
         rows = [json.loads(x) for x in (run / "evaluate/generations.jsonl").read_text().splitlines()]
         rows = [r for r in rows if r.get("tools")]
+        assert rows, "no evaluated prompt had tools"
         requests = [{"messages": r["prompt"], "tools": r["tools"]} for r in rows]
         assert mlflow.pyfunc.load_model(str(run / "handoff/bundle")).predict(requests) == [
             r["candidate"] for r in rows
