@@ -356,7 +356,7 @@ def record_handoff(
     stage.manifest.metrics = {"smoke_passed": int(smoke["passed"])} if smoke else {}
     if parity:
         stage.manifest.outputs["parity"] = str(out / "parity.json")
-        figures = ("template_match", "agreement", "stop_mismatches", "server_start_s")
+        figures = ("template_match", "agreement", "stop_mismatches", "tool_calls_parsed", "server_start_s")
         stage.manifest.metrics |= {f"parity.{k}": parity[k] for k in figures}
     if smoke:
         stage.artifact(out / "smoke.json")

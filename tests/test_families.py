@@ -187,15 +187,10 @@ def test_named_templates_are_their_sources_byte_for_byte(name):
 # ---------------------------------------------------------------- each family through the pipeline and vLLM
 
 
-def served_calls(run: Path, served: dict, out: Path) -> list[tuple[dict, object]]:
-    """Each evaluated answer that is one whole call, with the message vLLM returns to its prompt
-    with the tools and the API's default ``tool_choice: auto``: the bundle's tool parser at work."""
-    from openai import OpenAI
-
-    from tasks.data.messages import openai_messages
-    from tasks.serving.parity import start_server
-
-    calls = []
+def evaluated_calls(run: Path) -> dict[str, dict]:
+    """Each evaluated answer with tools that is one whole call and stopped, by its prompt, read here
+    apart from the gate's own reading (tasks/serving/parity.py's ``written_call``)."""
+    calls = {}
     for line in (run / "evaluate/generations.jsonl").read_text().splitlines():
         row = json.loads(line)
         try:
@@ -205,20 +200,9 @@ def served_calls(run: Path, served: dict, out: Path) -> list[tuple[dict, object]
         if isinstance(call, list) and len(call) == 1:  # Mistral writes [TOOL_CALLS] [{...}]
             call = call[0]
         if row.get("tools") and row["candidate_stopped"] and isinstance(call, dict) and "name" in call:
-            calls.append((row, call))
-    server = start_server(run / "handoff/bundle", served, out, 600, print)
-    try:
-        server.wait(print)
-        client = OpenAI(base_url=server.url, api_key=server.api_key, timeout=300)
-        return [
-            (call, client.chat.completions.create(
-                model=served["served_model_name"], messages=openai_messages(row["prompt"]), tools=row["tools"],
-                max_tokens=served["max_tokens"], temperature=0,
-            ).choices[0].message)
-            for row, call in calls
-        ]  # fmt: skip
-    finally:
-        server.stop()
+            arguments = call.get("arguments", call.get("parameters"))  # Llama 3 writes "parameters"
+            calls[row["prompt"][-1]["content"][:200]] = {"name": call["name"], "arguments": arguments}
+    return calls
 
 
 @pytest.mark.slow
@@ -292,14 +276,15 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
         f"tiny-{family}", summary["version"]
     )
     assert version.tags["sftflow.chat_template"] == template_label(record)
-    # the calls evaluate scored come back parsed, as a client with tools gets them. Which tiny model
-    # writes a whole call follows the CPU's float kernels (one machine: Qwen 3 and Llama 3.2 one
-    # each, Llama 3.1 and Mistral none), so each whole call is checked, however many there are
-    pairs = served_calls(run, served, tmp_path) if tools else []
-    for call, message in pairs:
-        assert message.tool_calls and message.tool_calls[0].function.name == call["name"], message
-        arguments = call.get("arguments", call.get("parameters"))  # Llama 3 writes "parameters"
-        assert json.loads(message.tool_calls[0].function.arguments) == arguments, message
+    # the gate sent each evaluated call's prompt again with its tools and the API's default
+    # tool_choice: the bundle's tool parser returned that call, name and arguments, as a client with
+    # tools gets it. Which tiny model writes a whole call follows the CPU's float kernels (one
+    # machine: Qwen 3 and Llama 3.2 one each, Llama 3.1 and Mistral none), so each one is checked
+    calls = evaluated_calls(run) if tools else {}
+    checked = {i["prompt"]: i["tool_call"] for i in parity["items"] if "tool_call" in i}
+    assert {p: c["evaluated"] for p, c in checked.items()} == calls, (checked, calls)
+    assert all(c["served"] == [c["evaluated"]] for c in checked.values()), checked
+    assert parity["tool_calls"] == parity["tool_calls_parsed"] == len(calls), parity
     assert servers_under(tmp_path) == []
     if tools:  # MLflow's flavor answers a chat request with tools as evaluate did
         import mlflow.pyfunc
@@ -323,7 +308,7 @@ def test_each_family_trains_and_is_served_by_vllm_as_evaluated(family, tmp_path)
                     k: parity[k] for k in ("template_match", "agreement", "finish_reasons", "tool_prompts")
                 },
                 "vllm_start_s": parity["server_start_s"],
-                "parsed_calls": len(pairs),
+                "parsed_calls": parity["tool_calls_parsed"],
                 "seconds": summary["seconds"],
             }
         )

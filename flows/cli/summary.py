@@ -43,6 +43,11 @@ def print_summary(s: dict) -> None:
         print(
             f"parity:    vLLM served the bundle: template {p['template_match']:.0%}, answers agree "
             f"{round(p['agreement'] * p['prompts'])}/{p['prompts']}, finish {p['finish_reasons']}"
+            + (
+                f", tool calls parsed {p['tool_calls_parsed']}/{p['tool_calls']}"
+                if p.get("tool_calls")
+                else ""
+            )
         )
     print(f"registry:  {s['registered_model']} version {s['version']} (aliases: {', '.join(s['aliases'])})")
     print(f"run dir:   {s['run_dir']}")

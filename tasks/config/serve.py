@@ -29,6 +29,12 @@ class ParityConfig(Section):
     max_stop_mismatches: int = Field(
         0, ge=0, description="answers cut at max tokens where the evaluated one stopped"
     )
+    max_tool_call_mismatches: int = Field(
+        0,
+        ge=0,
+        description="evaluated tool calls that the server's tool parser does not return as that call "
+        "(checked where the bundle has a tool parser)",
+    )
     # vLLM batches concurrent requests, as a production server does; on the demo, 40 prompts 16 at
     # a time took 12 s against 69 s one at a time, with the same answers (docs/benchmarks.md)
     concurrency: int = Field(16, ge=1, description="parity prompts in flight at once (1: one at a time)")

@@ -6,7 +6,10 @@ On the evaluate stage's prompts, against a running vLLM started from the bundle:
   the generation prompt) equal the ids sftflow evaluated with;
 - generation: greedy answers equal the evaluate stage's candidate answers; each mismatch keeps
   the first divergent token and both texts;
-- stop: an answer may end on ``length`` only where the evaluated one also ran out of tokens.
+- stop: an answer may end on ``length`` only where the evaluated one also ran out of tokens;
+- tool calls: where the bundle has a tool parser, each evaluated answer that is one whole call
+  comes back from the same prompt, with the tools and the API's default ``tool_choice``, as that
+  call in ``tool_calls`` (name and arguments), as a client with tools gets it.
 
 The verdict compares these with ``serve.parity``'s thresholds.
 """
@@ -82,6 +85,7 @@ def parity_gate(
             s.parity.concurrency,
             log,
             template_kwargs,
+            parses_tools="--enable-auto-tool-choice" in info["argv"],
         )
     finally:
         server.stop()
@@ -112,7 +116,8 @@ def parity_table(result: dict) -> dict[str, list]:
 
 def chat_request(messages: list[dict], tools: list[dict] | None) -> dict:
     """A prompt as OpenAI's chat API takes it; its tools reach the template, and the answer comes
-    back as the text the model wrote (tool_choice "none": the gate compares text, not parsed calls)."""
+    back as the text the model wrote (tool_choice "none": the answers compare as text; the calls in
+    them are checked through the parser apart, in ``served_calls``)."""
     return {"messages": openai_messages(messages)} | (
         {"tools": tools, "tool_choice": "none"} if tools else {}
     )
@@ -158,10 +163,12 @@ def check_parity(
     concurrency: int = 1,
     log=print,
     template_kwargs: dict | None = None,
+    parses_tools: bool = False,
 ) -> dict:
     """Every prompt of ``rows`` (evaluate's generations.jsonl) against the server, ``concurrency``
     requests at a time (vLLM batches them, as in production); the figures and one item per prompt.
-    ``tokenizer`` carries the training chat template, ``template_kwargs`` the date it was pinned to."""
+    ``tokenizer`` carries the training chat template, ``template_kwargs`` the date it was pinned to;
+    ``parses_tools``: the server has a tool parser, so each evaluated call is checked through it."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key, timeout=300, max_retries=1)
@@ -177,7 +184,7 @@ def check_parity(
     ]
 
     def check(row_ids: tuple[dict, list[int]]) -> dict:
-        item = check_prompt(client, base_url, model, *row_ids, max_tokens, api_key)
+        item = check_prompt(client, base_url, model, *row_ids, max_tokens, api_key, parses_tools)
         done.append(item)  # list.append is atomic: the progress count needs no lock
         if len(done) % 10 == 0 or len(done) == len(rows):
             log(f"parity: {len(done)}/{len(rows)} prompts, {sum(i['agrees'] for i in done)} answers agree")
@@ -198,15 +205,25 @@ def check_parity(
             f: sum(i["finish_reason"] == f for i in items) for f in {i["finish_reason"] for i in items}
         },
         "stop_mismatches": sum(not i["stop_ok"] for i in items),
+        "tool_calls": sum("tool_call" in i for i in items),
+        "tool_calls_parsed": sum(i.get("tool_call_ok", False) for i in items),
         "seconds": round(time.monotonic() - t0, 1),
         "items": items,
     }
 
 
 def check_prompt(
-    client, base_url: str, model: str, row: dict, ours: list[int], max_tokens: int, api_key: str
+    client,
+    base_url: str,
+    model: str,
+    row: dict,
+    ours: list[int],
+    max_tokens: int,
+    api_key: str,
+    parses_tools: bool = False,
 ) -> dict:
-    """One prompt: the served token ids against ``ours`` (training's), the greedy answer against the evaluated one."""
+    """One prompt: the served token ids against ``ours`` (training's), the greedy answer against
+    the evaluated one and, where the server parses tool calls, the evaluated call against its parse."""
     theirs = served_ids(base_url, model, row["prompt"], api_key, row.get("tools"))
     r = client.chat.completions.create(
         model=model, **chat_request(row["prompt"], row.get("tools")), max_tokens=max_tokens, temperature=0
@@ -222,10 +239,49 @@ def check_prompt(
         "evaluated": row["candidate"],
     }
     item["stop_ok"] = item["finish_reason"] == "stop" or not row["candidate_stopped"]
+    call = written_call(row["candidate"]) if parses_tools and row.get("tools") else None
+    if call is not None and row["candidate_stopped"]:
+        item["tool_call"] = {"evaluated": call, "served": served_calls(client, model, row, max_tokens)}
+        item["tool_call_ok"] = item["tool_call"]["served"] == [call]
     if not item["template_match"]:
         k = first_difference(ours, theirs)
         item["template_diff"] = {"index": k, "trained": ours[k : k + 8], "served": theirs[k : k + 8]}
     return item
+
+
+def written_call(text: str) -> dict | None:
+    """The one tool call an evaluated answer is, as the tool parsers read it: a JSON object with a
+    name (Hermes; Llama 3 writes "parameters"), or a list of one (Mistral's ``[TOOL_CALLS]``, a
+    special token the answer's text leaves out); None for words or a garbled call."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(call, list) and len(call) == 1:
+        call = call[0]
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+        return None
+    return {"name": call["name"], "arguments": call.get("arguments", call.get("parameters", {}))}
+
+
+def served_calls(client, model: str, row: dict, max_tokens: int) -> list[dict]:
+    """The tool calls the server returns for the prompt with its tools and the API's default
+    ``tool_choice`` (auto): what its tool parser made of the answer."""
+    r = client.chat.completions.create(
+        model=model,
+        messages=openai_messages(row["prompt"]),
+        tools=row["tools"],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    calls = []
+    for c in r.choices[0].message.tool_calls or []:
+        try:
+            arguments = json.loads(c.function.arguments)
+        except ValueError:  # a parser that passed on text it could not read
+            arguments = c.function.arguments
+        calls.append({"name": c.function.name, "arguments": arguments})
+    return calls
 
 
 def verdict(result: dict, limits: ParityConfig) -> list[str]:
@@ -248,6 +304,14 @@ def verdict(result: dict, limits: ParityConfig) -> list[str]:
             f"stop parity: {result['stop_mismatches']}/{n} answers ran to max_tokens where the evaluated "
             "model stopped (does the EOS cover the end-of-turn token?)"
         )
+    missed = result["tool_calls"] - result["tool_calls_parsed"]
+    if missed > limits.max_tool_call_mismatches:
+        bad = next(i for i in result["items"] if i.get("tool_call_ok") is False)
+        failures.append(
+            f"tool-call parity: {missed}/{result['tool_calls']} evaluated tool calls did not come back as "
+            f"that call in tool_calls (first: {bad['tool_call']['evaluated']} came back as "
+            f"{bad['tool_call']['served']}); does the bundle's --tool-call-parser read this template's calls?"
+        )
     return failures
 
 
@@ -257,7 +321,8 @@ def parity_markdown(result: dict, failures: list[str], started_s: float) -> str:
         "",
         f"**{'FAILED' if failures else 'PASSED'}** on {result['prompts']} prompts: template "
         f"{result['template_match']:.0%}, answers agree {result['agreement']:.0%}, finish reasons "
-        f"{result['finish_reasons']}, stop mismatches {result['stop_mismatches']}; server healthy after "
+        f"{result['finish_reasons']}, stop mismatches {result['stop_mismatches']}, tool calls parsed "
+        f"{result['tool_calls_parsed']}/{result['tool_calls']}; server healthy after "
         f"{started_s:.0f}s, checks {result['seconds']:.0f}s.",
         "",
         *[f"- {f}" for f in failures],
@@ -266,7 +331,11 @@ def parity_markdown(result: dict, failures: list[str], started_s: float) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     cell = lambda s: repr(s)[:100].replace("|", "\\|")
-    differing = [i for i in result["items"] if not (i["template_match"] and i["agrees"] and i["stop_ok"])]
+    differing = [
+        i
+        for i in result["items"]
+        if not (i["template_match"] and i["agrees"] and i["stop_ok"] and i.get("tool_call_ok", True))
+    ]
     for i in differing:
         d = i.get("divergence")
         where = f"token {d['index']}: {d['served_token']!r} vs {d['evaluated_token']!r}" if d else ""
