@@ -254,59 +254,46 @@ def test_night_two_in_adapter_mode_evaluates_and_continues_from_the_adapter_cham
 
 def broken_gate(served_run, tmp_path, break_bundle) -> tuple[dict, list[str]]:
     """The parity gate on a copy of the merged bundle that ``break_bundle`` edited."""
+    run = Path(served_run["summary"]["run_dir"])
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run / "handoff/bundle", bundle)
+    info = json.loads((bundle / "serve.json").read_text())
+    break_bundle(bundle, info)
+    return gate(served_run, bundle, info, tmp_path)
+
+
+def gate(served_run, bundle: Path, info: dict, out: Path, server=None) -> tuple[dict, list[str]]:
+    """The parity gate of the served run's config on ``bundle`` (on ``server``, started from it)."""
     from tasks.config import load_config
     from tasks.core.results import EvalResult
     from tasks.models.loading import load_tokenizer
     from tasks.serving.parity import parity_gate
 
     run = Path(served_run["summary"]["run_dir"])
-    bundle = tmp_path / "bundle"
-    shutil.copytree(run / "handoff/bundle", bundle)
-    info = json.loads((bundle / "serve.json").read_text())
-    break_bundle(bundle, info)
     cfg = load_config(ROOT / "configs/tiny.yaml", [a for a in served_run["args"] if a != "--set"])
     scores = EvalResult.from_manifest(cfg.output_dir, run.name)
     tokenizer = load_tokenizer(run / "merge/model")
     tokenizer.chat_template = (run / "format/chat_template.jinja").read_text()
     result = parity_gate(
-        cfg.serve,
-        cfg.served_model_name,
-        cfg.eval.max_new_tokens,
-        bundle,
-        info,
-        tokenizer,
-        scores,
-        tmp_path,
-        print,
-    )
-    assert servers_under(tmp_path) == []
+        cfg.serve, cfg.served_model_name, cfg.eval.max_new_tokens, bundle, info, tokenizer, scores, out, print,
+        server,
+    )  # fmt: skip
+    assert servers_under(out) == []
     return result, result["failures"]
 
 
-def test_a_bundle_with_another_chat_template_fails_template_parity(served_run, tmp_path):
-    def other_template(bundle, info):  # e.g. the base model's own template instead of training's
-        template = (bundle / "chat_template.jinja").read_text()
-        (bundle / "chat_template.jinja").write_text(template.replace("<|im_start|>", "<|im_start|> "))
-        info["argv"] += ["--chat-template", "chat_template.jinja"]
-
-    result, failures = broken_gate(served_run, tmp_path, other_template)
-    print("\n" + "\n".join(failures))
-    assert result["template_match"] == 0.0 and not result["passed"]
-    assert failures[0].startswith("template parity 0% < 100%: the server renders prompts differently")
-
-
-def test_vllm_renders_the_date_the_format_stage_pinned(served_run, tmp_path):
-    """Llama 3.2's template writes today's date: the bundle's vLLM gets the pinned one as every
-    request's default (serve_argv's --default-chat-template-kwargs), so /tokenize and the chat
-    answers render training's prompt, on any day; without the pin the prompts differ."""
+@pytest.fixture(scope="module")
+def other_template_server(served_run, tmp_path_factory):
+    """The merged bundle served with another chat template than training's ChatML: Llama 3.2's,
+    which writes today's date, pinned as every request's default (serve_argv's
+    --default-chat-template-kwargs). One vLLM for the two tests below; the gate stops it."""
     from tasks.data.templating import named_templates, pinned_date
-    from tasks.models.loading import load_tokenizer
     from tasks.serving.bundle import serve_argv
-    from tasks.serving.parity import check_parity, start_server
+    from tasks.serving.parity import start_server
 
-    run = Path(served_run["summary"]["run_dir"])
-    bundle = tmp_path / "bundle"
-    shutil.copytree(run / "handoff/bundle", bundle)
+    tmp = tmp_path_factory.mktemp("other-template")
+    bundle = tmp / "bundle"
+    shutil.copytree(Path(served_run["summary"]["run_dir"]) / "handoff/bundle", bundle)
     template = named_templates()["llama3.2"].read_text(encoding="utf-8")
     (bundle / "chat_template.jinja").write_text(template)
     pins = pinned_date(template, dt.date(2024, 1, 2))
@@ -316,19 +303,39 @@ def test_vllm_renders_the_date_the_format_stage_pinned(served_run, tmp_path):
         "chat_template.jinja",
         *serve_argv("m", 1, 1, "m", "float32", None, None, pins)[-2:],
     ]
+    server = start_server(bundle, info, tmp, 600, print)
+    yield {"bundle": bundle, "info": info, "template": template, "pins": pins, "server": server, "tmp": tmp}
+    server.stop()
+    assert servers_under(tmp) == []
+
+
+def test_vllm_renders_the_date_the_format_stage_pinned(served_run, other_template_server):
+    """Llama 3.2's template writes today's date: the bundle's vLLM gets the pinned one as every
+    request's default (serve_argv's --default-chat-template-kwargs), so /tokenize and the chat
+    answers render training's prompt, on any day; without the pin the prompts differ."""
+    from tasks.models.loading import load_tokenizer
+    from tasks.serving.parity import check_parity
+
+    run, served = Path(served_run["summary"]["run_dir"]), other_template_server
     tokenizer = load_tokenizer(run / "merge/model")
-    tokenizer.chat_template = template
+    tokenizer.chat_template = served["template"]
     rows = [json.loads(line) for line in (run / "evaluate/generations.jsonl").read_text().splitlines()][:4]
-    server = start_server(bundle, info, tmp_path, 600, print)
-    try:
-        server.wait(print)
-        pinned = check_parity(server.url, "model", tokenizer, rows, 2, server.api_key, 4, print, pins)
-        unpinned = check_parity(server.url, "model", tokenizer, rows, 2, server.api_key, 4, print)
-    finally:
-        server.stop()
-    assert servers_under(tmp_path) == []
+    server = served["server"]
+    server.wait(print)
+    pinned = check_parity(server.url, "model", tokenizer, rows, 2, server.api_key, 4, print, served["pins"])
+    unpinned = check_parity(server.url, "model", tokenizer, rows, 2, server.api_key, 4, print)
     assert pinned["template_match"] == 1.0, pinned["items"][0].get("template_diff")
     assert unpinned["template_match"] == 0.0  # today's date, locally: not what vLLM was told to render
+
+
+def test_a_bundle_with_another_chat_template_fails_template_parity(served_run, other_template_server):
+    """The bundle serves another template than the one training used (as when a base model's own
+    template ships instead): the gate refuses it at template parity, and stops the server."""
+    served = other_template_server
+    result, failures = gate(served_run, served["bundle"], served["info"], served["tmp"], served["server"])
+    print("\n" + "\n".join(failures))
+    assert result["template_match"] == 0.0 and not result["passed"]
+    assert failures[0].startswith("template parity 0% < 100%: the server renders prompts differently")
 
 
 def test_an_eos_that_misses_the_end_of_turn_fails_stop_parity(served_run, tmp_path):
