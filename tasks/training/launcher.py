@@ -104,7 +104,8 @@ def supervise_node(
     if t.hostfile and t.launcher == "ssh":
         env = ssh_env(env, log_path.parent / "deepspeed_env", log)
     try:  # across hosts a missing peer blocks the rendezvous without a word: bound the wait
-        supervise(cmd, env, log_path, t.timeout_s, log, t.rendezvous_timeout_s if t.hostfile else None)
+        join_timeout_s = t.rendezvous_timeout_s if t.hostfile else None
+        supervise(cmd, env, log_path, t.timeout_s, log, join_timeout_s, shm=(t.master_addr, port))
     except NotJoined:
         hosts = read_hostfile(t.hostfile)
         raise StageFailed(not_joined(hosts, node_rank, t.master_addr, port, t.rendezvous_timeout_s)) from None
@@ -125,9 +126,11 @@ def worker_env(mlflow_uri: str) -> dict[str, str]:
     return env
 
 
-def _clean_shm(before: set[str]) -> None:
-    """DeepSpeed's CPU comm leaves shared-memory buffers behind when a rank is killed."""
-    for path in set(glob.glob("/dev/shm/*deepspeed*")) - before:
+def _clean_shm(addr: str, port: int) -> None:
+    """DeepSpeed's CPU comm leaves shared-memory buffers behind when a rank is killed. They are
+    named by the master address and port: a training that runs beside this one on the same host
+    has its own port, and its rank 0 would wait forever for a buffer removed under it."""
+    for path in glob.glob(f"/dev/shm/deepspeed_*_{addr}_{port}_*"):
         try:
             os.unlink(path)
         except OSError:
@@ -168,15 +171,21 @@ def wait(
 
 
 def supervise(
-    cmd: list[str], env: dict, log_path: Path, timeout_s: float, log, join_timeout_s: float | None = None
+    cmd: list[str],
+    env: dict,
+    log_path: Path,
+    timeout_s: float,
+    log,
+    join_timeout_s: float | None = None,
+    shm: tuple[str, int] | None = None,
 ) -> None:
     """Run the launcher in its own process group, streaming its output into ``log_path`` (rank 0's
     ``[train]`` lines also into the stage log). The deadline counts whether or not anything is
     printed; past it, past ``join_timeout_s`` without the rank's ``[train] joined`` line, or on
-    any error here, the whole group is killed."""
+    any error here, the whole group is killed. ``shm``: the master address and port, whose
+    DeepSpeed shared-memory buffers are removed after the launch."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
     joined, unreachable = threading.Event(), []
-    shm_before = set(glob.glob("/dev/shm/*deepspeed*"))
     with open(log_path, "a", encoding="utf-8", buffering=1) as logfile:  # line-buffered: tail -f works
         proc = subprocess.Popen(
             cmd,
@@ -222,7 +231,8 @@ def supervise(
             proc.wait()
             raise
         finally:
-            _clean_shm(shm_before)
+            if shm:
+                _clean_shm(*shm)
         reader.join()
     if code != 0:
         raise StageFailed(f"training failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
