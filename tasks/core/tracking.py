@@ -21,6 +21,7 @@ from tasks.core.files import read_json, write_json
 from tasks.core.hashing import code_version
 from tasks.core.paths import run_dir
 from tasks.core.space import disk_full_named
+from tasks.core.sqlite_store import sqlite_init_lock
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 REDACTED = "***@"  # what redact() leaves of user:password@
@@ -112,21 +113,6 @@ def check_reachable(uri: str, timeout_s: float = 10) -> None:
         ) from None
     except (urllib.error.URLError, OSError) as e:
         raise Unreachable(f"tracking.mlflow_uri: cannot reach MLflow at {redact(uri)}: {e}") from None
-
-
-@contextlib.contextmanager
-def sqlite_init_lock(uri: str) -> Iterator[None]:
-    """An exclusive file lock beside a SQLite store while it is created or first opened."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def mlflow_client(uri: str):
