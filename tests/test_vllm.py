@@ -166,8 +166,10 @@ def test_the_parity_server_starts_while_evaluate_scores(served_run):
 
 
 def test_a_failed_evaluate_stops_the_server_started_early(served_run, tmp_path):
-    """Evaluate fails (a full disk, after scoring) while the parity server loads: the flow stops it."""
-    args = [*served_run["args"], "--set", f"output_dir={tmp_path / 'runs'}", "--force"]
+    """Evaluate fails (a full disk, after scoring) while the parity server loads: the flow stops it.
+    Two training steps: the answers need not end here, and evaluate ends before vLLM is up."""
+    steps = ["--set", "train.max_steps=2", "--force"]
+    args = [*served_run["args"], "--set", f"output_dir={tmp_path / 'runs'}", *steps]
     res = run_cli("run", "configs/tiny.yaml", *args, env={"SFTFLOW_FAULT": "enospc@evaluate:scored"})
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     assert "injected at evaluate:scored" in res.stderr
