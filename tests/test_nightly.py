@@ -134,20 +134,40 @@ def test_the_retention_set_catches_a_candidate_that_forgot_it(tmp_path):
     assert "the candidate forgot" in second["gate"]
 
 
-def test_a_candidate_that_improves_the_mean_but_breaks_a_slice_is_refused_naming_it(tmp_path):
+@pytest.fixture(scope="module")
+def alpha_champion(tmp_path_factory):
+    """Night 1 of the slice and the tie cases: the champion learns alpha, codes 13 to 89 (30
+    steps), gated on the tie's eval file. Each case's night 2 trains beta from the base in the
+    same registry, against this champion (neither night 2 is promoted)."""
+    out = tmp_path_factory.mktemp("alpha")
+    evals = write_jsonl(out / "tie-eval.jsonl", codes("alpha", 13) + codes("beta", 17))
+    alpha = write_jsonl(out / "alpha.jsonl", codes("alpha", 90)[13:])
+    tie = (
+        "--set",
+        f"data.eval_path={evals}",
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "eval.gate.against=champion",
+    )
+    first = night(out, "--set", f"data.path={alpha}", *tie)
+    assert first["promoted"]
+    return out, tie
+
+
+def test_a_candidate_that_improves_the_mean_but_breaks_a_slice_is_refused_naming_it(alpha_champion):
     """One eval file, slices alpha (10) and beta (30). The champion learned alpha; the candidate,
     from the base, learns beta: its eval loss beats the champion's, but alpha regresses."""
+    out, _ = alpha_champion
     label = lambda word, rows: [{**r, "category": word} for r in rows]
     evals = write_jsonl(
-        tmp_path / "eval.jsonl", label("alpha", codes("alpha", 10)) + label("beta", codes("beta", 30))
+        out / "slice-eval.jsonl", label("alpha", codes("alpha", 10)) + label("beta", codes("beta", 30))
     )
-    alpha = write_jsonl(tmp_path / "alpha.jsonl", label("alpha", codes("alpha", 90)[10:]))
-    beta = write_jsonl(tmp_path / "beta.jsonl", label("beta", codes("beta", 120)[30:]))
+    beta = write_jsonl(out / "slice-beta.jsonl", label("beta", codes("beta", 120)[30:]))
     keep = ("--set", f"data.eval_path={evals}", "--set", "data.slice_column=category",
             "--set", "train.max_steps=30", "--set", "eval.gate.slice_min_samples=5")  # fmt: skip
-    first = night(tmp_path, "--set", f"data.path={alpha}", *keep)
-    second = night(tmp_path, "--set", f"data.path={beta}", *keep)
-    assert first["promoted"] and not second["promoted"]
+    second = night(out, "--set", f"data.path={beta}", *keep)
+    assert not second["promoted"]
     assert second["intervals"]["champion"]["eval_loss"]["low"] > 0  # the mean alone would promote it
     alpha_row, beta_row = second["slices"]["alpha"], second["slices"]["beta"]
     assert (alpha_row["n"], beta_row["n"]) == (10, 30)
@@ -158,7 +178,7 @@ def test_a_candidate_that_improves_the_mean_but_breaks_a_slice_is_refused_naming
     assert "slice category='beta'" not in second["gate"]
 
 
-def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promotes(tmp_path):
+def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promotes(alpha_champion):
     """A tie: the champion learned alpha, the candidate (from the base) beta, and the eval file
     holds 13 alpha and 17 beta samples. Each model is far better on its own half, so the mean
     edges up by the two-sample imbalance while the paired resamples swing both ways: min_delta 0
@@ -166,20 +186,10 @@ def test_a_noisy_tie_is_refused_by_the_bootstrap_where_a_point_comparison_promot
     from tasks.config import load_config
     from tasks.evaluation.gate import gate
 
-    evals = write_jsonl(tmp_path / "eval.jsonl", codes("alpha", 13) + codes("beta", 17))
-    alpha = write_jsonl(tmp_path / "alpha.jsonl", codes("alpha", 90)[13:])
-    beta = write_jsonl(tmp_path / "beta.jsonl", codes("beta", 120)[17:])
-    keep = (
-        "--set",
-        f"data.eval_path={evals}",
-        "--set",
-        "train.max_steps=30",
-        "--set",
-        "eval.gate.against=champion",
-    )
-    first = night(tmp_path, "--set", f"data.path={alpha}", *keep)
-    second = night(tmp_path, "--set", f"data.path={beta}", *keep)
-    assert first["promoted"] and not second["promoted"]
+    out, tie = alpha_champion
+    beta = write_jsonl(out / "tie-beta.jsonl", codes("beta", 120)[17:])
+    second = night(out, "--set", f"data.path={beta}", *tie)
+    assert not second["promoted"]
     interval = second["intervals"]["champion"]["eval_loss"]
     assert interval["point"] > 0 and interval["low"] <= 0 < interval["high"]
     assert "lower bound <= min_delta 0.0" in second["gate"]
