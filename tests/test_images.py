@@ -31,6 +31,9 @@ FULL = [
     "train.method=full", "train.max_steps=160", "train.learning_rate=1e-2", "train.save_steps=200",
     "eval.max_new_tokens=48", "serve.served_model_name=model",
 ]  # fmt: skip
+# the serving containers' vllm-cache volume (docker/compose.yaml): the serving image's start fills
+# it, and the compose stack's vLLM starts from it
+VLLM_CACHE = ROOT / ".cache/vllm-container-cache"
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,8 @@ def test_serving_image_serves_what_the_container_evaluated(engine, container_run
     name = f"sftflow-serve-test-{port}"
     sh(
         "docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--shm-size", "1g",
-        "-v", f"{summary['bundle']}:/bundle:ro", "-e", "VLLM_CPU_KVCACHE_SPACE=1", built["tag"],
+        "-v", f"{summary['bundle']}:/bundle:ro", "-v", f"{VLLM_CACHE}:/root/.cache/vllm",
+        "-e", "VLLM_CPU_KVCACHE_SPACE=1", built["tag"],
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -119,6 +123,7 @@ def test_serving_image_serves_what_the_container_evaluated(engine, container_run
         rows = read_jsonl(Path(summary["run_dir"]) / "evaluate/generations.jsonl")[:3]
         smoke = smoke_test(url, "model", [r["prompt"] for r in rows], max_tokens=48)
         print(f"serving container healthy after {waited:.0f}s; smoke: {smoke}")
+        assert any((VLLM_CACHE / "torch_compile_cache").rglob("*"))  # vLLM's compiled model outlives it
         assert smoke["passed"], smoke["failures"]
         assert [a["answer"].strip() for a in smoke["answers"]] == [r["candidate"] for r in rows]
     except Exception:
@@ -141,7 +146,9 @@ def local_stack(folder: Path, images: dict[str, str], bundle: Path) -> tuple[Pat
             ports[name] = free_port()
             svc["ports"][i] = f"127.0.0.1:{ports[name]}:{mapping.split(':')[-1]}"
         svc["volumes"] = [
-            v.replace("./bundle", str(bundle)).replace("./", f"{ROOT}/docker/", 1)
+            v.replace("./bundle", str(bundle))
+            .replace("./", f"{ROOT}/docker/", 1)
+            .replace("vllm-cache:", f"{VLLM_CACHE}:")
             for v in svc.get("volumes", [])
         ]
     compose["services"]["vllm"]["environment"]["VLLM_CPU_KVCACHE_SPACE"] = "1"
