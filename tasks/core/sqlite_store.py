@@ -38,15 +38,24 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not db.exists():
+        if not db.exists() and (schema := _schema_or_none()) is not None:
             tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
             try:
                 with disk_full_named(f"could not create the MLflow store {uri}"):
-                    shutil.copyfile(migrated_schema(), tmp)
+                    shutil.copyfile(schema, tmp)
                 os.replace(tmp, db)
             finally:
                 tmp.unlink(missing_ok=True)
         yield
+
+
+def _schema_or_none() -> Path | None:
+    """The migrated schema; None where SFTFLOW_HOME cannot hold it (read-only, say): then MLflow
+    creates the store itself, as it always did, only slower."""
+    try:
+        return migrated_schema()
+    except OSError:
+        return None
 
 
 def migrated_schema() -> Path:

@@ -74,3 +74,13 @@ def test_a_full_disk_where_the_store_is_created_is_one_named_line_and_leaves_no_
         ):
             pass
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "mlflow.db.lock"]
+
+
+def test_where_sftflow_home_cannot_hold_the_schema_mlflow_makes_the_store_itself(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SFTFLOW_HOME", str(tmp_path / "a-file" / "home"))  # no folder can be made there
+    uri = f"sqlite:///{tmp_path / 'runs/mlflow.db'}"
+    with sqlite_init_lock(uri):
+        assert not (tmp_path / "runs/mlflow.db").exists()
+        mlflow_client(uri).create_experiment("made by MLflow")
+    assert mlflow_client(uri).get_experiment_by_name("made by MLflow") is not None
