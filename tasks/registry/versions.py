@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.core.errors import InputError, SftflowError
 from tasks.core.faults import fault
+from tasks.core.sqlite_store import sqlite_path
 from tasks.core.tracking import http_get
 from tasks.core.tracking import mlflow_client as _client
 from tasks.registry.tags import PROMOTED_TAG, REPLACED_TAG
@@ -37,10 +38,9 @@ def versions_tagged(uri: str, name: str, key: str, value: str) -> list[tuple[str
     (read-only) and a tracking server through its REST search; other stores, and servers that
     MLflow's environment settings verify (TLS) or authenticate by plugin, go through MLflow's client."""
     query = f"name = '{name}' and tag.`{key}` = '{value}'"
-    if uri.startswith("sqlite:///"):
+    if (db := sqlite_path(uri)) is not None:
         import sqlite3
 
-        db = Path(uri.removeprefix("sqlite:///"))
         if not db.is_file():
             return []
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
