@@ -79,10 +79,13 @@ WAITING := tests/test_deployment.py tests/test_concurrency.py tests/test_multino
 FAMILY := tests/test_families.py::test_each_family_trains_and_is_served_by_vllm_as_evaluated[qwen3]
 # vLLM's venv (about a minute of downloads and bytecode on a new clone) builds beside the first
 # tests: a test that serves waits for it on the build's lock (tasks/serving/venv.py).
+# Two pytest processes share the cores, so each process's torch takes one thread: with one
+# OpenMP thread per core, a tiny model's steps ran ~50x slower whenever the other core was busy.
 test: lint
 	$(BIN)/python -c "from tasks.models.loading import resolve_model; resolve_model('tiny-llama')"
 	@mkdir -p .cache; echo "pytest: $(WAITING) $(FAMILY) in the background (.cache/pytest-waiting.log), the rest here"
-	@$(VLLM_VENV) > .cache/vllm-venv.log 2>&1 & venv=$$!; \
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	  $(VLLM_VENV) > .cache/vllm-venv.log 2>&1 & venv=$$!; \
 	  $(BIN)/pytest -q $(WAITING) "$(FAMILY)" > .cache/pytest-waiting.log 2>&1 & waiting=$$!; \
 	  $(BIN)/pytest -q $(addprefix --ignore=,$(WAITING)); rest=$$?; \
 	  wait $$venv; built=$$?; cat .cache/vllm-venv.log; \

@@ -101,7 +101,10 @@ def test_without_deepspeed_the_trainer_takes_the_same_steps_as_zero0(formatted):
     assert losses["none"] == pytest.approx(losses["zero0"], rel=1e-4)
 
 
-def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
+def test_two_processes_split_the_data_and_agree_on_the_weights(formatted, monkeypatch):
+    """Each rank takes its share of the cores: two ranks of two threads on two cores ran a tiny
+    model's steps about 50x slower (OpenMP's threads wait on each other's time slices)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the rule, not the suite's setting
     cfg = new_run(formatted, "ddp", num_processes=2, deepspeed="zero2")
     run_train(cfg, "ddp", FormatResult.from_manifest(cfg.output_dir, "ddp"), log=quiet)
     ranks = [
@@ -112,6 +115,7 @@ def test_two_processes_split_the_data_and_agree_on_the_weights(formatted):
         "both ranks saw the same batches"
     )
     assert ranks[0]["trainable_sha256"] == ranks[1]["trainable_sha256"]
+    assert [r["threads"] for r in ranks] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
 
 
 def test_nan_loss_stops_the_run_naming_the_step(formatted):

@@ -34,6 +34,7 @@ from tasks.training.attention import describe, register  # noqa: E402
 from tasks.training.collating import EVAL_ROW, RecordingCollator  # noqa: E402
 from tasks.training.hosts import interface_for  # noqa: E402
 from tasks.training.memory import ADVICE  # noqa: E402
+from tasks.training.threads import rank_threads  # noqa: E402
 
 COMPLETE = "sftflow_complete"  # written into a checkpoint folder once every file of it is on disk
 
@@ -172,6 +173,8 @@ class Guard(TrainerCallback):
 
 def rank_report(out: Path, collator, model) -> None:
     """What each rank saw and ended with: the data-parallel test reads these."""
+    import torch
+
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
@@ -186,6 +189,7 @@ def rank_report(out: Path, collator, model) -> None:
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "first_batches": collator.seen[:8],
             "trainable_sha256": h.hexdigest(),
+            "threads": torch.get_num_threads(),
         },
     )
 
@@ -327,7 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     collator = RecordingCollator(tok.pad_token_id)
     args = training_args(spec, dtype)
     # the process group comes up with the device (every rank has joined); the train stage waits for this
-    print(f"[train] joined: rank {args.process_index} of {args.world_size} on {args.device}", flush=True)
+    threads = rank_threads(int(os.environ.get("LOCAL_SIZE", "1")))
+    print(
+        f"[train] joined: rank {args.process_index} of {args.world_size} on {args.device}, {threads} CPU thread(s)",
+        flush=True,
+    )
     model = build_model(spec, dtype)
     if args.process_index == 0:
         print(f"[train] attention: {describe(model.config)}", flush=True)
