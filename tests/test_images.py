@@ -58,6 +58,10 @@ def mlflow_client(runs: Path):
     return MlflowClient(uri, uri)
 
 
+# make test's thread setting reaches the containers' torch too (a container sees every core)
+THREADS = [k for k in ("OMP_NUM_THREADS",) if os.environ.get(k)]
+
+
 @pytest.fixture(scope="module")
 def container_run(train_image, tmp_path_factory, prefect_server) -> dict:
     """`sftflow run configs/tiny.yaml` in a container of the train image, reporting to the tests'
@@ -66,6 +70,7 @@ def container_run(train_image, tmp_path_factory, prefect_server) -> dict:
     runs = store / "runs"
     sets = [x for s in [f"output_dir={runs}", *FULL] for x in ("--set", s)]
     env = ["-e", f"PREFECT_API_URL={prefect_server}"] if prefect_server else []
+    env += [x for k in THREADS for x in ("-e", f"{k}={os.environ[k]}")]
     t0 = time.monotonic()
     done = sh(
         "docker", "run", "--rm", "--network", "host", "-v", f"{store}:{store}", *env, "-e", "HF_HUB_OFFLINE=1",
@@ -294,6 +299,9 @@ def test_docker_pool_deployment_runs_the_pipeline_in_a_container(train_image, pr
     )  # fmt: skip
     runs = tmp_path / "runs"
     runs.mkdir()
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    pool = next(d["work_pool"] for d in deployments if d["name"] == "on-demand-docker")
+    pool_env = pool["job_variables"]["env"] | {k: os.environ[k] for k in THREADS}  # a run's env replaces
     try:
         out = prefect(
             "deployment", "run", "sft-pipeline/on-demand-docker",
@@ -302,6 +310,7 @@ def test_docker_pool_deployment_runs_the_pipeline_in_a_container(train_image, pr
             "--job-variable", f"image={train_image['tag']}",
             "--job-variable", f"volumes={json.dumps([f'{runs}:{runs}'])}",
             "--job-variable", "container_create_kwargs={}",
+            *(["--job-variable", f"env={json.dumps(pool_env)}"] if THREADS else []),
         )  # fmt: skip
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
         run = wait_final(prefect_server, flow_run_id, 900)

@@ -6,6 +6,7 @@ sshd in each namespace."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -201,12 +202,16 @@ def test_the_ssh_launcher_starts_both_hosts_ranks_over_pdsh(hosts, ssh_hosts, on
     args = settings(tmp_path / "runs", hostfile, a1, free_port(), **{"train.launcher": "ssh"})
     assert run_cli("format", "configs/tiny.yaml", "--run-id", "ssh", *args).returncode == 0
     secret = {"MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw42"}  # the runner exports MLFLOW_* over pdsh
-    node0 = on_host(h1, "train", "configs/tiny.yaml", "--run-id", "ssh", *args, env=ssh_hosts | secret)
+    threads = {"OMP_NUM_THREADS": "1"}  # the user's setting reaches the ranks pdsh starts (sshd's env)
+    node0 = on_host(
+        h1, "train", "configs/tiny.yaml", "--run-id", "ssh", *args, env=ssh_hosts | secret | threads
+    )
     out = node0.communicate(timeout=600)[0]
     assert node0.returncode == 0, out[-3000:]
     train = tmp_path / "runs" / "ssh" / "train"
     log = (train / "train.log").read_text()
     assert "h1: [train] joined: rank 0 of 2" in log and "h2: [train] joined: rank 1 of 2" in log  # pdsh's
+    assert re.search(r"h2: \[train\] joined: rank 1 of 2 on \S+, 1 CPU thread", log), log[-3000:]
     assert "cmd = pdsh" in log and "SFTFLOW_HOME=" in (train / "deepspeed_env").read_text()
     leaked = [
         f for f in (tmp_path / "runs").rglob("*") if f.is_file() and b"mlflowSECRETpw42" in f.read_bytes()

@@ -74,7 +74,15 @@ def not_started(host: str, why: str, node0: str) -> str:
 
 # What ranks started over ssh need from the train stage's environment: pdsh gives them sshd's.
 # DeepSpeed's runner forwards PYTHON* and MLFLOW* variables itself, and a DS_ENV_FILE's lines.
-REMOTE_ENV = ("SFTFLOW_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
+# OMP_NUM_THREADS: where it is set, every host's ranks take it (else each its share of its cores).
+REMOTE_ENV = (
+    "SFTFLOW_HOME",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TORCH_EXTENSIONS_DIR",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+)
 
 
 def ssh_env(env: dict[str, str], path: Path, log) -> dict[str, str]:
