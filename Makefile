@@ -72,8 +72,10 @@ lint: install
 # Two pytest processes at once. One process leaves about 40% of the 2 cores idle (downloads,
 # server starts, rendezvous and polling waits); these files, which wait the most, run beside
 # the rest, each process with its own Prefect server. tiny-llama is built first, once.
+# test_merge.py (about a minute) evens out the two processes' times.
 WAITING := tests/test_deployment.py tests/test_concurrency.py tests/test_multinode.py \
-  tests/test_docker.py tests/test_images.py tests/test_nightly.py tests/test_retention.py tests/test_soak.py
+  tests/test_docker.py tests/test_images.py tests/test_nightly.py tests/test_retention.py tests/test_soak.py \
+  tests/test_merge.py
 # the one family CI runs through vLLM (Qwen 3, with tool calling), named so that it runs (conftest):
 # mostly vLLM's start, so it waits beside the others
 FAMILY := tests/test_families.py::test_each_family_trains_and_is_served_by_vllm_as_evaluated[qwen3]

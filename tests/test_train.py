@@ -102,8 +102,8 @@ def test_without_deepspeed_the_trainer_takes_the_same_steps_as_zero0(formatted):
 
 
 def test_two_processes_split_the_data_and_agree_on_the_weights(formatted, monkeypatch):
-    """Each rank takes its share of the cores: two ranks of two threads on two cores ran a tiny
-    model's steps about 50x slower (OpenMP's threads wait on each other's time slices)."""
+    """Each rank takes its share of the cores: with two threads each on two cores, these 4 steps
+    took 2.9 s instead of 0.38 s (OpenMP's threads wait for cores the other rank holds)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the rule, not the suite's setting
     cfg = new_run(formatted, "ddp", num_processes=2, deepspeed="zero2")
     run_train(cfg, "ddp", FormatResult.from_manifest(cfg.output_dir, "ddp"), log=quiet)
