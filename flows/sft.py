@@ -20,7 +20,10 @@ at once. After a completed run the retention policy (``retention``) deletes what
 old runs with their registry versions and MLflow artifacts, checkpoints, stale caches.
 
 The results are small (paths and figures); each stage's manifest is the durable record, and
-any result can be rebuilt from it (``sftflow <stage> --run-id`` runs one stage alone).
+any result can be rebuilt from it (``sftflow <stage> --run-id`` runs one stage alone). So a
+retried flow run (or ``sftflow run --run-id`` of an unfinished run) keeps the format, train and
+merge stages its earlier attempt finished with the same config sections, code and inputs;
+evaluate and handoff always run again, since the champion may have moved. ``--force`` runs all.
 """
 
 from __future__ import annotations
@@ -85,12 +88,12 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, force: bool, t0: float) -> St
     tracker = Tracker(cfg.tracking_target, run_id)  # fails fast when MLflow cannot be reached
     parent = tracker.parent_run_id()
     stage_logger().info(f"run {run_id}: {run_dir(cfg.output_dir, run_id)} (MLflow run {parent})")
-    server = None
+    server, keep = None, not force  # a retry keeps the format, train and merge its earlier attempt finished
     try:
         start = lineage_task(cfg)
-        data = format_task(cfg, run_id, start)
-        trained = train_task(cfg, run_id, data, start)
-        merged = merge_task(cfg, run_id, data, trained)
+        data = format_task(cfg, run_id, start, keep=keep)
+        trained = train_task(cfg, run_id, data, start, keep=keep)
+        merged = merge_task(cfg, run_id, data, trained, keep=keep)
         server = serve_task(cfg, run_id, data, trained, merged)  # vLLM warms up while evaluate scores
         scores = evaluate_task(cfg, run_id, data, merged)
         bundle = handoff_task(cfg, run_id, data, trained, merged, scores, server)

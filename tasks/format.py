@@ -30,7 +30,7 @@ from tasks.config import PipelineConfig
 from tasks.core.errors import InputError
 from tasks.core.files import atomic_dir, copy_tree, read_json, write_json
 from tasks.core.results import FormatResult, Lineage
-from tasks.core.stage import Stage, open_stage, prefect_markdown
+from tasks.core.stage import Stage, kept_result, open_stage, prefect_markdown, stage_logger
 from tasks.data.checks import check_bad_fraction, check_stops
 from tasks.data.messages import split_conversation
 from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
@@ -307,18 +307,27 @@ def store_in_cache(out: Path, cached: Path, log) -> None:
 
 
 def run_format(
-    cfg: PipelineConfig, run_id: str, lineage: Lineage | None = None, log=None, track: bool = False
+    cfg: PipelineConfig,
+    run_id: str,
+    lineage: Lineage | None = None,
+    log=None,
+    track: bool = False,
+    keep: bool = False,
 ) -> FormatResult:
     """Reads the data sources the config names (and with ``data.replay``, those of the champion
-    ``lineage`` names); writes ``<run>/format/`` (see the module docstring)."""
+    ``lineage`` names); writes ``<run>/format/`` (see the module docstring). ``keep``: an earlier
+    attempt's finished stage on the same data (the same cache key) is kept."""
     d = cfg.data
     plan: DataPlan = plan_data(cfg.data, resolve_model(cfg.model.name_or_path), lineage)
+    scope, same = cfg.scope(SECTIONS), {"cache_key": plan.key}
+    if keep and (kept := kept_result(scope, run_id, FormatResult, log or stage_logger().info, same=same)):
+        return kept
     check_context(plan.model_dir, d.max_seq_len)
     if cfg.eval.retention.enabled:
         retention_conversations(cfg.eval.retention)  # a bad retention set fails here, not after training
     cached = Path(cfg.output_dir) / ".cache" / "format" / plan.key
     # fresh: what a failed attempt left is never reused (the manifest is written last)
-    with open_stage(cfg.scope(SECTIONS), run_id, "format", log, track, fresh=True) as stage:
+    with open_stage(scope, run_id, "format", log, track, fresh=True) as stage:
         out = stage.dir
         for (split, src, _), sha in zip(plan.sources, plan.hashes):
             stage.manifest.add_input(f"{split}:{src}", src, sha)
@@ -396,5 +405,7 @@ def format_outputs(
 
 
 @task(name="format", retries=2, retry_delay_seconds=5)
-def format_task(cfg: PipelineConfig, run_id: str, lineage: Lineage | None = None) -> FormatResult:
-    return run_format(cfg, run_id, lineage, track=True)
+def format_task(
+    cfg: PipelineConfig, run_id: str, lineage: Lineage | None = None, keep: bool = False
+) -> FormatResult:
+    return run_format(cfg, run_id, lineage, track=True, keep=keep)

@@ -26,9 +26,11 @@ from tasks.config import PipelineConfig
 from tasks.core.errors import InputError
 from tasks.core.faults import fault
 from tasks.core.files import atomic_dir
+from tasks.core.hashing import file_sha256
+from tasks.core.paths import stage_dir
 from tasks.core.results import FormatResult, MergeResult, TrainResult
 from tasks.core.space import require_free
-from tasks.core.stage import open_stage
+from tasks.core.stage import kept_result, open_stage, stage_logger
 from tasks.data.templating import stop_token_ids
 from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config, resolve_model, weights_bytes
 
@@ -328,18 +330,38 @@ def merge_adapter(
     return reference
 
 
+def train_manifest(cfg: PipelineConfig, run_id: str) -> Path:
+    return stage_dir(cfg.output_dir, run_id, "train") / "manifest.json"
+
+
+def kept_merge(cfg: PipelineConfig, run_id: str, log=None) -> MergeResult | None:
+    """An earlier attempt's finished merge, kept when it merged this same training."""
+    inputs = {"train_manifest": file_sha256(train_manifest(cfg, run_id))}
+    return kept_result(cfg.scope(SECTIONS), run_id, MergeResult, log or stage_logger().info, inputs)
+
+
 def run_merge(
-    cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult, log=None, track: bool = False
+    cfg: PipelineConfig,
+    run_id: str,
+    data: FormatResult,
+    trained: TrainResult,
+    log=None,
+    track: bool = False,
+    keep: bool = False,
 ) -> MergeResult:
     """Reads ``trained.output``, the base and ``data.eval_records``; writes ``<run>/merge/model``.
 
     Reference logits first (base+adapter, as trained), then the shard-wise merge, then a reload
-    from disk compared against them: at no point are two full copies of the model in memory."""
+    from disk compared against them: at no point are two full copies of the model in memory.
+    ``keep``: a merge an earlier attempt finished from this same training is not run again."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    if keep and (kept := kept_merge(cfg, run_id, log)):
+        return kept
     with open_stage(cfg.scope(SECTIONS), run_id, "merge", log, track) as stage:
         out, method, trained_dir = stage.dir, cfg.train.method, Path(trained.output)
         stage.manifest.add_input("train_output", trained_dir)
+        stage.manifest.add_input("train_manifest", train_manifest(cfg, run_id))  # what a retry may keep
         base_path = resolve_model(cfg.model.name_or_path)
         dtype = pick_dtype(cfg.merge.dtype, base_path, "merge.dtype")
         tokenizer = load_tokenizer(base_path)
@@ -394,5 +416,7 @@ def run_merge(
 
 
 @task(name="merge", retries=1, retry_delay_seconds=5)
-def merge_task(cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult) -> MergeResult:
-    return run_merge(cfg, run_id, data, trained, track=True)
+def merge_task(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, trained: TrainResult, keep: bool = False
+) -> MergeResult:
+    return run_merge(cfg, run_id, data, trained, track=True, keep=keep)

@@ -29,7 +29,7 @@ from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import stage_dir
 from tasks.core.results import FormatResult, Lineage, TrainResult
 from tasks.core.space import require_free, tree_bytes
-from tasks.core.stage import open_stage
+from tasks.core.stage import kept_result, open_stage, stage_logger
 from tasks.models.loading import resolve_model
 from tasks.registry.lineage import fetch_weights
 from tasks.training import memory
@@ -92,13 +92,17 @@ def run_train(
     log=None,
     track: bool = False,
     resume: bool = True,
+    keep: bool = False,
 ) -> TrainResult:
     """Reads ``data.train_path`` and the base model (with ``train.init_from: champion``, the
     champion's adapter or weights that ``lineage`` names); writes ``<run>/train/`` (see the
     module docstring).
 
     ``resume``: continue from the newest complete checkpoint (retries); otherwise start over.
+    ``keep``: a training an earlier attempt finished on the same inputs is not run again.
     """
+    if keep and (kept := kept_training(cfg, run_id, data, lineage, log)):
+        return kept
     with open_stage(cfg.scope(SECTIONS), run_id, "train", log, track) as stage:
         out = stage.dir
         if not resume and (out / "checkpoints").exists():
@@ -228,9 +232,28 @@ def _model_id(path: Path) -> str:
     return h.hexdigest()
 
 
+def kept_training(
+    cfg: PipelineConfig, run_id: str, data: FormatResult, lineage: Lineage | None, log=None
+) -> TrainResult | None:
+    """An earlier attempt's finished training, kept when it read this same format stage and base
+    model and started from the same champion."""
+    inputs = {
+        "format_manifest": file_sha256(Path(data.train_path).parent / "manifest.json"),
+        "model": _model_id(resolve_model(cfg.model.name_or_path)),
+    }
+    same = {"started_from": lineage.version if cfg.train.init_from == "champion" and lineage else None}
+    return kept_result(cfg.scope(SECTIONS), run_id, TrainResult, log or stage_logger().info, inputs, same)
+
+
 @task(name="train", retries=1, retry_delay_seconds=10, tags=[GPU_TAG])
 def train_task(
-    cfg: PipelineConfig, run_id: str, data: FormatResult, lineage: Lineage | None = None, resume: bool = True
+    cfg: PipelineConfig,
+    run_id: str,
+    data: FormatResult,
+    lineage: Lineage | None = None,
+    resume: bool = True,
+    keep: bool = False,
 ) -> TrainResult:
-    """A retry resumes from the newest complete checkpoint, into the same MLflow run."""
-    return run_train(cfg, run_id, data, lineage, track=True, resume=resume)
+    """A retry resumes from the newest complete checkpoint, into the same MLflow run; with
+    ``keep``, a training an earlier attempt finished is not run again."""
+    return run_train(cfg, run_id, data, lineage, track=True, resume=resume, keep=keep)

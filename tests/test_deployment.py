@@ -243,7 +243,8 @@ def test_a_retried_flow_run_resumes_its_run_after_a_server_restart_mid_training(
     """The Prefect server restarts mid-training, and the flow run's processes die while it is
     down (a host restart). `prefect flow-run retry` then resumes the same run: the run id its first
     attempt recorded in the flow run's parameters, training from the newest checkpoint, one
-    registry version. Before, the retry started over in a new run directory."""
+    registry version, the format stage kept as it was. Before, the retry started over in a new run
+    directory."""
     import signal
 
     from mlflow import MlflowClient
@@ -275,6 +276,7 @@ def test_a_retried_flow_run_resumes_its_run_after_a_server_restart_mid_training(
         assert time.monotonic() < deadline, prefect_stack["worker_log"].read_text()[-4000:]
         time.sleep(1)
     run_ids = [d.name for d in out.glob("tiny-*")]
+    formatted = (out / run_ids[0] / "format/manifest.json").read_text()
 
     prefect_stack["prefect"]("flow-run", "retry", flow_run_id)
     run = wait_final(api, flow_run_id, 600)
@@ -285,6 +287,7 @@ def test_a_retried_flow_run_resumes_its_run_after_a_server_restart_mid_training(
     assert [d.name for d in out.glob("tiny-*")] == run_ids, "the retry started another run"
     recorded = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["parameters"]
     assert recorded["run_id"] == run_ids[0], (recorded, run_ids)  # shown in Prefect's UI too
+    assert (out / run_ids[0] / "format/manifest.json").read_text() == formatted, "the retry formatted again"
     train = json.loads((out / run_ids[0] / "train/manifest.json").read_text())
     assert train["status"] == "completed"
     resumed = str(train["metrics"]["resumed_from"])  # checkpoint-5, or 10 if the restart was slow

@@ -112,9 +112,9 @@ def test_the_flow_passes_each_stage_the_results_it_needs():
     source = (ROOT / "flows/sft.py").read_text()
     for line in (
         "start = lineage_task(cfg)",
-        "data = format_task(cfg, run_id, start)",
-        "trained = train_task(cfg, run_id, data, start)",
-        "merged = merge_task(cfg, run_id, data, trained)",
+        "data = format_task(cfg, run_id, start, keep=keep)",
+        "trained = train_task(cfg, run_id, data, start, keep=keep)",
+        "merged = merge_task(cfg, run_id, data, trained, keep=keep)",
         "server = serve_task(cfg, run_id, data, trained, merged)",
         "scores = evaluate_task(cfg, run_id, data, merged)",
         "bundle = handoff_task(cfg, run_id, data, trained, merged, scores, server)",

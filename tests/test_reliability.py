@@ -516,7 +516,9 @@ def test_a_flow_killed_mid_run_leaves_no_process_once_the_retry_starts(tmp_path)
     """SIGKILL of the flow process skips every finally: the ranks (or vLLM) it started live on, and
     its pipeline slot stays taken. Each retry in the same output_dir reaps them and frees the slot
     before it starts anything: the run is killed while it trains, its retry while the parity gate's
-    vLLM serves, and the retry after that completes."""
+    vLLM serves, and the retry after that completes. Each retry keeps the stages the attempt before
+    it finished: the first keeps format and trains on from a checkpoint, the last keeps format,
+    train and merge."""
     from tasks.core.orphans import find_orphans, start_time
 
     out = tmp_path / "runs"
@@ -536,6 +538,11 @@ def test_a_flow_killed_mid_run_leaves_no_process_once_the_retry_starts(tmp_path)
         left = find_orphans(out)
         if point:  # without reaping, these would stay
             assert any(what in o.command for o in left), left
+        kept = re.findall(r"(\w+): kept what an earlier attempt of run night finished", said)
+        assert (
+            kept
+            == {"train:running": [], "handoff:serving": ["format"], "": ["format", "train", "merge"]}[point]
+        )
     assert left == []
 
 

@@ -29,7 +29,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="reuse/resume this run id (default: <run_name>-<utc time>-<rand>)")
     run.add_argument("--summary-json", help="also write the summary to this file")
     run.add_argument(
-        "--force", action="store_true", help="retrain even when data, config and code are unchanged"
+        "--force",
+        action="store_true",
+        help="retrain even when data, config and code are unchanged; with --run-id, also run again the "
+        "stages an earlier attempt of that run finished",
     )
     with_config(sub.add_parser("validate", help="check a config; exit 2 naming each bad field"))
     sub.add_parser("schema", help="print the config JSON schema")

@@ -14,7 +14,7 @@ from typing import Any
 
 from tasks.core.errors import MissingError, StageFailed
 from tasks.core.files import read_json, write_json
-from tasks.core.hashing import code_version, tree_sha256
+from tasks.core.hashing import code_version, package_hash, tree_sha256
 from tasks.core.paths import stage_dir
 
 
@@ -33,6 +33,7 @@ class Manifest:
     ended_at: str | None = None
     duration_s: float | None = None
     code_version: str = field(default_factory=code_version)
+    code_hash: str = field(default_factory=package_hash)  # tasks/ and flows/ by content, dirty or not
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
     def add_input(self, name: str, path: Path, sha256: str | None = None) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tasks.core.errors import StageFailed
-from tasks.core.hashing import hash_json
+from tasks.core.files import read_json
+from tasks.core.hashing import hash_json, package_hash
 from tasks.core.manifest import Manifest
 from tasks.core.paths import stage_dir
 from tasks.core.quiet import quiet_libraries
@@ -119,6 +120,42 @@ def open_stage(
             for path in [folder / "manifest.json", *stage.artifacts]:
                 if path.exists():
                     run.artifact(path)
+
+
+def kept_result(
+    scope: StageScope,
+    run_id: str,
+    result_type: type[R],
+    log: Callable[[str], None],
+    inputs: dict[str, str] | None = None,
+    same: dict[str, Any] | None = None,
+) -> R | None:
+    """What an earlier attempt of this run finished in this stage, kept as it is, so that a retry
+    after a crash or a restart does not format, train or merge again what is done. Kept only when
+    its manifest completed under the same config sections and code, with the same hash for each of
+    ``inputs`` (name -> sha256, as the stage records them), the same values for ``same``'s result
+    fields, and every file of its result still in place. Otherwise None: the stage runs."""
+    name = result_type.stage
+    path = stage_dir(scope.output_dir, run_id, name) / "manifest.json"
+    done = read_json(path) if path.is_file() else {}
+    if done.get("status") != "completed":
+        return None
+    recorded, result = done.get("inputs", {}), done.get("result", {})
+    run_folder = str(path.parent.parent)
+    changed = [
+        *(["its config sections"] if done.get("config_hash") != scope.config_hash else []),
+        *(["the code"] if done.get("code_hash") != package_hash() else []),
+        *(k for k, sha in (inputs or {}).items() if recorded.get(k, {}).get("sha256") != sha),
+        *(k for k, v in (same or {}).items() if result.get(k) != v),
+        *(f"{v} (gone)" for v in result.values() if str(v).startswith(run_folder) and not Path(v).exists()),
+    ]
+    if changed:
+        log(f"{name}: runs again, though an earlier attempt of run {run_id} finished it: changed since: "
+            + ", ".join(map(str, changed)))  # fmt: skip
+        return None
+    log(f"{name}: kept what an earlier attempt of run {run_id} finished at {done['ended_at']} "
+        f"(same config sections, code and inputs): {path}")  # fmt: skip
+    return result_type(**result)
 
 
 def prefect_markdown(key: str, markdown: str, description: str) -> None:
