@@ -174,7 +174,7 @@ def test_prefect_draws_the_data_flow_between_stages(first_run, prefect_server):
         for name, source in inputs.items():
             assert source in upstream[stage][name], (stage, name, upstream[stage])
     # init_from base, no replay: the lineage task returns None, which Prefect draws no edge for
-    assert upstream["format"] == {"cfg": [], "run_id": [], "lineage": []}
+    assert upstream["format"] == {"cfg": [], "run_id": [], "lineage": [], "keep": []}
 
 
 def test_the_log_is_the_pipelines_not_the_libraries(first_run):
