@@ -141,7 +141,7 @@ def kept_result(
     if done.get("status") != "completed":
         return None
     recorded, result = done.get("inputs", {}), done.get("result", {})
-    run_folder = str(path.parent.parent)
+    run_folder = str(path.parent.parent) + "/"
     changed = [
         *(["its config sections"] if done.get("config_hash") != scope.config_hash else []),
         *(["the code"] if done.get("code_hash") != package_hash() else []),
