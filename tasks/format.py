@@ -30,7 +30,7 @@ from tasks.config import PipelineConfig
 from tasks.core.errors import InputError
 from tasks.core.files import atomic_dir, copy_tree, read_json, write_json
 from tasks.core.results import FormatResult, Lineage
-from tasks.core.stage import Stage, kept_result, open_stage, prefect_markdown, stage_logger
+from tasks.core.stage import Stage, kept_result, open_stage, prefect_markdown
 from tasks.data.checks import check_bad_fraction, check_stops
 from tasks.data.messages import split_conversation
 from tasks.data.mixing import left_out_and_repeats, planned_counts, recorded_source, select
@@ -320,7 +320,7 @@ def run_format(
     d = cfg.data
     plan: DataPlan = plan_data(cfg.data, resolve_model(cfg.model.name_or_path), lineage)
     scope, same = cfg.scope(SECTIONS), {"cache_key": plan.key}
-    if keep and (kept := kept_result(scope, run_id, FormatResult, log or stage_logger().info, same=same)):
+    if keep and (kept := kept_result(scope, run_id, FormatResult, log, same=same)):
         return kept
     check_context(plan.model_dir, d.max_seq_len)
     if cfg.eval.retention.enabled:

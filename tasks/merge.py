@@ -27,10 +27,10 @@ from tasks.core.errors import InputError
 from tasks.core.faults import fault
 from tasks.core.files import atomic_dir
 from tasks.core.hashing import file_sha256
-from tasks.core.paths import stage_dir
+from tasks.core.manifest import manifest_path
 from tasks.core.results import FormatResult, MergeResult, TrainResult
 from tasks.core.space import require_free
-from tasks.core.stage import kept_result, open_stage, stage_logger
+from tasks.core.stage import kept_result, open_stage
 from tasks.data.templating import stop_token_ids
 from tasks.models.loading import load_tokenizer, pick_dtype, qlora_config, resolve_model, weights_bytes
 
@@ -330,14 +330,10 @@ def merge_adapter(
     return reference
 
 
-def train_manifest(cfg: PipelineConfig, run_id: str) -> Path:
-    return stage_dir(cfg.output_dir, run_id, "train") / "manifest.json"
-
-
 def kept_merge(cfg: PipelineConfig, run_id: str, log=None) -> MergeResult | None:
     """An earlier attempt's finished merge, kept when it merged this same training."""
-    inputs = {"train_manifest": file_sha256(train_manifest(cfg, run_id))}
-    return kept_result(cfg.scope(SECTIONS), run_id, MergeResult, log or stage_logger().info, inputs)
+    inputs = {"train_manifest": file_sha256(manifest_path(cfg.output_dir, run_id, "train"))}
+    return kept_result(cfg.scope(SECTIONS), run_id, MergeResult, log, inputs)
 
 
 def run_merge(
@@ -361,7 +357,8 @@ def run_merge(
     with open_stage(cfg.scope(SECTIONS), run_id, "merge", log, track) as stage:
         out, method, trained_dir = stage.dir, cfg.train.method, Path(trained.output)
         stage.manifest.add_input("train_output", trained_dir)
-        stage.manifest.add_input("train_manifest", train_manifest(cfg, run_id))  # what a retry may keep
+        # which training this merge is of: a retry keeps the merge for that training only
+        stage.manifest.add_input("train_manifest", manifest_path(cfg.output_dir, run_id, "train"))
         base_path = resolve_model(cfg.model.name_or_path)
         dtype = pick_dtype(cfg.merge.dtype, base_path, "merge.dtype")
         tokenizer = load_tokenizer(base_path)

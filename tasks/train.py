@@ -25,11 +25,12 @@ from tasks.config.hostfile import read_hostfile
 from tasks.core.errors import InputError, StageTimeout
 from tasks.core.files import read_json, write_json
 from tasks.core.hashing import file_sha256
+from tasks.core.manifest import manifest_path
 from tasks.core.orchestration import GPU_TAG
 from tasks.core.paths import stage_dir
 from tasks.core.results import FormatResult, Lineage, TrainResult
 from tasks.core.space import require_free, tree_bytes
-from tasks.core.stage import kept_result, open_stage, stage_logger
+from tasks.core.stage import kept_result, open_stage
 from tasks.models.loading import resolve_model
 from tasks.registry.lineage import fetch_weights
 from tasks.training import memory
@@ -107,7 +108,7 @@ def run_train(
         out = stage.dir
         if not resume and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
-        stage.manifest.add_input("format_manifest", Path(data.train_path).parent / "manifest.json")
+        stage.manifest.add_input("format_manifest", manifest_path(cfg.output_dir, run_id, "format"))
         model_path = resolve_model(cfg.model.name_or_path)
         estimate = memory.check(cfg.train, cfg.data.max_seq_len, model_path, stage.log)
         written = tree_bytes(out / "checkpoints") if resume and (out / "checkpoints").exists() else 0
@@ -238,11 +239,11 @@ def kept_training(
     """An earlier attempt's finished training, kept when it read this same format stage and base
     model and started from the same champion."""
     inputs = {
-        "format_manifest": file_sha256(Path(data.train_path).parent / "manifest.json"),
+        "format_manifest": file_sha256(manifest_path(cfg.output_dir, run_id, "format")),
         "model": _model_id(resolve_model(cfg.model.name_or_path)),
     }
     same = {"started_from": lineage.version if cfg.train.init_from == "champion" and lineage else None}
-    return kept_result(cfg.scope(SECTIONS), run_id, TrainResult, log or stage_logger().info, inputs, same)
+    return kept_result(cfg.scope(SECTIONS), run_id, TrainResult, log, inputs, same)
 
 
 @task(name="train", retries=1, retry_delay_seconds=10, tags=[GPU_TAG])

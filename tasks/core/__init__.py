@@ -15,7 +15,7 @@ from tasks.core.errors import (
 from tasks.core.faults import fault
 from tasks.core.files import atomic_dir, copy_tree, read_json, read_jsonl, write_json
 from tasks.core.hashing import code_version, file_sha256, hash_json, imports_hash, package_hash, tree_sha256
-from tasks.core.manifest import Manifest, load_manifest
+from tasks.core.manifest import Manifest, load_manifest, manifest_path
 from tasks.core.paths import CODE_ROOT, STAGES, new_run_id, run_dir, sftflow_home, stage_dir
 from tasks.core.quiet import quiet_libraries
 from tasks.core.results import (
@@ -27,7 +27,7 @@ from tasks.core.results import (
     TrainResult,
     Unchanged,
 )
-from tasks.core.stage import Stage, StageScope, open_stage, prefect_markdown, stage_logger
+from tasks.core.stage import Stage, StageScope, kept_result, open_stage, prefect_markdown, stage_logger
 from tasks.core.tracking import (
     StageRun,
     Tracker,
@@ -73,7 +73,9 @@ __all__ = [
     "hash_json",
     "http_get",
     "imports_hash",
+    "kept_result",
     "load_manifest",
+    "manifest_path",
     "mlflow_client",
     "new_run_id",
     "open_stage",

@@ -50,9 +50,13 @@ class Manifest:
         return data
 
 
+def manifest_path(output_dir: Path, run_id: str, stage: str) -> Path:
+    return stage_dir(output_dir, run_id, stage) / "manifest.json"
+
+
 def load_manifest(output_dir: Path, run_id: str, stage: str) -> dict:
     """The manifest of a completed stage, or a clear error saying which stage must run first."""
-    path = stage_dir(output_dir, run_id, stage) / "manifest.json"
+    path = manifest_path(output_dir, run_id, stage)
     if not path.is_file():
         raise MissingError(f"{path} is missing: run the {stage!r} stage for run {run_id!r} first")
     data = read_json(path)

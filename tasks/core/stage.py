@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from tasks.core.errors import StageFailed
 from tasks.core.files import read_json
 from tasks.core.hashing import hash_json, package_hash
-from tasks.core.manifest import Manifest
+from tasks.core.manifest import Manifest, manifest_path
 from tasks.core.paths import stage_dir
 from tasks.core.quiet import quiet_libraries
 from tasks.core.space import disk_full_named
@@ -126,7 +126,7 @@ def kept_result(
     scope: StageScope,
     run_id: str,
     result_type: type[R],
-    log: Callable[[str], None],
+    log: Callable[[str], None] | None = None,
     inputs: dict[str, str] | None = None,
     same: dict[str, Any] | None = None,
 ) -> R | None:
@@ -135,8 +135,8 @@ def kept_result(
     its manifest completed under the same config sections and code, with the same hash for each of
     ``inputs`` (name -> sha256, as the stage records them), the same values for ``same``'s result
     fields, and every file of its result still in place. Otherwise None: the stage runs."""
-    name = result_type.stage
-    path = stage_dir(scope.output_dir, run_id, name) / "manifest.json"
+    name, log = result_type.stage, log or stage_logger().info
+    path = manifest_path(scope.output_dir, run_id, name)
     done = read_json(path) if path.is_file() else {}
     if done.get("status") != "completed":
         return None
